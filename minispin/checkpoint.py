@@ -1,0 +1,252 @@
+"""Hugging Face safetensors checkpoints: load into our `Transformer`, save loadable by transformers.
+
+Loading builds the model on the meta device and streams each tensor from disk straight into its own
+storage (plain reads, no mmap, no second copy), shard by shard, so peak memory stays close to the
+checkpoint's size. Saving writes config.json (transformers 4.x layout) and safetensors shards with an
+index into a temporary folder that is renamed into place: a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from .io import atomic_replace_dir, recover_replaced_dir
+from .model import ModelConfig, Transformer, hf_key, our_key
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that does not match the model it should hold."""
+
+
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    """Read `path/config.json` into a ModelConfig (refusing architectures and features we do not run)."""
+    recover_replaced_dir(path)  # a crash in the middle of a save leaves the old folder aside
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint folder {Path(path)} (expected {config_path})")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(hf, source=str(config_path))
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "meta") -> Transformer:
+    """A Transformer whose parameters live on `device` (meta: no memory; fill with load_state_dict_into)."""
+    with torch.device(device):
+        model = Transformer(config)
+    if str(device) != "meta":
+        model.reset_buffers(device)
+    return model
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header: {name: {dtype, shape, data_offsets}} and the byte offset of the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path}: corrupt safetensors header (length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        begin, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+        if end - begin != numel * itemsize or data_start + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent offsets (file truncated?)")
+    return header, data_start
+
+
+def _read_tensor(f, info: dict[str, Any], data_start: int, path: Path) -> torch.Tensor:
+    """Read one tensor with plain file reads straight into a fresh CPU tensor."""
+    t = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]])
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    begin, end = info["data_offsets"]
+    f.seek(data_start + begin)
+    done = 0
+    while done < end - begin:
+        n = f.readinto(buf[done:])
+        if not n:
+            raise CheckpointError(f"{path}: unexpected end of file while reading a tensor")
+        done += n
+    return t
+
+
+def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor) from one safetensors file, one tensor in memory at a time."""
+    path = Path(path)
+    header, data_start = _read_header(path)
+    with open(path, "rb") as f:
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            yield name, _read_tensor(f, info, data_start, path)
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder (via the index when sharded), checked to exist."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {', '.join(missing)}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+        raise CheckpointError(f"{path} holds only pickle weights (.bin/.pt); minispin loads safetensors only "
+                              "(convert them with transformers' save_pretrained(safe_serialization=True))")
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint folder {path}")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    old = module._parameters[leaf]
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                         device: torch.device | str | None = None) -> Transformer:
+    """Stream a checkpoint folder's tensors into `model` (meta or materialised), checking names and shapes."""
+    expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens.weight
+    tied = model.config.tie_word_embeddings
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    wrong_shape: list[str] = []
+    for file in checkpoint_files(path):
+        for key, tensor in iter_safetensors(file):
+            name = our_key(key)
+            if name is None or (tied and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                unexpected.append(f"{key} ({file.name})")
+                continue
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+                continue
+            target_dtype = dtype or expected[name].dtype
+            _assign(model, name, tensor.to(device=device, dtype=target_dtype))
+            loaded.add(name)
+    missing = sorted(hf_key(n) for n in expected if n not in loaded)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if wrong_shape:
+        problems.append(f"mis-shaped tensors: {'; '.join(wrong_shape)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the model config: " + " | ".join(problems))
+    model.tie_weights()
+    model.reset_buffers(device)
+    return model
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> Transformer:
+    """Load a Hugging Face Llama/Mistral safetensors folder (single file or sharded) into a Transformer.
+
+    dtype None keeps the config's torch_dtype; device None means CPU.
+    """
+    config = load_config(path)
+    model = build_model(config, "meta")
+    return load_state_dict_into(model, path, dtype=dtype or config.dtype, device=device).eval()
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2 * 2**30, ints pass through."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, mult in units.items():
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+               state_dict: dict[str, torch.Tensor] | None = None,
+               extra_files: list[str | os.PathLike] = ()) -> Path:
+    """Write an HF checkpoint folder atomically: config.json, safetensors shard(s) (+ index), extra files.
+
+    `state_dict` (our parameter names) replaces model.state_dict(), e.g. a full state dict gathered from
+    FSDP; `extra_files` (e.g. tokenizer files) are copied alongside so the folder is self-contained.
+    """
+    path = Path(path)
+    config: ModelConfig = model.config
+    sd = state_dict if state_dict is not None else model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[hf_key(name)] = t.detach().to("cpu").contiguous()
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][key] = t
+        shard_bytes += nbytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        hf_config = config.to_hf()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({key: name for key in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        atomic_replace_dir(tmp, path)  # fsyncs, then renames into place
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

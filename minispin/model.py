@@ -1,0 +1,431 @@
+"""A hand-written Llama/Mistral decoder that matches Hugging Face LlamaForCausalLM/MistralForCausalLM.
+
+One file, plain modules: token embedding, RMSNorm (fp32 compute), rotate-half RoPE (default, linear,
+llama3 scaling), grouped-query attention through scaled_dot_product_attention, SwiGLU MLP, optional
+Mistral sliding window, tied or untied output head. Parameter names equal the Hugging Face names with
+the leading "model." removed, so checkpoint I/O is a key rename (see `hf_key` / `our_key`).
+
+The model knows nothing about training. For generation it accepts a static `KVCache`; for the fused
+log-prob kernels it exposes `hidden_states(...)` (final normed hidden states) and `output_weight`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot run faithfully (unknown architecture, rope type, unsupported feature)."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters; defaults are Mistral-7B's (the base of zephyr-7b-sft-full)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": ..., "factor": ..., ...}
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    architecture: str = "MistralForCausalLM"
+    torch_dtype: str = "bfloat16"
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"architecture {self.architecture!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope_scaling type {rope_type!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES.get(self.torch_dtype, torch.float32)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        """Read a Hugging Face config.json dict (transformers 4.x or 5.x layout); refuse what we cannot run."""
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: field {key!r} {why}")
+
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(model_type)
+        if arch not in SUPPORTED_ARCHITECTURES or len(archs) > 1:
+            raise bad("architectures", f"is {archs or model_type!r}; minispin runs only "
+                      f"{' / '.join(SUPPORTED_ARCHITECTURES)}")
+        if model_type is not None and model_type != SUPPORTED_ARCHITECTURES[arch]:
+            raise bad("model_type", f"is {model_type!r}, which does not match architecture {arch}")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise bad(key, "is true; biases in attention/MLP projections are not implemented")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise bad("hidden_act", f"is {act!r}; only 'silu' (SwiGLU) is implemented")
+        if (hf.get("pretraining_tp") or 1) != 1:
+            raise bad("pretraining_tp", "is not 1; tensor-parallel pretraining slices are not implemented")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(hf.get(key), int):
+                raise bad(key, f"is missing or not an integer (got {hf.get(key)!r})")
+
+        # RoPE: 4.x has rope_theta + rope_scaling; 5.x has rope_parameters {rope_theta, rope_type, ...}.
+        rope_params = hf.get("rope_parameters")
+        if rope_params is not None:
+            if not isinstance(rope_params, dict) or "rope_theta" not in rope_params:
+                raise bad("rope_parameters", "must be a dict with rope_theta (per-layer-type rope is not supported)")
+            rope_theta = rope_params["rope_theta"]
+            scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+            scaling_key = "rope_parameters"
+        else:
+            rope_theta = hf.get("rope_theta", 10000.0)
+            scaling = dict(hf.get("rope_scaling") or {})
+            scaling_key = "rope_scaling"
+        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise bad(scaling_key, f"has rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if rope_type == "linear" and "factor" not in scaling:
+            raise bad(scaling_key, "of type 'linear' needs 'factor'")
+        if rope_type == "llama3":
+            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            missing = [k for k in need if k not in scaling]
+            if missing:
+                raise bad(scaling_key, f"of type 'llama3' lacks {', '.join(missing)}")
+        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+
+        sliding_window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
+        if hf.get("use_sliding_window") is False:
+            sliding_window = None
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        if dtype not in _DTYPES:
+            raise bad("torch_dtype", f"is {dtype!r}; expected one of {', '.join(_DTYPES)}")
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            sliding_window=sliding_window,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            architecture=arch,
+            torch_dtype=dtype,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """config.json in the transformers 4.x layout (which transformers 5.x also reads)."""
+        hf: dict[str, Any] = {
+            "architectures": [self.architecture],
+            "model_type": SUPPORTED_ARCHITECTURES[self.architecture],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": self.torch_dtype,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+        if self.architecture == "MistralForCausalLM":
+            hf["sliding_window"] = self.sliding_window
+        else:
+            hf["mlp_bias"] = False
+            hf["pretraining_tp"] = 1
+        return hf
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse RoPE frequencies (fp32, [head_dim // 2]) including linear / llama3 scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, T, D] already in x's dtype."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache:
+    """Static per-layer key/value cache [batch, kv_heads, max_len, head_dim] plus the RoPE position of each slot.
+
+    `positions[b, s]` is the token position stored in slot s of row b, or -1 for an empty slot; the model
+    derives the attention mask from it, so callers (the sampler) only say where each new token goes.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
+        self.max_len = max_len
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forget everything stored for these batch rows (their slots become empty)."""
+        self.positions[rows] = -1
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache_index: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache
+            rows = torch.arange(B, device=x.device).unsqueeze(1)
+            k_cache[rows, :, cache_index] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[rows, :, cache_index] = v.transpose(1, 2).to(v_cache.dtype)
+            k, v = k_cache, v_cache
+            if self.n_kv_heads != self.n_heads:
+                # GQA without copying the cache: the `rep` query heads of each kv head become extra
+                # query rows of that kv head ([B, kv, rep*T, D]), all sharing the row's mask.
+                rep, S = self.n_heads // self.n_kv_heads, k.shape[2]
+                qg = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
+                mask_g = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_g)
+                return self.o_proj(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2)
+                                   .reshape(B, T, self.n_heads * self.head_dim))
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, cache_index=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """LlamaForCausalLM / MistralForCausalLM. `forward` returns logits [B, T, V]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config, device="cpu"), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """Recompute non-persistent buffers (after building on the meta device or `to_empty`)."""
+        device = device if device is not None else self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config, device=device)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [V, H] output projection, for fused log-prob kernels that never build logits."""
+        return self.lm_head.weight
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _padding_mask(self, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
+        """[B, 1, T, T] bool: causal, key not padding, inside the sliding window; the diagonal is always
+        allowed so that padding query rows stay finite (their outputs are meaningless but not NaN)."""
+        idx = torch.arange(T, device=attention_mask.device)
+        allowed = (idx[None, :] <= idx[:, None]) & attention_mask.bool()[:, None, :]
+        if self.config.sliding_window is not None:
+            allowed = allowed & (idx[:, None] - idx[None, :] < self.config.sliding_window)
+        allowed = allowed | torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+        return allowed.unsqueeze(1)
+
+    def _cache_mask(self, cache: KVCache, position_ids: torch.Tensor, cache_index: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, S] bool from the positions stored in each cache slot (-1 = empty)."""
+        slot_pos = cache.positions[:, None, :]
+        q_pos = position_ids[:, :, None]
+        allowed = (slot_pos >= 0) & (slot_pos <= q_pos)
+        if self.config.sliding_window is not None:
+            allowed = allowed & (q_pos - slot_pos < self.config.sliding_window)
+        own = torch.arange(cache.max_len, device=cache_index.device)[None, None, :] == cache_index[:, :, None]
+        return (allowed | own).unsqueeze(1)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                      cache_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, H].
+
+        attention_mask [B, T] (1 = token, 0 = padding, either side); None means no padding, or right
+        padding only (pure causal attention, the fast path: right padding never affects real tokens).
+        position_ids default to cumsum(mask) - 1. With `kv_cache`, `cache_index` [B, T] gives the cache
+        slot of every new token; slots whose position is -1 are never attended to, so a padding token
+        written with position_ids -1 is invisible to the rest of the row.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids.clamp(min=0), x.dtype)
+        if kv_cache is not None:
+            if cache_index is None:
+                raise ValueError("hidden_states: kv_cache given without cache_index")
+            rows = torch.arange(B, device=input_ids.device).unsqueeze(1)
+            kv_cache.positions[rows, cache_index] = position_ids
+            mask = self._cache_mask(kv_cache, position_ids, cache_index)
+        elif attention_mask is not None:
+            mask = self._padding_mask(attention_mask, T)
+        elif self.config.sliding_window is not None and T > self.config.sliding_window:
+            mask = self._padding_mask(torch.ones(B, T, dtype=torch.bool, device=input_ids.device), T)
+        else:
+            mask = None
+        for i, layer in enumerate(self.layers):
+            cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
+            x = layer(x, cos, sin, mask, cache, cache_index)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                cache_index: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_index))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def hf_key(name: str) -> str:
+    """Our parameter name -> the Hugging Face checkpoint key."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def our_key(hf_name: str) -> str | None:
+    """Hugging Face checkpoint key -> our parameter name (None for keys we ignore, like rotary inv_freq)."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    if hf_name.startswith("model."):
+        return hf_name[len("model."):]
+    return hf_name

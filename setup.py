@@ -1,0 +1,28 @@
+"""minispin: minimal, fast self-play fine-tuning (SPIN and relatives) for Llama/Mistral models."""
+from setuptools import setup
+
+setup(
+    name="minispin",
+    version="0.1.0",
+    description="Minimal PyTorch library for self-play fine-tuning (SPIN, SPPO, DPO) of Llama/Mistral LLMs",
+    python_requires=">=3.10",
+    packages=["minispin", "minispin.kernels"],
+    # The Triton kernels live in the top-level kernels/ folder but import as minispin.kernels
+    # (a top-level "kernels" package would collide with other distributions).
+    package_dir={"minispin": "minispin", "minispin.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2",
+        "safetensors>=0.4",
+        "sentencepiece>=0.1.99",
+        "tokenizers>=0.15",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        # jinja2 renders a tokenizer's chat template; pyarrow reads/writes parquet; transformers is only
+        # a reference in tests.
+        "chat": ["jinja2>=3.0"],
+        "parquet": ["pyarrow>=12"],
+        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40"],
+    },
+)

@@ -1,0 +1,152 @@
+"""Loading and saving Hugging Face safetensors checkpoints: round trips, transformers interop, clear errors."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from minispin import load_model, save_model
+from minispin.checkpoint import CheckpointError, iter_safetensors, parse_size
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tensors_of(folder):
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        if f.name != "expected_logits.safetensors":
+            out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["hf-tiny-llama", "hf-tiny-mistral"])
+def test_load_save_load_is_bit_identical(tmp_path, name):
+    model = load_model(FIXTURES / name)
+    save_model(model, tmp_path / "a", max_shard_size="300KB")
+    assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
+    again = load_model(tmp_path / "a")
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert n1 == n2 and p1.dtype == p2.dtype and torch.equal(p1, p2)
+    original = tensors_of(FIXTURES / name)
+    saved = tensors_of(tmp_path / "a")
+    assert original.keys() == saved.keys()
+    assert all(torch.equal(original[k], saved[k]) for k in original)
+
+
+def test_single_file_save_and_bf16(tmp_path):
+    model = load_model(FIXTURES / "hf-tiny-llama", dtype=torch.bfloat16)
+    save_model(model, tmp_path / "b")
+    assert (tmp_path / "b" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["torch_dtype"] == "float32"
+    again = load_model(tmp_path / "b", dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+
+
+def test_saved_folder_loads_in_transformers_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    e = load_file(str(FIXTURES / "hf-tiny-mistral" / "expected_logits.safetensors"))
+    model = load_model(FIXTURES / "hf-tiny-mistral")
+    save_model(model, tmp_path / "m", max_shard_size="200KB")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=e["input_ids"], attention_mask=e["attention_mask"], position_ids=e["position_ids"]).logits
+        ours = model(e["input_ids"], e["attention_mask"], e["position_ids"])
+    mask = e["attention_mask"].bool()
+    assert (ref - ours)[mask].abs().max().item() <= 1e-4
+    assert (ref - e["logits"])[mask].abs().max().item() <= 1e-4
+
+
+def test_save_replaces_existing_checkpoint_atomically(tmp_path, monkeypatch):
+    model = load_model(FIXTURES / "hf-tiny-llama")
+    save_model(model, tmp_path / "c")
+    before = (tmp_path / "c" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("minispin.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, tmp_path / "c")
+    monkeypatch.undo()
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp folder left behind
+    save_model(model, tmp_path / "c")
+    assert torch.equal(load_model(tmp_path / "c").norm.weight, model.norm.weight)
+
+
+def test_inv_freq_keys_are_ignored(tmp_path):
+    shutil.copytree(FIXTURES / "hf-tiny-llama", tmp_path / "d")
+    sd = load_file(str(tmp_path / "d" / "model.safetensors"))
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(sd, str(tmp_path / "d" / "model.safetensors"), metadata={"format": "pt"})
+    load_model(tmp_path / "d")
+
+
+def broken_copy(tmp_path, edit):
+    folder = tmp_path / "broken"
+    shutil.copytree(FIXTURES / "hf-tiny-llama", folder)
+    sd = load_file(str(folder / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_missing_tensor_is_listed(tmp_path):
+    folder = broken_copy(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_model(folder)
+
+
+def test_unexpected_tensor_is_listed(tmp_path):
+    folder = broken_copy(tmp_path, lambda sd: sd.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.self_attn\.q_proj\.bias"):
+        load_model(folder)
+
+
+def test_misshaped_tensor_is_listed(tmp_path):
+    folder = broken_copy(tmp_path, lambda sd: sd.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(CheckpointError, match=r"mis-shaped tensors: model\.norm\.weight: checkpoint \(65,\)"):
+        load_model(folder)
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    shutil.copytree(FIXTURES / "hf-tiny-mistral", tmp_path / "m")
+    (tmp_path / "m" / "model-00004-of-00008.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00004-of-00008.safetensors"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_config_and_pickle_only_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    shutil.copy(FIXTURES / "hf-tiny-llama" / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_model(tmp_path)
+
+
+def test_truncated_file_is_reported(tmp_path):
+    folder = tmp_path / "t"
+    shutil.copytree(FIXTURES / "hf-tiny-llama", folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(folder)
+
+
+def test_streaming_reader_matches_safetensors():
+    f = FIXTURES / "hf-tiny-llama" / "model.safetensors"
+    ref = load_file(str(f))
+    ours = dict(iter_safetensors(f))
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("300KB") == 300_000 and parse_size(123) == 123

@@ -1,0 +1,174 @@
+"""The hand-written model against logits computed by Hugging Face transformers, and config parsing."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minispin import load_model
+from minispin.model import ConfigError, ModelConfig, Transformer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
+
+
+def expected(name):
+    return load_file(str(FIXTURES / name / "expected_logits.safetensors"))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_logits_match_transformers_fixture_fp32(name):
+    e = expected(name)
+    model = load_model(FIXTURES / name, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(e["input_ids"], e["attention_mask"], e["position_ids"])
+    mask = e["attention_mask"].bool()
+    assert torch.isfinite(logits).all()
+    assert (logits - e["logits"])[mask].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_position_ids_default_from_mask(name):
+    e = expected(name)
+    model = load_model(FIXTURES / name)
+    with torch.no_grad():
+        logits = model(e["input_ids"], e["attention_mask"])
+    mask = e["attention_mask"].bool()
+    assert (logits - e["logits"])[mask].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_bf16_load_within_bf16_tolerance(name):
+    e = expected(name)
+    model = load_model(FIXTURES / name, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        logits = model(e["input_ids"], e["attention_mask"], e["position_ids"]).float()
+    mask = e["attention_mask"].bool()
+    ref = e["logits"][mask]
+    err = (logits[mask] - ref).abs().max().item()
+    assert err <= 0.03 * ref.abs().max().item() + 1e-2, err
+
+
+def test_hidden_states_and_output_weight_give_logits():
+    e = expected("hf-tiny-llama")
+    model = load_model(FIXTURES / "hf-tiny-llama")
+    with torch.no_grad():
+        h = model.hidden_states(e["input_ids"], e["attention_mask"], e["position_ids"])
+        logits = h @ model.output_weight.T
+    mask = e["attention_mask"].bool()
+    assert (logits - e["logits"])[mask].abs().max().item() <= 1e-4
+
+
+def hf_reference(tmp_path, arch, **overrides):
+    """Random transformers model saved to tmp_path; returns (hf_model, folder)."""
+    transformers = pytest.importorskip("transformers")
+    cls_cfg = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
+    cls_model = transformers.MistralForCausalLM if arch == "mistral" else transformers.LlamaForCausalLM
+    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    kw.update(overrides)
+    torch.manual_seed(0)
+    hf = cls_model(cls_cfg(**kw)).eval()
+    hf.save_pretrained(tmp_path)
+    return hf, tmp_path
+
+
+def compare_with_hf(hf, folder, T=20, left_pad=3, right_pad=4):
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (3, T))
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, :left_pad] = 0
+    mask[2, T - right_pad:] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        ours = load_model(folder, dtype=torch.float32)(ids, mask, pos)
+    m = mask.bool()
+    return (ours - ref)[m].abs().max().item()
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    hf, folder = hf_reference(tmp_path, "mistral", sliding_window=5)
+    assert ModelConfig.from_hf(json.loads((folder / "config.json").read_text())).sliding_window == 5
+    assert compare_with_hf(hf, folder) <= 1e-4
+    # No padding, no mask: the fast causal path must still apply the window.
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        err = (load_model(folder)(ids) - hf(input_ids=ids).logits).abs().max().item()
+    assert err <= 1e-4
+
+
+def test_head_dim_not_hidden_over_heads_matches_transformers(tmp_path):
+    hf, folder = hf_reference(tmp_path, "mistral", head_dim=24)
+    assert load_model(folder).config.head_dim == 24
+    assert compare_with_hf(hf, folder) <= 1e-4
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+])
+def test_rope_scaling_matches_transformers(tmp_path, scaling):
+    hf, folder = hf_reference(tmp_path, "llama", rope_parameters={"rope_theta": 500000.0, **scaling})
+    assert compare_with_hf(hf, folder) <= 1e-4
+
+
+def test_tied_embeddings_match_transformers(tmp_path):
+    hf, folder = hf_reference(tmp_path, "llama", tie_word_embeddings=True)
+    model = load_model(folder)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    assert compare_with_hf(hf, folder) <= 1e-4
+
+
+BASE = json.loads((FIXTURES / "hf-tiny-llama" / "config.json").read_text())
+
+
+def test_config_reads_transformers_5_layout():
+    hf = {k: v for k, v in BASE.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    hf.update(rope_parameters={"rope_type": "linear", "rope_theta": 1234.0, "factor": 4.0}, dtype="bfloat16")
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.rope_theta == 1234.0 and cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    assert cfg.dtype == torch.bfloat16 and cfg.head_dim == 16
+
+
+def test_config_reads_legacy_rope_scaling_type_key():
+    cfg = ModelConfig.from_hf({**BASE, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_config_round_trips_through_hf_layout():
+    cfg = ModelConfig.from_hf({**BASE, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "architectures"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 4.0}}, "rope_scaling"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"torch_dtype": "float8"}, "torch_dtype"),
+    ({"hidden_size": None}, "hidden_size"),
+])
+def test_unsupported_config_is_refused_naming_the_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_hf({**BASE, **change}, source="x/config.json")
+
+
+def test_left_padding_rows_stay_finite():
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, architecture="LlamaForCausalLM")
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :6] = 0
+    with torch.no_grad():
+        padded = model(ids, mask)
+        alone = model(ids[:1, 6:])
+    assert torch.isfinite(padded).all()
+    assert (padded[0, 6:] - alone[0]).abs().max().item() <= 1e-5
