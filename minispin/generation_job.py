@@ -1,0 +1,302 @@
+"""The resumable, distributed generation job: SFT prompts in, SPIN-format rows out, each exactly once.
+
+`run_generation_job(model, tokenizer, examples, out_path, config)`:
+- examples: a list of `minispin.data.Example`, or a path read with `read_examples` (UltraChat200k,
+  SPIN, Alpaca or prompt/response rows; .json/.jsonl/.parquet). Prompts are encoded by
+  `minispin.generate.encode_prompt` with ONE template (config.template: None/"chat" = the tokenizer's
+  chat template, "spin" = "### Instruction: ...", or a Jinja string); training uses the same function.
+- Each rank takes the examples at positions p with p % world == rank (positions in index order) and
+  appends finished rows to its own part file `<out>.part-RRRRR-of-WWWWW.jsonl` in fsynced chunks
+  (`minispin.io.ChunkedJsonlWriter`). A re-run after a crash (kill -9 at any moment) skips the
+  indices already in ANY part file (whatever world size wrote it), so every row is generated once.
+- After a barrier rank 0 merges the parts in source (index) order into `out_path` atomically
+  (`minispin.io.merge_parts`, which checks every expected index is there exactly once), writes the
+  optional parquet copy, then removes the parts. An existing `out_path` means "done": a re-run
+  returns at once.
+- `<out>.job.json` records the settings that change the output (sampling, template, seed, ...); a
+  re-run with different settings is refused instead of mixing two generations in one file.
+- Malformed rows (reader errors, prompts the template cannot render, empty prompts) are skipped and
+  listed in `<out>.skipped.jsonl` plus a warning (config.on_error="skip"), or raise DataError ("raise").
+- Output rows: {"real": [...msgs, assistant real], "generated": [...msgs, assistant sample], "index"},
+  plus "samples": [K texts] when num_samples > 1 (sample k seeded by (seed, index, k); "generated" is
+  sample 0). Texts are decoded without special tokens, without the stop token, not stripped.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+from . import distributed as dist_utils
+from .data import DataError, Example, read_examples, to_spin_row
+from .generate import (ProgressLine, completion_text, encode_prompt, iter_generate_tokens,
+                       tokenizer_stop_ids)
+from .io import ChunkedJsonlWriter, atomic_write_json, merge_parts, read_jsonl_part, write_rows_file
+
+log = logging.getLogger("minispin.generation_job")
+
+# Settings that change the generated rows; a resumed job must use the same ones.
+_RESULT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_samples", "template",
+                "max_prompt_length", "stop", "skip_special_tokens")
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of a generation job (SPIN's recipe: max_new_tokens 256, prompts of at most 512 tokens)."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0
+    num_samples: int = 1  # K samples per prompt (SPPO uses 5); rows get "samples" when K > 1
+    template: str | None = None  # None/"chat": tokenizer chat template; "spin": "### Instruction: ..."
+    max_prompt_length: int = 512  # prompts keep their END (and a leading BOS), see encode_prompt
+    stop: list[str] = field(default_factory=list)  # extra stop strings (EOS always stops)
+    skip_special_tokens: bool = True
+    batch_size: int = 64  # decode slots per rank
+    chunk_size: int = 64  # rows per appended, fsynced chunk of the part file
+    on_error: str = "skip"  # malformed rows: "skip" (report in <out>.skipped.jsonl) or "raise"
+    input_format: str = "auto"  # when `examples` is a path: read_examples(format=..., split=..., limit=...)
+    split: str | None = None
+    limit: int | None = None
+    parquet: bool = False  # also write <out stem>.parquet
+    compile: bool = False  # torch.compile + CUDA graph for the decode step (CUDA)
+    progress: bool = True  # status line on stderr, rank 0
+    keep_parts: bool = False  # keep the part files after the merge
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("skip", "raise"):
+            raise ValueError(f"on_error must be 'skip' or 'raise', got {self.on_error!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+
+def part_path(out_path: Path, rank: int, world: int) -> Path:
+    return out_path.with_name(f"{out_path.name}.part-{rank:05d}-of-{world:05d}.jsonl")
+
+
+def _all_parts(out_path: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(glob.escape(str(out_path)) + ".part-*-of-*.jsonl"))
+
+
+def _sidecar(out_path: Path, what: str) -> Path:
+    return out_path.with_name(f"{out_path.name}.{what}")
+
+
+def _parquet_copy(out_path: Path) -> Path | None:
+    return None if out_path.suffix == ".parquet" else out_path.with_suffix(".parquet")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return read_jsonl_part(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    from .data import load_rows
+    return load_rows(path)
+
+
+def _finish_extras(out_path: Path, config: GenerationConfig) -> None:
+    """After the final file exists: the parquet copy (if asked and missing), then leftover parts/job file."""
+    copy = _parquet_copy(out_path)
+    if config.parquet and copy is not None and not copy.exists():
+        write_rows_file(copy, _read_rows(out_path))
+    if not config.keep_parts:
+        for part in _all_parts(out_path):
+            part.unlink(missing_ok=True)
+    _sidecar(out_path, "job.json").unlink(missing_ok=True)
+
+
+def _load_examples(examples: Any, config: GenerationConfig) -> tuple[list[Example], list[dict]]:
+    if isinstance(examples, (str, os.PathLike)):
+        result = read_examples(examples, format=config.input_format, split=config.split, limit=config.limit,
+                               on_error=config.on_error)
+        skipped = [{"index": s.index, "source": s.source, "reason": s.reason} for s in result.skipped]
+        return list(result), skipped
+    # a ReadResult (read_examples with on_error="skip") carries the rows its reader left out
+    skipped = [{"index": s.index, "source": s.source, "reason": s.reason} for s in getattr(examples, "skipped", [])]
+    examples = list(examples)
+    for e in examples:
+        if not isinstance(e, Example):
+            raise TypeError(f"examples must be minispin.data.Example records or a path, got {type(e).__name__}")
+    return examples, skipped
+
+
+def _check_unique(examples: list[Example]) -> None:
+    seen: dict[int, Example] = {}
+    for e in examples:
+        if e.index in seen:
+            raise DataError("two examples have the same index; the index is the row identity used to "
+                            "resume and merge", source=e.source, index=e.index)
+        seen[e.index] = e
+
+
+def _check_template(tokenizer: Any, template: str | None) -> None:
+    """A template that cannot render even a plain user turn is a setting error (same on every rank),
+    not a problem of each row: refuse it instead of reporting every row as malformed."""
+    try:
+        encode_prompt(tokenizer, [{"role": "user", "content": "Hello"}], template)
+    except Exception as err:
+        raise ValueError(f"the prompt template {template!r} cannot render a plain user message: {err}") from err
+
+
+def _encode_share(tokenizer: Any, share: list[Example], config: GenerationConfig
+                  ) -> tuple[list[tuple[Example, list[int]]], list[dict]]:
+    """Encode the prompts; rows that cannot be rendered are skipped (reported) or raise."""
+    ok, skipped = [], []
+    for e in share:
+        try:
+            if not e.prompt:
+                raise ValueError("the prompt has no messages")
+            ids = encode_prompt(tokenizer, e.prompt, config.template, config.max_prompt_length)
+            if not ids:
+                raise ValueError("the rendered prompt is empty (no tokens)")
+        except (ValueError, TypeError, KeyError) as err:
+            if config.on_error == "raise":
+                raise DataError(f"cannot encode the prompt: {err}", source=e.source, index=e.index) from err
+            skipped.append({"index": e.index, "source": e.source, "reason": f"cannot encode the prompt: {err}"})
+            continue
+        ok.append((e, ids))
+    return ok, skipped
+
+
+def _job_settings(config: GenerationConfig, n_examples: int) -> dict:
+    settings = {k: getattr(config, k) for k in _RESULT_KEYS}
+    settings["examples"] = n_examples
+    return settings
+
+
+def _check_job_file(out_path: Path, settings: dict) -> str | None:
+    """Rank 0: record the settings of a new job, or compare with those of the job being resumed."""
+    path = _sidecar(out_path, "job.json")
+    if path.exists():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            old = None
+        if old is not None and old != json.loads(json.dumps(settings)):
+            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            return (f"{out_path}: resuming a generation job started with other settings ({', '.join(changed)}: "
+                    f"{ {k: old.get(k) for k in changed} } -> { {k: settings.get(k) for k in changed} }); use the "
+                    f"same settings, or delete {path.name} and the part files {out_path.name}.part-* to start over")
+        if old is not None:
+            return None
+    if _all_parts(out_path) and not path.exists():
+        return (f"{out_path}: part files exist but no {path.name}; cannot tell which settings made them. "
+                f"Delete {out_path.name}.part-* to start over")
+    atomic_write_json(path, settings)
+    return None
+
+
+def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] | str | os.PathLike,
+                       out_path: str | os.PathLike, config: GenerationConfig | None = None) -> Path:
+    """Generate one SPIN row per example (resumable, distributed-aware); returns the final file's path.
+
+    Call it on every rank (torchrun) or in one process. `out_path` ends in .jsonl (or .json/.parquet).
+    """
+    config = config or GenerationConfig()
+    out_path = Path(out_path)
+    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+
+    if dist_utils.all_ranks_true(out_path.exists()):
+        if rank == 0:
+            _finish_extras(out_path, config)
+        dist_utils.barrier()
+        return out_path
+
+    _check_template(tokenizer, config.template)
+    examples, skipped = _load_examples(examples, config)
+    examples = sorted(examples, key=lambda e: e.index)
+    _check_unique(examples)
+    error = _check_job_file(out_path, _job_settings(config, len(examples))) if rank == 0 else None
+    error = dist_utils.broadcast_json(error)
+    if error:
+        raise ValueError(error)
+
+    # Rows already written by an earlier run, in any part file (an earlier run may have had another
+    # world size). Parts of the current world size that other ranks append to hold only their shares.
+    done: set[int] = set()
+    own_part = part_path(out_path, rank, world)
+    for part in _all_parts(out_path):
+        if part != own_part:
+            done.update(row["index"] for row in read_jsonl_part(part))
+    share = [e for p, e in enumerate(examples) if p % world == rank]
+    with ChunkedJsonlWriter(own_part) as writer:
+        done |= writer.done
+        todo = [e for e in share if e.index not in done]
+        encoded, my_skipped = _encode_share(tokenizer, todo, config)
+        _generate_rows(model, tokenizer, encoded, writer, config, rank, world)
+
+    all_skipped = [s for per_rank in dist_utils.all_gather_json(my_skipped) for s in per_rank]
+    dist_utils.barrier()
+    if rank == 0:
+        skipped = sorted(skipped + all_skipped, key=lambda s: s["index"])
+        skipped_path = _sidecar(out_path, "skipped.jsonl")
+        if skipped:
+            write_rows_file(skipped_path, skipped)
+            shown = "; ".join(f"row {s['index']}: {s['reason']}" for s in skipped[:3])
+            log.warning("%s: skipped %d malformed rows (listed in %s): %s%s", out_path, len(skipped),
+                        skipped_path.name, shown, " ..." if len(skipped) > 3 else "")
+            print(f"[generate] skipped {len(skipped)} malformed rows, listed in {skipped_path}", file=sys.stderr)
+        skipped_idx = {s["index"] for s in skipped}
+        expected = {e.index for e in examples} - skipped_idx
+        # every expected index exactly once, or MergeError (e.g. parts left by a job over other input)
+        merge_parts(_all_parts(out_path), out_path, expected_keys=expected)
+        _finish_extras(out_path, config)
+    dist_utils.barrier()
+    return out_path
+
+
+def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list[int]]],
+                   writer: ChunkedJsonlWriter, config: GenerationConfig, rank: int, world: int) -> None:
+    """Sample K continuations of every encoded prompt and append finished rows in chunks."""
+    K = config.num_samples
+    jobs = [(j, k) for j in range(len(encoded)) for k in range(K)]
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=config.skip_special_tokens)  # noqa: E731
+    texts: dict[int, list[str | None]] = {}
+    pending: list[dict] = []
+    label = "generate" if world == 1 else f"generate rank {rank}/{world}"
+    bar = ProgressLine(len(encoded), label=label, enabled=config.progress)
+    prompts_done = tokens = 0
+
+    def flush() -> None:
+        if pending:
+            writer.write_rows(pending)
+            pending.clear()
+            dist_utils.kill_point("generate", rows=writer.rows_written)
+
+    stream = iter_generate_tokens(
+        model, [encoded[j][1] for j, _ in jobs], max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+        indices=[encoded[j][0].index for j, _ in jobs], sample_ids=[k for _, k in jobs],
+        batch_size=config.batch_size, stop_token_ids=tokenizer_stop_ids(model, tokenizer),
+        stop_strings=config.stop, decode=decode, compile=config.compile, progress=False)
+    for pos, seq in stream:
+        j, k = jobs[pos]
+        slot = texts.setdefault(j, [None] * K)
+        slot[k] = completion_text(seq, decode)
+        tokens += len(seq.token_ids)
+        if any(t is None for t in slot):
+            continue
+        example = encoded[j][0]
+        row = to_spin_row(example, slot[0])
+        if K > 1:
+            row["samples"] = list(slot)
+        del texts[j]
+        pending.append(row)
+        prompts_done += 1
+        bar.update(prompts_done, tokens)
+        if len(pending) >= config.chunk_size:
+            flush()
+    flush()
+    bar.close()

@@ -1,0 +1,331 @@
+"""The batched sampler: KV-cache decode vs full recompute, greedy vs step-by-step argmax, padding and
+batch-size independence, seeded sampling, stop tokens/strings, the counter-based RNG, encode_prompt."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minispin import load_model
+from minispin.generate import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
+                               iter_generate_tokens, sample_from_logits)
+from minispin.model import KVCache
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: load_model(FIXTURES / name, dtype=torch.float32) for name in TINY}
+
+
+def random_prompts(lengths, seed=0, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def argmax_without_cache(model, prompt, steps, stop=()):
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if nxt in stop:
+                break
+    return out
+
+
+def check_cache_against_full_recompute(model, prompts, steps):
+    """Prefill left-padded prompts into a KVCache, decode greedily; at every step the cached logits must
+    equal the logits of a full forward over the whole (left-padded) sequence."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    pos = torch.full((B, L), -1, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, L - len(p):] = torch.tensor(p)
+        pos[r, L - len(p):] = torch.arange(len(p))
+    cache = KVCache(model.config, B, L + steps + 5, torch.float32, "cpu")
+    worst = 0.0
+    with torch.no_grad():
+        last = model(ids, position_ids=pos, kv_cache=cache, cache_index=torch.arange(L).expand(B, L))[:, -1]
+        mask = pos >= 0
+        next_pos = torch.tensor([len(p) for p in prompts])
+        for step in range(steps):
+            ref = model(ids, attention_mask=mask.long())[:, -1]
+            worst = max(worst, (last - ref).abs().max().item())
+            nxt = ref.argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool)], 1)
+            last = model(nxt[:, None], position_ids=next_pos[:, None], kv_cache=cache,
+                         cache_index=torch.full((B, 1), L + step))[:, -1]
+            next_pos = next_pos + 1
+    assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_kv_cache_logits_equal_full_recompute(models, name):
+    check_cache_against_full_recompute(models[name], random_prompts([7, 3, 11, 1]), steps=8)
+
+
+def test_sliding_window_cache_equals_full_recompute():
+    model = load_model(FIXTURES / "hf-tiny-mistral", dtype=torch.float32)
+    model.config.sliding_window = 4
+    prompts = random_prompts([9, 2, 6], seed=1)
+    check_cache_against_full_recompute(model, prompts, steps=8)
+    # and through the sampler (prefill + refill + decode), against argmax without any cache
+    out = generate_tokens(model, prompts, max_new_tokens=8, temperature=0, batch_size=2, stop_token_ids=[])
+    assert [o.token_ids for o in out] == [argmax_without_cache(model, p, 8) for p in prompts]
+    # the window must matter here, or this test shows nothing
+    model.config.sliding_window = None
+    assert [o.token_ids for o in generate_tokens(model, prompts, max_new_tokens=8, temperature=0,
+                                                  stop_token_ids=[])] != [o.token_ids for o in out]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_equals_stepwise_argmax_and_padding_is_invisible(models, name):
+    model = models[name]
+    prompts = random_prompts([5, 12, 1, 8, 3, 9, 2], seed=2)
+    # batch 3 < 7 prompts: left-padded prefill groups, slot refill and continuous batching all happen
+    batched = generate_tokens(model, prompts, max_new_tokens=10, temperature=0, batch_size=3, stop_token_ids=[])
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 10 for o in batched)
+    assert [o.token_ids for o in batched] == [argmax_without_cache(model, p, 10) for p in prompts]
+    alone = [generate_tokens(model, [p], max_new_tokens=10, temperature=0, stop_token_ids=[])[0] for p in prompts]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in batched]
+    static = generate_tokens(model, prompts, max_new_tokens=10, temperature=0, batch_size=3, refill=False,
+                             stop_token_ids=[])
+    assert [o.token_ids for o in static] == [o.token_ids for o in batched]
+
+
+def test_seeded_samples_do_not_depend_on_batch_size_or_order(models):
+    model = models["hf-tiny-llama"]
+    prompts = random_prompts([4, 9, 2, 7, 5, 11], seed=3)
+    kw = dict(max_new_tokens=9, temperature=0.9, top_p=0.95, top_k=100, seed=1234, stop_token_ids=[])
+    ref = [o.token_ids for o in generate_tokens(model, prompts, batch_size=6, **kw)]
+    for bs in (1, 4):
+        assert [o.token_ids for o in generate_tokens(model, prompts, batch_size=bs, **kw)] == ref
+    order = [4, 0, 5, 2, 1, 3]
+    shuffled = generate_tokens(model, [prompts[i] for i in order], indices=order, batch_size=3, **kw)
+    assert {i: o.token_ids for i, o in zip(order, shuffled)} == dict(enumerate(ref))
+    # a shard of the prompts (as one rank of several would get) gives the same samples
+    shard = generate_tokens(model, prompts[1::2], indices=[1, 3, 5], batch_size=2, **kw)
+    assert [o.token_ids for o in shard] == ref[1::2]
+    # and the samples really are random: another seed, or another sample number, gives others
+    other_seed = generate_tokens(model, prompts, batch_size=6, **{**kw, "seed": 99})
+    assert [o.token_ids for o in other_seed] != ref
+    other_k = generate_tokens(model, prompts, batch_size=6, sample_ids=[1] * 6, **kw)
+    assert all(o.token_ids != r for o, r in zip(other_k, ref))
+
+
+def test_counter_uniform_is_splitmix64():
+    mask = (1 << 64) - 1
+    golden = 0x9E3779B97F4A7C15
+
+    def mix(x):
+        x &= mask
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    def reference(seed, *counters):
+        h = mix(seed + golden)
+        for c in counters:
+            h = mix(h + c * golden + golden)
+        return (h >> 40) / 2**24
+
+    index = torch.tensor([0, 1, 2, 12345, 2**40 + 7])
+    step = torch.tensor([0, 0, 255, 3, 1])
+    for seed in (0, 1, 2**62 + 11):
+        got = counter_uniform(seed, index, torch.zeros_like(index), step).tolist()
+        want = [reference(seed, i, 0, s) for i, s in zip(index.tolist(), step.tolist())]
+        assert got == want
+    u = counter_uniform(7, torch.arange(100000), torch.zeros(100000, dtype=torch.long))
+    assert 0 <= u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01 and u.unique().numel() > 99000
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (7, 1.0), (0, 0.6), (12, 0.8)])
+def test_inverse_cdf_sampling_matches_the_filtered_distribution(top_k, top_p):
+    torch.manual_seed(0)
+    V, N, temperature = 37, 20000, 0.7
+    logits = torch.randn(V) * 2
+    uniform = (torch.arange(N, dtype=torch.float64) + 0.5) / N  # a uniform grid: exact expected counts
+    tokens = sample_from_logits(logits.expand(N, V), uniform.float(), temperature, top_p, top_k)
+    probs = torch.softmax(logits.double() / temperature, -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = torch.zeros(V, dtype=torch.bool)
+    if top_k:
+        sorted_p = sorted_p[:top_k]
+    mass_before = sorted_p.cumsum(0) - sorted_p
+    kept = order[: int((mass_before < top_p).sum())]
+    keep[kept] = True
+    expected = torch.where(keep, probs, 0.0)
+    expected = expected / expected.sum() * N
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert (counts[~keep] == 0).all()
+    assert (counts - expected).abs().max() <= 2, (counts, expected)
+    assert sample_from_logits(logits[None], None, temperature=0).item() == logits.argmax().item()
+
+
+def test_stop_tokens_and_max_new_tokens(models):
+    model = models["hf-tiny-mistral"]
+    prompts = random_prompts([6, 4, 8], seed=4)
+    free = [argmax_without_cache(model, p, 12) for p in prompts]
+    stop = free[0][3]  # prompt 0 must stop at its 4th token (or earlier if it appears before)
+    out = generate_tokens(model, prompts, max_new_tokens=12, temperature=0, stop_token_ids=[stop], batch_size=2)
+    for o, f in zip(out, free):
+        if stop in f:
+            cut = f.index(stop) + 1
+            assert o.token_ids == f[:cut] and o.finish_reason == "stop"
+        else:
+            assert o.token_ids == f and o.finish_reason == "length"
+    assert len(out[0].token_ids) <= 4
+    # the model's eos ids are the default stop tokens
+    model_eos = model.config.eos_token_id
+    default = generate_tokens(model, prompts, max_new_tokens=12, temperature=0)
+    for o, f in zip(default, free):
+        want = f[: f.index(model_eos) + 1] if model_eos in f else f
+        assert o.token_ids == want
+    assert [o.token_ids for o in generate_tokens(model, prompts, max_new_tokens=1, temperature=0)] == \
+        [f[:1] for f in free]
+    assert [o.token_ids for o in generate_tokens(model, prompts, max_new_tokens=0)] == [[], [], []]
+
+
+def test_stop_strings(models):
+    model = models["hf-tiny-llama"]
+
+    def decode(ids):  # a toy detokenizer: one letter per token
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    prompts = random_prompts([5, 7, 3, 6], seed=5)
+    free = [argmax_without_cache(model, p, 14) for p in prompts]
+    stop_string = decode(free[1][4:6])  # 2 letters that prompt 1 writes at tokens 5-6
+    out = generate_tokens(model, prompts, max_new_tokens=14, temperature=0, stop_token_ids=[],
+                          stop_strings=[stop_string], decode=decode, batch_size=2, sync_every=3)
+    for o, f in zip(out, free):
+        text = decode(f)
+        if stop_string in text:
+            end = text.index(stop_string) + len(stop_string)  # 1 char per token
+            assert o.token_ids == f[:end] and o.finish_reason == "stop_string" and o.stop_string == stop_string
+        else:
+            assert o.token_ids == f and o.finish_reason == "length"
+    assert out[1].finish_reason == "stop_string" and len(out[1].token_ids) <= 6
+    with pytest.raises(ValueError, match="decode"):
+        generate_tokens(model, prompts, stop_strings=["x"])
+
+
+def test_bad_prompts_are_refused_with_their_index(models):
+    model = models["hf-tiny-llama"]
+    with pytest.raises(ValueError, match=r"prompt 1 \(index 8\) is empty"):
+        generate_tokens(model, [[5], []], indices=[7, 8], max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate_tokens(model, [[5, 512]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        generate_tokens(model, [[5]], top_p=0.0)
+
+
+def test_streaming_and_progress_line(models, capsys):
+    model = models["hf-tiny-llama"]
+    prompts = random_prompts([3, 5, 4, 6, 2], seed=6)
+    stats, seen = {}, {}
+    for i, seq in iter_generate_tokens(model, prompts, max_new_tokens=5, temperature=0, batch_size=2,
+                                       stop_token_ids=[], progress=True, stats=stats):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between results runs normally
+        seen[i] = seq
+    assert sorted(seen) == list(range(5)) and all(isinstance(s, GeneratedSequence) for s in seen.values())
+    assert stats["tokens"] == 25 and stats["slots"] == 2
+    err = capsys.readouterr().err
+    assert "5/5 prompts" in err and "tok/s" in err
+    calls = []
+    generate_tokens(model, prompts, max_new_tokens=5, temperature=0, stop_token_ids=[],
+                    progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(k, 5) for k in range(1, 6)] and calls[-1][2] == 25
+    assert capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------- with a real tokenizer
+
+@pytest.fixture(scope="module")
+def zephyr():
+    from minispin.tokenizer import load_tokenizer
+    return load_tokenizer(FIXTURES / "tokenizers" / "zephyr")
+
+
+def tiny_model_for(tokenizer, seed=0):
+    from minispin.model import ModelConfig, Transformer
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, torch_dtype="float32")
+    return Transformer(config).eval()
+
+
+def test_encode_prompt_templates_and_truncation(zephyr):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    chat = encode_prompt(zephyr, msgs)
+    text = zephyr.render_prompt(msgs, None)
+    assert text.startswith("<|system|>") and text.endswith("<|assistant|>\n")
+    assert chat == zephyr.encode(text, add_special_tokens=False)  # the template writes its own specials
+    assert chat[0] != zephyr.bos_id  # zephyr's template has no BOS, so none is added
+    spin = encode_prompt(zephyr, msgs, "spin")
+    assert spin[0] == zephyr.bos_id and spin[1:] == zephyr.encode(zephyr.render_prompt(msgs, "spin"), False)
+    assert zephyr.decode(spin, skip_special_tokens=True).startswith("### Instruction: Be brief.")
+    cut = encode_prompt(zephyr, msgs, "spin", max_prompt_length=6)
+    assert len(cut) == 6 and cut[0] == zephyr.bos_id and cut[1:] == spin[-5:]  # BOS + the END
+    cut_chat = encode_prompt(zephyr, msgs, None, max_prompt_length=5)
+    assert cut_chat == chat[-5:]
+
+
+def test_generate_api_with_tokenizer(zephyr):
+    model = tiny_model_for(zephyr)
+    prompts = ["Hello there", [{"role": "user", "content": "What is 2+2?"}]]
+    out = generate(model, zephyr, prompts, max_new_tokens=12, temperature=1.0, seed=5)
+    again = generate(model, zephyr, prompts[::-1], max_new_tokens=12, temperature=1.0, seed=5, indices=[1, 0])
+    assert [c.token_ids for c in out] == [c.token_ids for c in again[::-1]]
+    for c in out:
+        body = c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids
+        assert c.text == zephyr.decode(body, skip_special_tokens=True) and len(c.token_ids) <= 12
+    # a stop string cuts the text before it
+    letter = next(ch for ch in out[0].text if ch.isalpha())
+    cut = generate(model, zephyr, prompts[:1], max_new_tokens=12, temperature=1.0, seed=5, stop=[letter])[0]
+    assert cut.finish_reason == "stop_string" and letter not in cut.text
+    assert out[0].text.startswith(cut.text)
+
+
+def test_bench_smoke_runs():
+    pytest.importorskip("transformers")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--smoke"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"impl": "minispin"' in proc.stdout and '"impl": "hf"' in proc.stdout and "speedup" in proc.stdout
+
+
+def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch):
+    """compile=True runs the decode step through torch.compile(fullgraph=True): the model, sampling
+    and bookkeeping must trace as one graph (no graph breaks). aot_eager keeps this cheap on CPU;
+    Inductor/CUDA graphs are checked by the CUDA test below and the benchmark."""
+    import importlib
+    gen = importlib.import_module("minispin.generate")  # the module even if minispin exports generate()
+    model = models["hf-tiny-llama"]
+    monkeypatch.setattr(gen, "_compiled_decode_step",
+                        torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
+    prompts = random_prompts([4, 7, 2], seed=7)
+    kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, batch_size=2, stop_token_ids=[])
+    assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
+        [o.token_ids for o in generate_tokens(model, prompts, **kw)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager_on_cuda():
+    model = load_model(FIXTURES / "hf-tiny-mistral", dtype=torch.float32, device="cuda")
+    prompts = random_prompts([5, 9, 3, 12, 1], seed=8)
+    for kw in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=5)):
+        kw.update(max_new_tokens=12, batch_size=3, stop_token_ids=[])
+        eager = [o.token_ids for o in generate_tokens(model, prompts, **kw)]
+        assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == eager
+    index, step = torch.arange(1000), torch.arange(1000) % 7
+    assert torch.equal(counter_uniform(5, index.cuda(), step.cuda()).cpu(), counter_uniform(5, index, step))
