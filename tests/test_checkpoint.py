@@ -150,3 +150,15 @@ def test_streaming_reader_matches_safetensors():
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30
     assert parse_size("300KB") == 300_000 and parse_size(123) == 123
+
+
+def test_load_benchmark_smoke_runs():
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent.parent / "benchmarks" / "bench_load.py"
+    out = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["layout"] for r in rows] == ["single", "sharded"]
+    assert all(r["loading_rss_over_checkpoint"] > 0 for r in rows)
