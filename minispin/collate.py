@@ -1,0 +1,231 @@
+"""Pairs -> token ids -> packed micro-batches for one concatenated forward pass.
+
+A `Pair` is one training example: a prompt (messages), the chosen answer (SPIN: the real one), the
+rejected answer (SPIN: the model's own; None for continued SFT), and optional per-pair extras
+(label smoothing, SPPO targets, precomputed reference log-probs).
+
+Tokenization follows the paper's setup (the public SPIN/TRL collator): the prompt is encoded by
+`minispin.generate.encode_prompt` - the one function generation uses too, so both see the same ids -
+and each answer separately without special tokens, with one EOS appended. If prompt + longer answer
+exceeds `max_length`, the prompt is cut to its last `max_prompt_length` tokens (keeping a leading
+BOS); if still too long, both answers are cut to `max_length - max_prompt_length` tokens.
+
+A micro-batch packs P pairs as 2P right-padded rows [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}]
+of length T = longest row; right padding needs no attention mask in our causal model. Instead of
+[2P, T] labels the loss gets a flat list of the N response tokens only: `token_index` (row * T + t,
+the position whose hidden state predicts the token), `labels` (the token) and `seq_index` (its row),
+so the LM head (the fused `linear_logprobs` kernel) only ever touches response tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Pair:
+    """One training pair. index: its position in the iteration's pair list (the key of reference
+    log-probs). rejected None = continued SFT (only the chosen/real answer is used)."""
+    index: int
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str | None = None
+    label_smoothing: float | None = None
+    targets: tuple[float, float] | None = None  # SPPO: (target for chosen, target for rejected)
+    ref_chosen: float | None = None  # summed reference log-prob of the chosen answer
+    ref_rejected: float | None = None
+    source: str = ""  # where the pair came from (e.g. "iter0", "iter1"), for logs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TokenizedPair:
+    """Token ids of a pair after truncation; answers end with EOS unless cut by truncation."""
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int] | None
+
+    @property
+    def length(self) -> int:
+        """Length of the longer of the two rows (what padding a micro-batch costs)."""
+        longer = max(len(self.chosen_ids), len(self.rejected_ids or ()))
+        return len(self.prompt_ids) + longer
+
+
+def truncate(prompt_ids: list[int], answers: list[list[int]], max_length: int, max_prompt_length: int,
+             bos_id: int | None = None) -> tuple[list[int], list[list[int]]]:
+    """The paper's truncation: keep the prompt's END (and a leading BOS), then cut answers if needed."""
+    if max_prompt_length >= max_length:
+        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
+    longer = max(len(a) for a in answers)
+    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
+        if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id and max_prompt_length > 1:
+            prompt_ids = [bos_id] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]
+        else:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+    if len(prompt_ids) + longer > max_length:
+        keep = max_length - max_prompt_length
+        answers = [a[:keep] for a in answers]
+    return prompt_ids, answers
+
+
+def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | None = None,
+                   max_length: int = 1024, max_prompt_length: int = 512,
+                   vocab_size: int | None = None) -> list[TokenizedPair]:
+    """Tokenize and truncate every pair (see the module doc). vocab_size: refuse token ids the model
+    cannot embed, naming the pair (a tokenizer/model mismatch would otherwise fail deep inside a kernel)."""
+    from .generate import encode_prompt  # the same prompt encoding as the generation job
+
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; answers need one appended")
+    bos = getattr(tokenizer, "bos_id", None)
+    out = []
+    for pair in pairs:
+        prompt = encode_prompt(tokenizer, pair.prompt, template)
+        answers = [list(tokenizer.encode(pair.chosen, add_special_tokens=False)) + [eos]]
+        if pair.rejected is not None:
+            answers.append(list(tokenizer.encode(pair.rejected, add_special_tokens=False)) + [eos])
+        if not prompt:
+            raise ValueError(f"pair {pair.index}: the prompt encodes to no tokens")
+        prompt, answers = truncate(prompt, answers, max_length, max_prompt_length, bos)
+        tp = TokenizedPair(pair.index, prompt, answers[0], answers[1] if len(answers) > 1 else None)
+        if vocab_size is not None:
+            for name, ids in (("prompt", tp.prompt_ids), ("chosen", tp.chosen_ids), ("rejected", tp.rejected_ids)):
+                if ids and (max(ids) >= vocab_size or min(ids) < 0):
+                    raise ValueError(f"pair {pair.index} ({pair.source or 'no source'}): {name} has token id "
+                                     f"{max(ids)} outside the model's vocabulary of {vocab_size} "
+                                     "(tokenizer and model do not match)")
+        out.append(tp)
+    return out
+
+
+@dataclass
+class PairBatch:
+    """One packed micro-batch (see module doc). Rows 0..P-1 chosen, P..2P-1 rejected (SFT: P rows).
+
+    labels_2d is the row-aligned view ([R, T], IGNORE_INDEX on prompt and padding) kept for checks;
+    the training step uses the flat token_index / labels / seq_index.
+    """
+    input_ids: torch.Tensor  # [R, T] int64, right-padded
+    labels_2d: torch.Tensor  # [R, T] int64
+    token_index: torch.Tensor  # [N] int64: row * T + t (the hidden state that predicts the token)
+    labels: torch.Tensor  # [N] int64
+    seq_index: torch.Tensor  # [N] int64 in [0, R)
+    pair_index: list[int]  # Pair.index of each pair
+    num_pairs: int  # P
+    num_tokens: int  # non-padding tokens in input_ids (for tokens/s)
+    ref_logps: torch.Tensor | None = None  # [2P] fp32: ref chosen then ref rejected
+    label_smoothing: torch.Tensor | None = None  # [P] fp32
+    targets: torch.Tensor | None = None  # [2P] fp32 (SPPO)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
+        def move(t):
+            return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
+        return PairBatch(**{k: move(v) for k, v in self.__dict__.items()})
+
+    def pin_memory(self) -> "PairBatch":
+        return PairBatch(**{k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                            for k, v in self.__dict__.items()})
+
+
+def collate_pairs(tokenized: Sequence[TokenizedPair], pad_id: int, *, sft: bool = False,
+                  pairs: Sequence[Pair] | None = None, ref_logps: dict[int, tuple[float, float]] | None = None,
+                  pad_to_multiple_of: int = 1) -> PairBatch:
+    """Pack tokenized pairs into a PairBatch. sft=True packs only the chosen rows.
+
+    pairs: the Pair objects (same order) for label_smoothing/targets; ref_logps: {pair index: (chosen,
+    rejected)} summed reference log-probs. pad_to_multiple_of rounds T up (fewer distinct shapes).
+    """
+    if not tokenized:
+        raise ValueError("collate_pairs: empty micro-batch")
+    if not sft and any(t.rejected_ids is None for t in tokenized):
+        raise ValueError("collate_pairs: a pair without a rejected answer in a pairwise batch")
+    rows = [(t.prompt_ids, t.chosen_ids) for t in tokenized]
+    if not sft:
+        rows += [(t.prompt_ids, t.rejected_ids) for t in tokenized]
+    T = max(len(p) + len(a) for p, a in rows)
+    T = int(math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of)
+    R = len(rows)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.int64)
+    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
+    token_index, flat_labels, seq_index = [], [], []
+    num_tokens = 0
+    for r, (prompt, answer) in enumerate(rows):
+        ids = prompt + answer
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        labels_2d[r, len(prompt): len(ids)] = torch.tensor(answer, dtype=torch.int64)
+        first = max(len(prompt), 1)  # a token at position 0 has no predecessor to predict it
+        token_index.extend(range(r * T + first - 1, r * T + len(ids) - 1))
+        flat_labels.extend(ids[first:])
+        seq_index.extend([r] * (len(ids) - first))
+        num_tokens += len(ids)
+    batch = PairBatch(
+        input_ids=input_ids, labels_2d=labels_2d,
+        token_index=torch.tensor(token_index, dtype=torch.int64),
+        labels=torch.tensor(flat_labels, dtype=torch.int64),
+        seq_index=torch.tensor(seq_index, dtype=torch.int64),
+        pair_index=[t.index for t in tokenized], num_pairs=len(tokenized), num_tokens=num_tokens)
+    if ref_logps is not None and not sft:
+        try:
+            ref = [ref_logps[t.index] for t in tokenized]
+        except KeyError as e:
+            raise KeyError(f"no reference log-probs for pair {e.args[0]}") from None
+        batch.ref_logps = torch.tensor([c for c, _ in ref] + [r for _, r in ref], dtype=torch.float32)
+    if pairs is not None:
+        if any(p.label_smoothing is not None for p in pairs):
+            batch.label_smoothing = torch.tensor([p.label_smoothing or 0.0 for p in pairs], dtype=torch.float32)
+        if any(p.targets is not None for p in pairs):
+            missing = [p.index for p in pairs if p.targets is None]
+            if missing:
+                raise ValueError(f"pairs {missing[:5]} have no SPPO targets while others in the batch do")
+            batch.targets = torch.tensor([p.targets[0] for p in pairs] + [p.targets[1] for p in pairs],
+                                         dtype=torch.float32)
+    return batch
+
+
+# ----------------------------------------------------------------------------- batching schedule
+
+def epoch_permutation(num_items: int, seed: int, epoch: int) -> list[int]:
+    """A seeded random order of 0..num_items-1, different per epoch, identical on every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=g).tolist()
+
+
+def split_step(items: Sequence[int], lengths: Sequence[int], micro_batch_size: int,
+               world_size: int) -> list[list[list[int]]]:
+    """Split one optimizer step's items among ranks as length-grouped micro-batches.
+
+    Items are sorted by length (longest first) and cut into world_size * k consecutive micro-batches
+    of near-equal size (k = ceil(n / (world_size * micro_batch_size))); micro-batch j goes to rank
+    j % world_size. Every rank gets exactly k micro-batches (so FSDP collectives match); when there
+    are fewer items than slots some micro-batches are empty (the caller runs them as zero-weight dummies).
+    Returns [rank][micro][item].
+    """
+    n = len(items)
+    if n == 0:
+        return [[] for _ in range(world_size)]
+    k = math.ceil(n / (world_size * micro_batch_size))
+    slots = world_size * k
+    ordered = sorted(items, key=lambda i: -lengths[i])  # stable: ties keep the step's order
+    sizes = [n // slots + (1 if j < n % slots else 0) for j in range(slots)]
+    plan: list[list[list[int]]] = [[] for _ in range(world_size)]
+    start = 0
+    for j, size in enumerate(sizes):
+        plan[j % world_size].append(list(ordered[start: start + size]))
+        start += size
+    return plan
+
+
+def plan_steps(order: Sequence[int], lengths: Sequence[int], global_batch_size: int, micro_batch_size: int,
+               world_size: int) -> list[list[list[list[int]]]]:
+    """Cut a data order into optimizer steps of `global_batch_size` items (the last may be smaller),
+    each split among ranks by `split_step`. Returns [step][rank][micro][item]."""
+    return [split_step(order[s: s + global_batch_size], lengths, micro_batch_size, world_size)
+            for s in range(0, len(order), global_batch_size)]

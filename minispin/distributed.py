@@ -1,0 +1,163 @@
+"""Small torch.distributed helpers: start from torchrun's environment or as one plain process.
+
+Launch modes:
+- `torchrun --nproc_per_node N ...`: RANK/WORLD_SIZE/LOCAL_RANK are set; `init_distributed` starts a
+  process group (nccl on CUDA, gloo on CPU) and pins each rank to cuda:LOCAL_RANK.
+- a plain `python ...` process: no process group on CPU (rank 0 of 1, everything is local). On CUDA
+  `init_distributed(single_process_group=True)` starts a one-rank nccl group on an in-memory store, so
+  the training loop can run the very same FSDP2 mixed-precision path on one GPU as on eight.
+
+Also: rank/world/is_main/barrier, a seed helper, all-gather of picklable-free Python data (JSON), and
+the `MINISPIN_TEST_KILL_AT` hook with which the tests kill -9 a run at a chosen point.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+KILL_ENV = "MINISPIN_TEST_KILL_AT"
+
+
+@dataclass
+class DistInfo:
+    """Where this process runs: rank/world, its device, and whether we started the process group."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: no process group
+    created_group: bool
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes files and prints."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_initialized() and get_world_size() > 1:
+        dist.barrier()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device: str | torch.device | None = None, *,
+                     single_process_group: bool = False) -> DistInfo:
+    """Join torchrun's process group (or reuse one already started); else run as one local process.
+
+    device: "cuda" / "cpu" / None (CUDA when available). single_process_group: without torchrun, still
+    start a one-rank group (nccl on CUDA, gloo on CPU) so FSDP2 can be used - the path we take on GPU.
+    """
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    created = False
+    if not is_initialized():
+        if launched_by_torchrun():
+            dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+            created = True
+        elif single_process_group:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            created = True
+    if is_initialized():
+        backend = dist.get_backend()
+    else:
+        backend = None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched_by_torchrun() else 0
+    return DistInfo(get_rank(), get_world_size(), local_rank, dev, backend, created)
+
+
+def shutdown(info: DistInfo | None = None) -> None:
+    """Destroy the process group if `info` says we created it (a barrier first: gloo dislikes early exits)."""
+    if info is not None and info.created_group and is_initialized():
+        gc.collect()  # drop sharded modules / pending work that hold the group before tearing it down
+        barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's generators (CPU and every CUDA device)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Gather one JSON-serialisable value from every rank (as UTF-8 bytes, no pickle). Returns per-rank values."""
+    if get_world_size() == 1:
+        return [value]
+    payload = torch.frombuffer(bytearray(json.dumps(value).encode("utf-8")), dtype=torch.uint8)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+    buf[: payload.numel()] = payload.to(device)
+    bufs = [torch.zeros_like(buf) for _ in sizes]
+    dist.all_gather(bufs, buf)
+    return [json.loads(bytes(b[: int(s.item())].cpu().tolist()).decode("utf-8")) for b, s in zip(bufs, sizes)]
+
+
+def broadcast_json(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s JSON-serialisable value on every rank."""
+    if get_world_size() == 1:
+        return value
+    return all_gather_json(value if get_rank() == src else None)[src]
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """Logical AND of a flag over ranks (e.g. 'every rank found the file')."""
+    return all(all_gather_json(bool(flag)))
+
+
+def kill_point(phase: str, **counters: int) -> None:
+    """Test hook: SIGKILL this process when MINISPIN_TEST_KILL_AT matches, e.g. "train:step=3",
+    "reference:batch=1", "generate:rows=4", "save" (phase only), optionally "@rank=1" at the end.
+
+    A real kill -9 (no cleanup, no atexit), used by the resume tests; never set it in normal runs.
+    """
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    spec, _, rank_part = spec.partition("@")
+    if rank_part and rank_part.strip() != f"rank={get_rank()}":
+        return
+    want_phase, _, cond = spec.partition(":")
+    if want_phase.strip() != phase:
+        return
+    if cond:
+        key, _, value = cond.partition("=")
+        if key.strip() not in counters or counters[key.strip()] != int(value):
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,242 @@
+"""SPIN driver tests (CPU, tiny model, char tokenizer): two iterations end to end, resume after kill -9
+in every phase equals an uninterrupted run bit for bit, checkpoints load in transformers with equal
+logits, the paper's schedule as one config, continued SFT, clear errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minispin.checkpoint import load_model, save_model
+from minispin.data import DataError
+from minispin.model import ModelConfig, Transformer
+from minispin.spin import PAPER_SCHEDULE, SpinConfig, iteration_configs, spin
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+CHARS = list("0123456789+-=?., ") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
+    [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+                 "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+N_PROMPTS = 10
+
+
+def _write_base(root: Path) -> tuple[Path, Path]:
+    """A tiny fp32 Llama checkpoint folder with a char-level tokenizer, and 10 SFT rows."""
+    from tokenizers import Tokenizer, decoders, models
+
+    model_dir = root / "sft-model"
+    model_dir.mkdir(parents=True)
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    (model_dir / "tokenizer.json").write_text(tok.to_str())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": False, "chat_template": CHAT_TEMPLATE}))
+    config = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         torch_dtype="float32", bos_token_id=1, eos_token_id=2, architecture="LlamaForCausalLM")
+    torch.manual_seed(0)
+    save_model(Transformer(config), model_dir,
+               extra_files=[str(model_dir / "tokenizer.json"), str(model_dir / "tokenizer_config.json")])
+    data = root / "sft.jsonl"
+    rows = [{"prompt": f"What is {i}+{3 * i}?", "response": f"It is {4 * i}."} for i in range(N_PROMPTS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def _argv(model_dir: Path, data: Path, out: Path) -> list[str]:
+    return ["--model", str(model_dir), "--data", str(data), "--output_dir", str(out),
+            "--iterations", '[{"lr": 1e-3, "beta": 0.1}, {"lr": 5e-4, "beta": 0.5}]',
+            "--epochs", "1", "--global_batch_size", "2", "--micro_batch_size", "1", "--reference_batch_size", "2",
+            "--max_length", "48", "--max_prompt_length", "24", "--max_new_tokens", "8",
+            "--generation.batch_size", "4", "--generation.chunk_size", "2", "--save_steps", "2",
+            "--progress", "false"]
+
+
+def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if kill_at:
+        env["MINISPIN_TEST_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "minispin.spin", *argv], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("spin")
+    model_dir, data = _write_base(root)
+    return root, model_dir, data
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base):
+    root, model_dir, data = base
+    out = root / "run-uninterrupted"
+    res = _run_cli(_argv(model_dir, data, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_two_iterations_end_to_end(uninterrupted):
+    out = uninterrupted
+    state = json.loads((out / "state.json").read_text())
+    assert state["phase"] == "done" and state["models"] == [str(out / "iter0" / "model"), str(out / "iter1" / "model")]
+    for t, n_pairs, n_steps in ((0, N_PROMPTS, 5), (1, 2 * N_PROMPTS, 10)):  # iteration 1 mixes in iteration 0
+        it = out / f"iter{t}"
+        generated = [json.loads(x) for x in (it / "generated.jsonl").read_text().splitlines()]
+        assert [g["index"] for g in generated] == list(range(N_PROMPTS))
+        assert all(g["real"][:-1] == g["generated"][:-1] for g in generated)
+        refs = [json.loads(x) for x in (it / "reference_logps.jsonl").read_text().splitlines()]
+        assert sorted(r["index"] for r in refs) == list(range(n_pairs))
+        assert all(r["chosen"] < 0 and r["rejected"] < 0 for r in refs)
+        metrics = [json.loads(x) for x in (it / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == list(range(1, n_steps + 1))
+        assert sum(m["pairs"] for m in metrics) == n_pairs
+        for key in ("loss", "rewards/real", "rewards/generated", "margins", "accuracies", "logps/real",
+                    "logps/generated", "lr", "grad_norm", "tokens_per_s"):
+            assert all(key in m and m[key] == m[key] for m in metrics), key
+        assert abs(metrics[0]["margins"]) < 1e-4  # policy == reference at the first step
+        assert not (it / "train_state").exists()  # removed once the model is saved
+        assert (it / "model" / "tokenizer.json").is_file()
+    # the generations of iteration 1 come from the trained model, with another seed
+    g0 = (out / "iter0" / "generated.jsonl").read_text()
+    assert g0 != (out / "iter1" / "generated.jsonl").read_text()
+
+
+def test_saved_checkpoint_loads_in_transformers_with_equal_logits(uninterrupted):
+    transformers = pytest.importorskip("transformers")
+    path = uninterrupted / "iter1" / "model"
+    ours = load_model(path, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(ids)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    start = load_model(uninterrupted.parent / "sft-model", dtype=torch.float32)
+    assert not torch.equal(start.lm_head.weight, ours.lm_head.weight)  # it did train
+
+
+def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrupted):
+    """kill -9 in generation, then in the reference pass, then in training (after a checkpoint), then
+    right after iteration 0's model is saved, then in iteration 1's generation; each time the same
+    command continues. The final weights equal the uninterrupted run's bit for bit."""
+    root, model_dir, data = base
+    out = root / "run-killed"
+    argv = _argv(model_dir, data, out)
+
+    def killed(spec: str) -> dict:
+        res = _run_cli(argv, kill_at=spec)
+        assert res.returncode == -signal.SIGKILL, (spec, res.returncode, res.stderr[-2000:])
+        return json.loads((out / "state.json").read_text())
+
+    state = killed("generate:rows=4")
+    assert state["phase"] == "generate" and not (out / "iter0" / "generated.jsonl").exists()
+    parts = list((out / "iter0").glob("generated.jsonl.part-*"))
+    assert len(parts) == 1 and len(parts[0].read_text().splitlines()) == 4
+
+    state = killed("reference:batch=1")
+    assert state["phase"] == "reference" and (out / "iter0" / "generated.jsonl").exists()
+    assert len(list((out / "iter0" / "reference_logps.jsonl.parts").glob("*.jsonl"))) == 1
+
+    state = killed("train:step=3")
+    assert state["phase"] == "train"
+    assert json.loads((out / "iter0" / "train_state" / "trainer_state.json").read_text())["step"] == 2
+
+    state = killed("save:iteration=0")
+    assert state["phase"] == "save" and (out / "iter0" / "model" / "config.json").exists()
+
+    state = killed("generate:rows=2")
+    assert state["iteration"] == 1 and state["phase"] == "generate"
+
+    res = _run_cli(argv)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "state.json").read_text())["phase"] == "done"
+    for t in (0, 1):
+        for name in ("generated.jsonl", "reference_logps.jsonl", "metrics.jsonl"):
+            a = [json.loads(x) for x in (uninterrupted / f"iter{t}" / name).read_text().splitlines()]
+            b = [json.loads(x) for x in (out / f"iter{t}" / name).read_text().splitlines()]
+            if name == "metrics.jsonl":  # timings differ
+                a = [{k: v for k, v in m.items() if k not in ("tokens_per_s", "step_time_s")} for m in a]
+                b = [{k: v for k, v in m.items() if k not in ("tokens_per_s", "step_time_s")} for m in b]
+            assert a == b, (t, name)
+        w_a = load_file(uninterrupted / f"iter{t}" / "model" / "model.safetensors")
+        w_b = load_file(out / f"iter{t}" / "model" / "model.safetensors")
+        assert w_a.keys() == w_b.keys()
+        for k in w_a:
+            assert torch.equal(w_a[k], w_b[k]), (t, k)
+
+
+def test_resume_with_another_config_is_refused(base, uninterrupted):
+    root, model_dir, data = base
+    argv = _argv(model_dir, data, uninterrupted) + ["--beta", "0.3"]
+    from minispin.cli import parse_config
+    with pytest.raises(ValueError, match="different config.*train.beta"):
+        spin(parse_config(SpinConfig, argv))
+    # the same config: everything is done, returns at once
+    result = spin(parse_config(SpinConfig, _argv(model_dir, data, uninterrupted)))
+    assert result.final_model == uninterrupted / "iter1" / "model"
+
+
+def test_continued_sft_method(base, tmp_path):
+    _, model_dir, data = base
+    cfg = SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "sft"), method="sft",
+                     iterations=[{"lr": 1e-3, "epochs": 1}])
+    cfg.train.global_batch_size, cfg.train.progress = 5, False
+    result = spin(cfg)
+    assert result.models == [tmp_path / "sft" / "iter0" / "model"]
+    assert not (tmp_path / "sft" / "iter0" / "generated.jsonl").exists()
+    assert not (tmp_path / "sft" / "iter0" / "reference_logps.jsonl").exists()
+    metrics = [json.loads(x) for x in (tmp_path / "sft" / "iter0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["loss"] > 0 and m["logps/real"] < 0 and "margins" not in m for m in metrics)
+    assert load_model(result.final_model).config.vocab_size == len(SPECIALS) + len(CHARS)
+
+
+def test_paper_schedule_is_one_config():
+    cfg = SpinConfig(model="m", data="d")
+    its = iteration_configs(cfg)
+    assert [t.lr for t, _, _ in its] == [5e-7, 5e-7, 1e-7, 1e-7]
+    assert [t.beta for t, _, _ in its] == [0.1, 0.1, 0.1, 5.0]
+    assert len({g.seed for _, g, _ in its}) == 4  # fresh samples every iteration
+    assert all(t.optimizer == "rmsprop" and t.weight_decay == 0 and t.global_batch_size == 64 and t.epochs == 2
+               and t.warmup_ratio == 0.1 and t.max_length == 1024 and t.max_prompt_length == 512 for t, _, _ in its)
+    assert all(g.max_new_tokens == 256 for _, g, _ in its)
+    assert cfg.iterations == PAPER_SCHEDULE and cfg.mix_previous
+    five = SpinConfig(model="m", data="d", num_iterations=5)
+    assert iteration_configs(five, 4)[0].beta == 5.0  # past the list: its last entry
+    over = SpinConfig(model="m", data="d", iterations=[{"loss": "hinge", "generation.temperature": 0.7,
+                                                        "mix_previous": False}])
+    t, g, s = iteration_configs(over, 0)
+    assert t.loss == "hinge" and g.temperature == 0.7 and s == {"mix_previous": False}
+    with pytest.raises(ValueError, match=r"iterations\[0\]: unknown override 'lr_max'"):
+        SpinConfig(model="m", data="d", iterations=[{"lr_max": 1.0}])
+    with pytest.raises(ValueError, match="one prompt template"):
+        cfg = SpinConfig(model="m", data="d", template="spin")
+        cfg.generation.template = "chat"
+        iteration_configs(cfg)
+
+
+def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
+    _, model_dir, data = base
+    with pytest.raises(FileNotFoundError, match="model folder .*nope.* does not exist"):
+        spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a")))
+    with pytest.raises(FileNotFoundError, match="data path .*missing.jsonl.* does not exist"):
+        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: key 'response'"):
+        spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c")))
+    with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
+        spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic"))

@@ -1,0 +1,404 @@
+"""Training loop tests (CPU, tiny models): collation, loss/rewards/gradients against a float64
+recomputation, gradient accumulation, 2-rank FSDP2 (gloo) == 1 rank, resume after kill -9 under FSDP2,
+NaN stop, trainer state without pickle, clear errors, the CLI helper."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minispin.checkpoint import save_model
+from minispin.collate import IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_pairs, truncate
+from minispin.generate import encode_prompt
+from minispin.model import ModelConfig, Transformer
+from minispin.tokenizer import load_tokenizer
+from minispin.train import (PolicyHead, TrainConfig, TrainingDiverged, batch_loss, lr_at, save_trained_model,
+                            train)
+
+REPO = Path(__file__).resolve().parents[1]
+CHARS = list("0123456789+-=?.,!: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
+    [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+                 "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_char_tokenizer(folder: Path) -> list[str]:
+    """A character-level tokenizers-library tokenizer with a tiny chat template (vocab ~70)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.to_str())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "add_bos_token": False, "add_eos_token": False, "chat_template": CHAT_TEMPLATE}))
+    return [str(folder / "tokenizer.json"), str(folder / "tokenizer_config.json")]
+
+
+def tiny_config(vocab_size: int, tie: bool = False, layers: int = 2) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       torch_dtype="float32", tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+                       architecture="LlamaForCausalLM")
+
+
+def make_model_dir(folder: Path, seed: int = 0, tie: bool = False) -> Path:
+    """An HF checkpoint folder (fp32 tiny Llama + char tokenizer)."""
+    tok_files = write_char_tokenizer(folder / "tok")
+    tok = load_tokenizer(folder / "tok")
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(tok.vocab_size, tie))
+    save_model(model, folder / "model", extra_files=tok_files)
+    return folder / "model"
+
+
+def make_pairs(n: int, seed: int = 0) -> list[Pair]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        a, b = torch.randint(0, 200, (2,), generator=g).tolist()
+        junk = "".join(CHARS[j] for j in torch.randint(0, 36, (int(torch.randint(0, 9, (1,), generator=g)),),
+                                                      generator=g).tolist())
+        pairs.append(Pair(i, [{"role": "user", "content": f"What is {a}+{b}?"}], str(a + b), junk))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = make_model_dir(root)
+    return root, model_dir, load_tokenizer(model_dir)
+
+
+# ----------------------------------------------------------------------------- collation
+
+def test_tokenize_truncate_and_flat_token_list(setup):
+    _, _, tok = setup
+    pairs = make_pairs(5) + [Pair(5, [{"role": "user", "content": "x" * 40}], "y" * 30, "z" * 3)]
+    tps = tokenize_pairs(pairs, tok, max_length=48, max_prompt_length=20)
+    for p, tp in zip(pairs[:5], tps[:5]):
+        assert tp.prompt_ids == encode_prompt(tok, p.prompt, None)  # the generation job's encoding
+        assert tp.chosen_ids == tok.encode(p.chosen, add_special_tokens=False) + [tok.eos_id]
+        assert tp.rejected_ids == tok.encode(p.rejected, add_special_tokens=False) + [tok.eos_id]
+    long = tps[5]  # prompt 1 + 2 + 40 + 1 = 44 tokens, answer 31 > 48: prompt keeps BOS + its end
+    full = encode_prompt(tok, pairs[5].prompt, None)
+    assert long.prompt_ids == [full[0]] + full[-19:] and len(long.prompt_ids) == 20
+    assert len(long.chosen_ids) == 48 - 20 and long.rejected_ids[-1] == tok.eos_id
+    # the paper's rule: prompt cut only when needed, answers cut to max_length - max_prompt_length
+    assert truncate([1, 5, 6, 7], [[8, 9]], 10, 3, bos_id=1) == ([1, 5, 6, 7], [[8, 9]])
+    assert truncate([1, 5, 6, 7, 8], [[9] * 8], 10, 3, bos_id=1) == ([1, 7, 8], [[9] * 7])
+
+    batch = collate_pairs(tps[:3], tok.pad_id, pairs=pairs[:3], ref_logps={i: (-1.0 * i, -2.0 * i) for i in range(3)})
+    R, T = batch.input_ids.shape
+    assert R == 6 and T == max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tps[:3])
+    assert batch.ref_logps.tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
+    # every label in the flat list is the token right after its hidden-state position, on response rows only
+    rows, cols = batch.token_index // T, batch.token_index % T
+    assert torch.equal(rows, batch.seq_index)
+    assert torch.equal(batch.labels, batch.labels_2d[rows, cols + 1])
+    assert int((batch.labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
+    for r, tp in enumerate(tps[:3] + tps[:3]):
+        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
+        n = len(tp.prompt_ids) + len(answer)
+        assert batch.input_ids[r, :n].tolist() == tp.prompt_ids + answer
+        assert (batch.input_ids[r, n:] == tok.pad_id).all()
+        assert (batch.labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
+    sft = collate_pairs(tps[:3], tok.pad_id, sft=True)
+    assert sft.input_ids.shape[0] == 3 and sft.ref_logps is None
+
+
+def test_step_plan_is_balanced_and_length_grouped():
+    lengths = [5, 50, 7, 49, 30, 31, 8, 2, 9, 40, 41]
+    plan = plan_steps(list(range(11)), lengths, global_batch_size=8, micro_batch_size=2, world_size=2)
+    assert len(plan) == 2
+    for step in plan:
+        assert len({len(rank_mbs) for rank_mbs in step}) == 1  # same micro-batch count on every rank
+    items = sorted(i for step in plan for rank_mbs in step for mb in rank_mbs for i in mb)
+    assert items == list(range(11))
+    first = [mb for rank_mbs in plan[0] for mb in rank_mbs]
+    assert first[0] == [1, 3]  # longest two together
+    # fewer items than ranks: an empty micro-batch (run as a zero-weight dummy) keeps ranks in step
+    assert split_step([4], lengths, 2, 2) == [[[4]], [[]]]
+
+
+def test_lr_schedule_warmup_then_linear_decay():
+    cfg = TrainConfig(lr=1.0, warmup_ratio=0.1)
+    lrs = [lr_at(s, 20, cfg) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warmup = ceil(2) steps
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 18)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+# ----------------------------------------------------------------------------- float64 recomputation
+
+def _float64_stats(model: Transformer, tok, pairs, refs, beta, loss_type):
+    """Plain torch, float64, full logits: per-sequence summed log-probs, loss and grads."""
+    m64 = copy.deepcopy(model).double()
+    seqs_real, seqs_gen = [], []
+    for p in pairs:
+        prompt = encode_prompt(tok, p.prompt, None)
+        for answer, out in ((p.chosen, seqs_real), (p.rejected, seqs_gen)):
+            ids = prompt + tok.encode(answer, add_special_tokens=False) + [tok.eos_id]
+            logp = torch.log_softmax(m64(torch.tensor([ids]))[0], dim=-1)
+            targets = torch.tensor(ids[len(prompt):])
+            out.append(logp[len(prompt) - 1: len(ids) - 1].gather(1, targets[:, None]).sum())
+    real, gen = torch.stack(seqs_real), torch.stack(seqs_gen)
+    ref = torch.tensor(refs, dtype=torch.float64)
+    P = len(pairs)
+    r_real, r_gen = beta * (real - ref[:P]), beta * (gen - ref[P:])
+    z = r_real - r_gen
+    per = torch.nn.functional.softplus(-z) if loss_type == "sigmoid" else torch.relu(1 - z)
+    loss = per.mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in m64.named_parameters()}
+    return loss.item(), real.detach(), gen.detach(), r_real.detach(), r_gen.detach(), grads
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_loss_rewards_and_grads_match_float64(setup, loss_type):
+    _, model_dir, tok = setup
+    from minispin.checkpoint import load_model
+
+    model = load_model(model_dir, dtype=torch.float32)
+    pairs = make_pairs(4, seed=1)
+    refs = [-20.0, -15.5, -30.25, -12.0, -25.0, -18.0, -9.5, -40.0]
+    beta = 0.7
+    cfg = TrainConfig(beta=beta, loss=loss_type)
+    tps = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
+    batch = collate_pairs(tps, tok.pad_id, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
+    policy = PolicyHead(model)
+    loss, seq, _ = batch_loss(policy, batch, cfg)
+    loss.backward()
+    loss64, real64, gen64, r_real64, r_gen64, grads64 = _float64_stats(model, tok, pairs, refs, beta, loss_type)
+    assert loss.item() == pytest.approx(loss64, rel=1e-5, abs=1e-6)
+    assert torch.allclose(seq[:4].double(), real64, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(seq[4:].double(), gen64, rtol=1e-5, atol=1e-4)
+    rewards_real = beta * (seq[:4].double() - torch.tensor(refs[:4], dtype=torch.float64))
+    assert torch.allclose(rewards_real, r_real64, atol=1e-4)
+    for name, p in model.named_parameters():
+        g64 = grads64[name]
+        scale = g64.abs().max().item() + 1e-6
+        assert (p.grad.double() - g64).abs().max().item() <= 2e-4 * scale + 1e-7, name
+
+
+def test_sft_loss_is_mean_token_nll(setup):
+    _, model_dir, tok = setup
+    from minispin.checkpoint import load_model
+
+    pairs = [Pair(p.index, p.prompt, p.chosen) for p in make_pairs(3, seed=2)]
+    model = load_model(model_dir, dtype=torch.float32)
+    m64 = copy.deepcopy(model).double()
+    nll, count = 0.0, 0
+    for p in pairs:
+        prompt = encode_prompt(tok, p.prompt, None)
+        ids = prompt + tok.encode(p.chosen, add_special_tokens=False) + [tok.eos_id]
+        logp = torch.log_softmax(m64(torch.tensor([ids]))[0], -1)
+        nll -= logp[len(prompt) - 1: len(ids) - 1].gather(1, torch.tensor(ids[len(prompt):])[:, None]).sum().item()
+        count += len(ids) - len(prompt)
+    result = train(model, tok, pairs, TrainConfig(method="sft", lr=1e-4, max_steps=1, global_batch_size=3,
+                                                   micro_batch_size=1, progress=False))
+    assert result.history[0]["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
+def test_accumulation_and_metrics_match_float64(setup):
+    """One optimizer step over 4 pairs: micro-batches of 1 (4 accumulation steps) and of 4 give the
+    float64 loss/rewards and the same gradient norm."""
+    _, model_dir, tok = setup
+    from minispin.checkpoint import load_model
+
+    pairs = make_pairs(4, seed=3)
+    refs = {i: (-10.0 - i, -20.0 + i) for i in range(4)}
+    flat_refs = [refs[i][0] for i in range(4)] + [refs[i][1] for i in range(4)]
+    records = []
+    for micro in (1, 4):
+        model = load_model(model_dir, dtype=torch.float32)
+        if micro == 1:
+            loss64, _, _, r_real64, r_gen64, grads64 = _float64_stats(model, tok, pairs, flat_refs, 0.1, "sigmoid")
+        cfg = TrainConfig(lr=1e-4, max_steps=1, global_batch_size=4, micro_batch_size=micro, progress=False,
+                          max_grad_norm=0.0)
+        records.append(train(model, tok, pairs, cfg, ref_logps=refs).history[0])
+    norm64 = math.sqrt(sum((g ** 2).sum().item() for g in grads64.values()))
+    for rec in records:
+        assert rec["loss"] == pytest.approx(loss64, rel=1e-5)
+        assert rec["rewards/real"] == pytest.approx(r_real64.mean().item(), abs=1e-5)
+        assert rec["rewards/generated"] == pytest.approx(r_gen64.mean().item(), abs=1e-5)
+        assert rec["margins"] == pytest.approx((r_real64 - r_gen64).mean().item(), abs=1e-5)
+        assert rec["accuracies"] == pytest.approx((r_real64 > r_gen64).double().mean().item())
+        assert rec["grad_norm"] == pytest.approx(norm64, rel=1e-4)
+        assert rec["pairs"] == 4 and rec["tokens_per_s"] > 0 and rec["lr"] > 0
+
+
+# ----------------------------------------------------------------------------- distributed
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    from minispin.collate import Pair
+    from minispin.tokenizer import load_tokenizer
+    from minispin.train import TrainConfig, train, save_trained_model
+    import minispin.distributed as du
+    model_dir, run_dir, out_dir, pairs_file = sys.argv[1:5]
+    tok = load_tokenizer(model_dir)
+    pairs = [Pair(**p) for p in json.load(open(pairs_file))]
+    cfg = TrainConfig(**json.loads(sys.argv[5]))
+    result = train(model_dir, tok, pairs, cfg, run_dir=run_dir)
+    save_trained_model(result.policy, out_dir, tokenizer=tok, dtype=None)
+    del result
+    info = du.DistInfo(du.get_rank(), du.get_world_size(), 0, torch.device("cpu"), "gloo", True)
+    du.shutdown(info)
+''')
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def _torchrun(tmp: Path, nproc: int, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    script = tmp / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_rank_fsdp_equals_one_rank_and_resumes_after_kill(setup, tmp_path):
+    """FSDP2 over gloo with 2 ranks == plain single process (same data); then a 2-rank run killed -9
+    at step 3 (checkpoint at step 2) and re-run ends with the same weights as the uninterrupted one."""
+    _, model_dir, tok = setup
+    pairs = make_pairs(11, seed=4)
+    pairs_file = tmp_path / "pairs.json"
+    pairs_file.write_text(json.dumps([p.__dict__ for p in pairs]))
+    cfg = dict(lr=1e-3, epochs=2, global_batch_size=4, micro_batch_size=1, save_steps=2, max_length=64,
+               max_prompt_length=32, progress=False)
+
+    one = train(str(model_dir), tok, pairs, TrainConfig(**cfg), run_dir=tmp_path / "run1")
+    save_trained_model(one.policy, tmp_path / "out1", dtype=None)
+
+    res = _torchrun(tmp_path, 2, [str(model_dir), str(tmp_path / "run2"), str(tmp_path / "out2"), str(pairs_file),
+                                  json.dumps(cfg)], _clean_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    w1 = load_file(tmp_path / "out1" / "model.safetensors")
+    w2 = load_file(tmp_path / "out2" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-4, rtol=0), k
+    m1 = [json.loads(x) for x in (tmp_path / "run1" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert len(m1) == len(m2) == 6  # ceil(11 / 4) steps x 2 epochs
+    for a, b in zip(m1, m2):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+        assert a["pairs"] == b["pairs"]
+    ref1 = (tmp_path / "run1" / "reference_logps.jsonl").read_text().splitlines()
+    ref2 = (tmp_path / "run2" / "reference_logps.jsonl").read_text().splitlines()
+    assert len(ref1) == len(ref2) == 11
+
+    # kill -9 rank 1 right after step 3 (state saved at step 2), then the same command again
+    args = [str(model_dir), str(tmp_path / "run3"), str(tmp_path / "out3"), str(pairs_file), json.dumps(cfg)]
+    killed = _torchrun(tmp_path, 2, args, _clean_env(MINISPIN_TEST_KILL_AT="train:step=3@rank=1"))
+    assert killed.returncode != 0
+    state = json.loads((tmp_path / "run3" / "train_state" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and not (tmp_path / "out3").exists()
+    again = _torchrun(tmp_path, 2, args, _clean_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    w3 = load_file(tmp_path / "out3" / "model.safetensors")
+    for k in w2:
+        assert torch.allclose(w2[k], w3[k], atol=1e-6, rtol=0), k
+    assert len((tmp_path / "run3" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+# ----------------------------------------------------------------------------- state, NaN, errors
+
+def test_trainer_state_is_safetensors_and_json(setup, tmp_path):
+    _, model_dir, tok = setup
+    from minispin.checkpoint import load_model
+
+    model = load_model(model_dir, dtype=torch.float32)
+    cfg = TrainConfig(lr=1e-4, epochs=1, global_batch_size=2, micro_batch_size=2, save_steps=1, progress=False)
+    train(model, tok, make_pairs(4), cfg, run_dir=tmp_path)
+    state_dir = tmp_path / "train_state"
+    assert sorted(p.name for p in state_dir.iterdir()) == ["model.safetensors", "optimizer.safetensors",
+                                                           "trainer_state.json"]
+    optim = load_file(state_dir / "optimizer.safetensors")
+    assert "state.model.layers.0.self_attn.q_proj.weight.square_avg" in optim
+    assert optim["state.model.layers.0.self_attn.q_proj.weight.step"].item() == 2
+    meta = json.loads((state_dir / "trainer_state.json").read_text())
+    assert meta["step"] == meta["total_steps"] == 2
+    assert sorted(meta["data_order"][0]) == [0, 1, 2, 3] and isinstance(meta["rng"][0]["torch"], str)
+    weights = load_file(state_dir / "model.safetensors")
+    for name, p in model.named_parameters():
+        assert torch.equal(weights["model." + name], p.detach())
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
+    _, model_dir, tok = setup
+    import minispin.train as train_mod
+
+    calls = {"n": 0}
+    real_batch_loss = train_mod.batch_loss
+
+    def poisoned(policy, batch, config):
+        calls["n"] += 1
+        loss, seq, logps = real_batch_loss(policy, batch, config)
+        return (loss * float("nan") if calls["n"] == 3 else loss), seq, logps
+
+    monkeypatch.setattr(train_mod, "batch_loss", poisoned)
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"step 3/4: loss nan .* not finite"):
+        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
+    state = json.loads((tmp_path / "train_state" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    weights = load_file(tmp_path / "train_state" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(train_mod, "batch_loss", real_batch_loss)
+    with pytest.raises(ValueError, match=r"saved by a run with other settings \(lr: 0.001 -> 0.002\)"):
+        train(str(model_dir), tok, make_pairs(4), dataclasses.replace(cfg, lr=2e-3), run_dir=tmp_path)
+
+
+def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
+    _, model_dir, tok = setup
+    with pytest.raises(ValueError, match="pair 1 has no rejected"):
+        train(str(model_dir), tok, [make_pairs(2)[0], Pair(1, [{"role": "user", "content": "hi"}], "a")],
+              TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="two pairs have index 0"):
+        train(str(model_dir), tok, [make_pairs(1)[0], make_pairs(1)[0]], TrainConfig(progress=False))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        train(str(tmp_path / "nowhere"), tok, make_pairs(2), TrainConfig(progress=False))
+    small = Transformer(tiny_config(10))  # the tokenizer's ids do not fit this model's vocabulary
+    with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
+        train(small, tok, make_pairs(2), TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="loss must be one of"):
+        TrainConfig(loss="ipo")
+
+
+def test_cli_parses_nested_flat_and_json_options():
+    from minispin.cli import parse_config
+    from minispin.spin import SpinConfig
+
+    cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
+                                    "--seed", "3", "--train.seed", "7", "--mix_previous", "false",
+                                    "--iterations", '[{"lr": 1e-7, "beta": 5.0}]', "--limit", "none",
+                                    "--max-prompt-length", "100", "--activation_checkpointing"])
+    assert cfg.train.lr == 5e-7 and cfg.train.beta == 0.5 and cfg.mix_previous is False
+    assert cfg.train.seed == 7 and cfg.generation.seed == 3  # dotted wins over flat
+    assert cfg.iterations == [{"lr": 1e-7, "beta": 5.0}] and cfg.limit is None
+    assert cfg.train.max_prompt_length == cfg.generation.max_prompt_length == 100
+    assert cfg.train.activation_checkpointing is True
+    with pytest.raises(SystemExit):
+        parse_config(SpinConfig, ["--no_such_option", "1"])
