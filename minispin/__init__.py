@@ -1,34 +1,27 @@
 """minispin: minimal, fast self-play fine-tuning (SPIN, SPPO, DPO) for Llama/Mistral models.
 
-The public API is importable from the top level; names are resolved lazily so that light modules
-(`minispin.data`, `minispin.io`) do not pull in torch.
-"""
-from __future__ import annotations
+    model = minispin.load_model("zephyr-7b-sft-full", dtype=torch.bfloat16, device="cuda")
+    tok = minispin.load_tokenizer("zephyr-7b-sft-full")
+    texts = minispin.generate(model, tok, ["Hi!"], max_new_tokens=64, temperature=0.7, seed=0)
+    minispin.spin(minispin.SpinConfig(model="zephyr-7b-sft-full", data="ultrachat", output_dir="runs/z"))
 
-import importlib
+Note: `minispin.generate`, `minispin.train` and `minispin.spin` are the functions; their modules are
+reached with `from minispin.generate import ...` (or importlib).
+"""
+from .checkpoint import load_model, save_model
+from .data import read_examples, read_preferences
+from .model import KVCache, ModelConfig, Transformer
+from .tokenizer import Tokenizer, load_tokenizer
+from .generate import generate  # noqa: E402  (rebinds the submodule attribute to the function)
+from .generation_job import GenerationConfig, run_generation_job
+from .train import TrainConfig, train
+from .spin import SpinConfig, spin
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    # model and checkpoints
-    "ModelConfig": "model", "Transformer": "model", "KVCache": "model",
-    "load_model": "checkpoint", "save_model": "checkpoint",
-    # tokenizer and data
-    "load_tokenizer": "tokenizer", "Tokenizer": "tokenizer",
-    "read_examples": "data", "read_preferences": "data",
-}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'minispin' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_EXPORTS))
-
-
-__all__ = list(_EXPORTS)
+__all__ = [
+    "ModelConfig", "Transformer", "KVCache", "load_model", "save_model",
+    "Tokenizer", "load_tokenizer", "read_examples", "read_preferences",
+    "generate", "GenerationConfig", "run_generation_job",
+    "TrainConfig", "train", "SpinConfig", "spin",
+]

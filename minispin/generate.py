@@ -210,12 +210,12 @@ def _model_eos_ids(model: Transformer) -> list[int]:
 def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: torch.Tensor, slot: torch.Tensor,
                  n_gen: torch.Tensor, done: torch.Tensor, key_index: torch.Tensor, key_sample: torch.Tensor,
                  out: torch.Tensor, stop_ids: torch.Tensor, seed: torch.Tensor, temperature: float, top_p: float,
-                 top_k: int) -> None:
+                 top_k: int, vocab_limit: int) -> None:
     """One token for every slot, updating the slot state in place (static shapes, no host sync: this is
     what torch.compile / the CUDA graph captures). Finished or empty slots compute but record nothing
     and do not move."""
     max_new, max_len = out.shape[1] - 1, cache.max_len
-    logits = model(tokens[:, None], position_ids=pos[:, None], kv_cache=cache, cache_index=slot[:, None])[:, -1]
+    logits = model(tokens[:, None], position_ids=pos[:, None], kv_cache=cache, cache_index=slot[:, None])[:, -1, :vocab_limit]
     u = None if temperature == 0 else counter_uniform(seed, key_index, key_sample, n_gen)
     nxt = sample_from_logits(logits, u, temperature, top_p, top_k)
     live = ~done
@@ -244,13 +244,16 @@ class _SlotSampler:
 
     def __init__(self, model: Transformer, num_slots: int, max_len: int, max_new_tokens: int,
                  stop_token_ids: Sequence[int], temperature: float, top_p: float, top_k: int, seed: int,
-                 compile: bool):
+                 compile: bool, vocab_limit: int | None = None):
         self.model = model
         param = model.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         dev = self.device
         self.B, self.max_len, self.max_new = num_slots, max_len, max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        # ids the tokenizer can decode: a model whose embedding is padded past the tokenizer's vocabulary
+        # must never sample the padding rows
+        self.vocab_limit = min(vocab_limit or model.config.vocab_size, model.config.vocab_size)
         self.seed = torch.tensor(seed, dtype=torch.long, device=dev)  # a tensor: no recompile per seed
         self.cache = KVCache(model.config, num_slots, max_len, self.dtype, dev)
         self.tokens = torch.zeros(num_slots, dtype=torch.long, device=dev)  # last token = next input
@@ -267,12 +270,13 @@ class _SlotSampler:
 
     def _args(self) -> tuple:
         return (self.model, self.cache, self.tokens, self.pos, self.slot, self.n_gen, self.done, self.key_index,
-                self.key_sample, self.out, self.stop_ids, self.seed, self.temperature, self.top_p, self.top_k)
+                self.key_sample, self.out, self.stop_ids, self.seed, self.temperature, self.top_p, self.top_k,
+                self.vocab_limit)
 
     def _pick(self, logits: torch.Tensor, index: torch.Tensor, sample: torch.Tensor,
               step: torch.Tensor) -> torch.Tensor:
         u = None if self.temperature == 0 else counter_uniform(self.seed, index, sample, step)
-        return sample_from_logits(logits, u, self.temperature, self.top_p, self.top_k)
+        return sample_from_logits(logits[..., :self.vocab_limit], u, self.temperature, self.top_p, self.top_k)
 
     def _is_stop(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.stop_ids[None, :]).any(-1)
@@ -350,6 +354,7 @@ def iter_generate_tokens(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    vocab_limit: int | None = None,
     seed: int = 0,
     indices: Sequence[int] | None = None,
     sample_ids: Sequence[int] | None = None,
@@ -424,7 +429,7 @@ def iter_generate_tokens(
     # two results never runs in inference mode by accident.
     with torch.inference_mode():
         sampler = _SlotSampler(model, slots, max_len, max_new_tokens, stop_token_ids, temperature, top_p,
-                               top_k, seed, compile)
+                               top_k, seed, compile, vocab_limit)
 
     def install(free: list[int]) -> None:
         take = [queue.pop() for _ in range(min(len(free), len(queue)))]
@@ -552,6 +557,8 @@ def generate_tokens(model: Transformer, prompt_ids: Sequence[Sequence[int]], **k
     continuous batching (static batches; kept for measurement). sync_every: decode steps between
     looks at finished rows (default 8 on CUDA, 2 on CPU). progress: True = a status line on stderr
     (rank 0 only), or a callable progress(prompts_done, prompts_total, tokens_generated).
+    vocab_limit: sample only ids below it (the tokenizer's size, when the model's embedding is padded
+    past the tokenizer's vocabulary; `generate` and the job pass len(tokenizer)).
     """
     results: list[GeneratedSequence | None] = [None] * len(prompt_ids)
     for i, seq in iter_generate_tokens(model, prompt_ids, **kwargs):
@@ -587,7 +594,7 @@ def generate(model: Transformer, tokenizer: Any, prompts: Sequence[str | list[di
     seqs = generate_tokens(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, indices=indices, batch_size=batch_size,
                            stop_token_ids=stop_ids, stop_strings=stop_strings, decode=decode,
-                           compile=compile, progress=progress)
+                           compile=compile, progress=progress, vocab_limit=len(tokenizer))
     out = []
     for j, seq in enumerate(seqs):
         out.append(Completion(completion_text(seq, decode), seq.token_ids, seq.finish_reason,

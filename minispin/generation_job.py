@@ -280,7 +280,8 @@ def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, seed=config.seed,
         indices=[encoded[j][0].index for j, _ in jobs], sample_ids=[k for _, k in jobs],
         batch_size=config.batch_size, stop_token_ids=tokenizer_stop_ids(model, tokenizer),
-        stop_strings=config.stop, decode=decode, compile=config.compile, progress=False)
+        stop_strings=config.stop, decode=decode, compile=config.compile, progress=False,
+        vocab_limit=len(tokenizer))
     for pos, seq in stream:
         j, k = jobs[pos]
         slot = texts.setdefault(j, [None] * K)

@@ -329,3 +329,14 @@ def test_cuda_graph_decode_matches_eager_on_cuda():
         assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == eager
     index, step = torch.arange(1000), torch.arange(1000) % 7
     assert torch.equal(counter_uniform(5, index.cuda(), step.cuda()).cpu(), counter_uniform(5, index, step))
+
+
+def test_vocab_limit_never_samples_padded_embedding_rows(models):
+    model = models["hf-tiny-llama"]
+    prompts = random_prompts([3, 6, 4], seed=5)
+    kw = dict(max_new_tokens=12, temperature=1.5, seed=7, stop_token_ids=[])
+    unlimited = [t for o in generate_tokens(model, prompts, **kw) for t in o.token_ids]
+    assert max(unlimited) >= 100  # the check below is not vacuous
+    for greedy in (False, True):
+        out = generate_tokens(model, prompts, vocab_limit=100, **{**kw, "temperature": 0.0 if greedy else 1.5})
+        assert all(t < 100 for o in out for t in o.token_ids)
