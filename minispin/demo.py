@@ -1,0 +1,368 @@
+"""The built-in demo: the whole SPIN pipeline on CPU in minutes, with no model or data to download.
+
+    python -m minispin.demo                 # 2 torchrun ranks on CPU, results in ./runs/demo
+    python -m minispin.demo --nproc 1       # one process
+    python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
+
+Stages (each skipped when its output exists, so re-running with the same --out continues):
+1. task       a small task with checkable answers (`minispin.demo_task`: reverse / sort letters, add two
+              numbers, as chat) and a character-level tokenizer, generated deterministically
+2. init       a random tiny Llama (LlamaForCausalLM, 4 layers, hidden 128, ~0.8M parameters) saved as an
+              HF safetensors folder with the tokenizer files, loaded from then on like any real model
+3. SFT        supervised fine-tuning from scratch through minispin's training loop (the driver's "sft"
+              method), deliberately short so that the model is only partly right
+4. continued  the paper's baseline: one more SFT epoch on the SPIN prompts' real answers
+5. SPIN       iterations 0..T-1 from the SFT model (`minispin.spin`): generate, pair with the real
+              answers, reference log-probs, train; iteration t >= 1 also trains on iteration t-1's pairs
+After each model: held-out exact-match accuracy of greedy answers and the mean summed log-prob of
+the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json.
+
+Hyperparameters are chosen for a ~0.8M-parameter model trained from scratch, NOT the paper's 7B
+recipe (RMSProp, lr 5e-7/1e-7, beta 0.1/5.0, batch 64; see examples/spin_zephyr.py for that):
+AdamW everywhere, global batch 32; SFT from scratch at lr 3e-3 for one epoch of 19,200 examples (600
+steps, decayed to 0); continued SFT and SPIN at lr 3e-5 (about the paper's SPIN/SFT lr ratio of 1/40),
+beta 0.1, 2 epochs per SPIN iteration on 1,024 prompts (2,048 pairs from iteration 1 with mixing),
+generation at temperature 1 with at most 12 new tokens. The SPIN lr and beta were picked in a small
+sweep (lr 3e-5 / 1e-4 / 3e-4, beta 0.1 / 1) on a separate validation set, not on the demo's test set;
+larger lrs made SPIN worse than the SFT model on this task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import demo_task
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyperparameters of the demo (defaults: the full demo, ~2 minutes on 2 CPU cores)."""
+
+    n_train: int = 19200  # SFT examples, one epoch (600 steps of 32)
+    n_test: int = 600  # held-out questions
+    n_spin: int = 1024  # SPIN prompts: the first n_spin SFT examples (the paper reuses SFT prompts too)
+    iterations: int = 2
+    # model
+    num_layers: int = 4
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    # training
+    batch_size: int = 32  # global, over ranks
+    sft_lr: float = 3e-3
+    continued_lr: float = 3e-5
+    spin_lr: float = 3e-5
+    spin_beta: float = 0.1
+    spin_epochs: float = 2
+    temperature: float = 1.0
+    max_new_tokens: int = 12
+    seed: int = 0
+
+    @classmethod
+    def small(cls, **overrides: Any) -> "DemoConfig":
+        """The reduced size for CI: same pipeline, numbers not meaningful."""
+        values = dict(n_train=1600, n_test=96, n_spin=128, num_layers=2, hidden_size=64, intermediate_size=192,
+                      spin_epochs=1)
+        values.update(overrides)
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _rank() -> int:
+    from . import distributed as du
+    return du.get_rank()
+
+
+def _say(message: str) -> None:
+    """One status line, rank 0 only (stdout, flushed)."""
+    if _rank() == 0:
+        print(f"[demo] {message}", flush=True)
+
+
+def _barrier() -> None:
+    from . import distributed as du
+    du.barrier()
+
+
+def _paths(out: Path) -> dict[str, Path]:
+    return {"task": out / "task", "init": out / "init", "sft": out / "sft", "continued_sft": out / "continued_sft",
+            "spin": out / "spin", "eval": out / "eval"}
+
+
+def _check_settings(out: Path, config: DemoConfig) -> str | None:
+    """Rank 0: record the demo's settings; an error message when `out` holds a run made with other ones."""
+    from .io import atomic_write_json
+
+    path = out / "demo_config.json"
+    current = asdict(config)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            return f"{out} holds a demo run with other settings ({detail}); use another --out or the same options"
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, current)
+    return None
+
+
+def make_task(out: Path, config: DemoConfig) -> dict[str, Path]:
+    """Stage 1 (rank 0): task data + tokenizer, unless already there."""
+    paths = {"train": out / "train_sft.jsonl", "test": out / "test_sft.jsonl", "tokenizer": out / "tokenizer"}
+    if not all(p.exists() for p in paths.values()) or not (paths["tokenizer"] / "tokenizer.json").is_file():
+        demo_task.write_task(out, demo_task.TaskConfig(n_train=config.n_train, n_test=config.n_test))
+    return paths
+
+
+def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
+    """Stage 2 (rank 0): a random tiny Llama saved with the tokenizer files, unless already there."""
+    import torch
+
+    from .checkpoint import save_model
+    from .model import ModelConfig, Transformer
+    from .tokenizer import load_tokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(tokenizer_dir)
+    model_config = ModelConfig(
+        vocab_size=tok.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, max_position_embeddings=128, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, architecture="LlamaForCausalLM", torch_dtype="float32",
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(config.seed)
+    model = Transformer(model_config)
+    with torch.no_grad():  # GPT-2/Llama-style init: N(0, 0.02) for every matrix, ones for the norms
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    extra = [tokenizer_dir / n for n in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    save_model(model, out, extra_files=[str(p) for p in extra if p.is_file()])
+    return out
+
+
+def _train_config(config: DemoConfig, device: str, **overrides: Any):
+    from .train import TrainConfig
+
+    values = dict(optimizer="adamw", adam_beta2=0.98, weight_decay=0.0, global_batch_size=config.batch_size,
+                  micro_batch_size=config.batch_size, max_length=48, max_prompt_length=24, warmup_ratio=0.1,
+                  max_grad_norm=1.0, seed=config.seed, save_steps=100, status_every=100, device=device)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _generation_config(config: DemoConfig):
+    from .generation_job import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                            seed=config.seed, max_prompt_length=24, batch_size=128, chunk_size=256,
+                            progress=False)
+
+
+def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str, *, lr: float,
+            limit: int | None) -> Path:
+    """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model."""
+    from .spin import SpinConfig, spin
+
+    result = spin(SpinConfig(
+        model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
+        iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32",
+        train=_train_config(config, device), generation=_generation_config(config)))
+    return result.final_model
+
+
+def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str) -> list[Path]:
+    from .spin import SpinConfig, spin
+
+    result = spin(SpinConfig(
+        model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
+        num_iterations=config.iterations,
+        iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}], mix_previous=True, save_dtype="float32",
+        train=_train_config(config, device, epochs=config.spin_epochs), generation=_generation_config(config)))
+    return result.models
+
+
+def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, device: str, *,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Exact match (overall and per skill) and mean answer log-prob of one model; every rank takes a
+    share of the test set. Cached in eval_dir/<name>.json (with `extra`, e.g. the stage's train time)."""
+    import torch
+
+    from . import distributed as du
+    from .checkpoint import load_model
+    from .data import read_examples
+    from .evaluate import answer_logprobs, greedy_answers
+    from .io import atomic_write_json
+    from .tokenizer import load_tokenizer
+
+    path = eval_dir / f"{name}.json"
+    if du.all_ranks_true(path.is_file()):
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    model = load_model(model_dir, dtype=torch.float32, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    examples = read_examples(test_path)
+    answers = greedy_answers(model, tokenizer, examples, batch_size=128, distributed=True)
+    logps = answer_logprobs(model, tokenizer, examples, batch_size=128, distributed=True)
+    per_skill: dict[str, list[bool]] = {}
+    for e, text in zip(examples, answers):
+        prompt = e.prompt[-1]["content"]
+        per_skill.setdefault(demo_task.skill_of(prompt), []).append(demo_task.is_correct(prompt, text))
+    hits = [h for v in per_skill.values() for h in v]
+    result = {
+        "stage": name, "model": str(model_dir), "n_test": len(examples),
+        "exact_match": sum(hits) / len(hits),
+        "exact_match_by_skill": {s: sum(v) / len(v) for s, v in sorted(per_skill.items())},
+        "mean_logprob": sum(v for v, _ in logps) / len(logps),
+        "mean_logprob_per_token": sum(v for v, _ in logps) / sum(n for _, n in logps),
+        "examples": [{"prompt": e.prompt[-1]["content"], "real": e.real, "generated": a}
+                     for e, a in list(zip(examples, answers))[:6]],
+        "eval_seconds": round(time.perf_counter() - start, 2),
+        **(extra or {}),
+    }
+    if du.is_main():
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+    du.barrier()
+    return result
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The results as a fixed-width text table."""
+    skills = [s for s in demo_task.SKILLS if any(s in r["exact_match_by_skill"] for r in rows)]
+    head = ["stage", "exact match"] + skills + ["mean log p(real)", "per token"]
+    body = [[r["label"], f"{r['exact_match']:.3f}"] + [f"{r['exact_match_by_skill'].get(s, float('nan')):.3f}"
+                                                        for s in skills]
+            + [f"{r['mean_logprob']:.3f}", f"{r['mean_logprob_per_token']:.3f}"] for r in rows]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    lines = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, Any]:
+    """Run (or continue) every stage; call on every rank. Returns the results dict (also on disk)."""
+    from . import distributed as du
+    from .io import atomic_write_json, atomic_write_text
+
+    info = du.init_distributed(device)
+    t_start = time.perf_counter()
+    try:
+        paths = _paths(out)
+        error = du.broadcast_json(_check_settings(out, config) if du.is_main() else None)
+        if error:
+            raise SystemExit(f"error: {error}")
+        _say(f"run dir {out}; {info.world_size} rank(s) on {device}")
+
+        t = time.perf_counter()
+        if du.is_main():
+            task = make_task(paths["task"], config)
+            init_model(paths["init"], task["tokenizer"], config)
+        du.barrier()
+        task = {"train": paths["task"] / "train_sft.jsonl", "test": paths["task"] / "test_sft.jsonl"}
+        _say(f"1-2/5 task + model: {config.n_train} train / {config.n_test} test questions, random "
+             f"{config.num_layers}-layer Llama in {paths['init']} ({time.perf_counter() - t:.1f}s)")
+
+        stages: list[dict[str, Any]] = []
+
+        def evaluate(name: str, label: str, model_dir: Path, seconds: float) -> None:
+            r = evaluate_stage(name, model_dir, task["test"], paths["eval"], device,
+                               extra={"train_seconds": round(seconds, 2)})
+            stages.append(dict(r, label=label))
+            _say(f"{label}: exact match {r['exact_match']:.3f}, mean log p(real) {r['mean_logprob']:.3f} "
+                 f"({r.get('train_seconds', seconds):.1f}s train, {r['eval_seconds']:.1f}s eval)")
+
+        t = time.perf_counter()
+        _say(f"3/5 SFT from scratch: {config.n_train} examples, lr {config.sft_lr:g}")
+        sft_model = run_sft(paths["init"], task["train"], paths["sft"], config, device, lr=config.sft_lr, limit=None)
+        evaluate("sft", "SFT", sft_model, time.perf_counter() - t)
+
+        t = time.perf_counter()
+        _say(f"4/5 continued SFT: 1 epoch on the {config.n_spin} SPIN prompts' real answers, lr {config.continued_lr:g}")
+        cont_model = run_sft(sft_model, task["train"], paths["continued_sft"], config, device,
+                             lr=config.continued_lr, limit=config.n_spin)
+        evaluate("continued_sft", "continued SFT", cont_model, time.perf_counter() - t)
+
+        t = time.perf_counter()
+        _say(f"5/5 SPIN: {config.iterations} iteration(s) on {config.n_spin} prompts, lr {config.spin_lr:g}, "
+             f"beta {config.spin_beta:g}, {config.spin_epochs:g} epoch(s) each")
+        spin_models = run_spin(sft_model, task["train"], paths["spin"], config, device)
+        spin_seconds = (time.perf_counter() - t) / max(1, len(spin_models))
+        for i, m in enumerate(spin_models):
+            evaluate(f"spin_iter{i}", f"SPIN iter {i}", m, spin_seconds)
+
+        total = time.perf_counter() - t_start
+        table = format_table(stages)
+        results = {"config": asdict(config), "world_size": info.world_size, "device": device,
+                   "seconds_this_run": round(total, 1), "stages": stages, "table": table}
+        if du.is_main():
+            atomic_write_json(out / "results.json", results)
+            atomic_write_text(out / "results.txt", table + "\n")
+            print("\n" + table + "\n", flush=True)
+            _say(f"done in {total:.0f}s; results in {out / 'results.json'}")
+        du.barrier()
+        return results
+    finally:
+        du.shutdown(info)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minispin.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/demo", help="run folder (re-running with the same one continues)")
+    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
+    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
+    p.add_argument("--iterations", type=int, default=None, help="SPIN iterations (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sampling")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return p
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """Re-run this command under torchrun with `nproc` ranks; returns its exit code."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    # Triton's CPU interpreter (a test-suite setting) would make the demo's kernels crawl; on CPU the
+    # kernels take their plain-torch path without it.
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "minispin.demo", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from .distributed import launched_by_torchrun
+
+    if args.nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
+    if args.nproc > 1 and not launched_by_torchrun():
+        return _launch(argv, args.nproc)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET")  # see _launch
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.iterations is not None:
+        if args.iterations < 1:
+            raise SystemExit("--iterations must be >= 1")
+        overrides["iterations"] = args.iterations
+    config = DemoConfig.small(**overrides) if args.small else DemoConfig(**overrides)
+    run_demo(Path(args.out), config, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
