@@ -63,32 +63,24 @@ _INTERP_BLOCK_N, _INTERP_BLOCK_V, _INTERP_BLOCK_H = 32, 64, 32
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _logprobs_forward_kernel(
-    hidden_ptr, weight_ptr, labels_ptr,
-    part_max_ptr, part_sum_ptr, label_logit_ptr,
-    N, V, H, n_bucket,
-    stride_hn, stride_hh, stride_wv, stride_wh,
-    ignore_index,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
-    EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr = False,
-):
-    """One logits tile (BLOCK_N rows x BLOCK_V vocab): its row max, sum-exp and the label logit."""
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_v = tl.cdiv(V, BLOCK_V)
-    # Grouped launch order: GROUP_N row blocks sweep the vocabulary together (L2 reuse of both).
+def _grouped_tile(pid, num_pid_n, num_pid_v, GROUP_N: tl.constexpr):
+    """(row block, vocab block) of program `pid` in grouped order: GROUP_N row blocks sweep the
+    vocabulary together, so both operands' tiles are reused from L2."""
     pids_per_group = GROUP_N * num_pid_v
     first_n = (pid // pids_per_group) * GROUP_N
     group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
     pid_n = first_n + (pid % pids_per_group) % group_size
     pid_v = (pid % pids_per_group) // group_size
+    return pid_n, pid_v
 
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_mask = cols < V
+
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask, H,
+                 stride_hn, stride_hh, stride_wv, stride_wh,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """fp32 logits hidden[rows] @ weight[cols]^T for one [BLOCK_N, BLOCK_V] tile, looping over H."""
     offs_h = tl.arange(0, BLOCK_H)
-
     a_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
     b_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
@@ -106,6 +98,31 @@ def _logprobs_forward_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_H * stride_hh
         b_ptrs += BLOCK_H * stride_wh
+    return acc
+
+
+@triton.jit
+def _logprobs_forward_kernel(
+    hidden_ptr, weight_ptr, labels_ptr,
+    part_max_ptr, part_sum_ptr, label_logit_ptr,
+    N, V, H, n_bucket,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    ignore_index,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr = False,
+):
+    """One logits tile (BLOCK_N rows x BLOCK_V vocab): its row max, sum-exp and the label logit."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_n, pid_v = _grouped_tile(pid, num_pid_n, tl.cdiv(V, BLOCK_V), GROUP_N)
+
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask, H,
+                       stride_hn, stride_hh, stride_wv, stride_wh,
+                       BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION, UPCAST_DOT)
 
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
     valid = row_mask & (labels != ignore_index)
@@ -168,38 +185,16 @@ def _logprobs_backward_kernel(
     """d_logits[:, v_start:v_start+chunk_width] = grad * (onehot - softmax), logits recomputed."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_v = tl.cdiv(chunk_width, BLOCK_V)
-    # Grouped launch order (GROUP_N row blocks sweep the vocab chunk together) for L2 reuse.
-    pids_per_group = GROUP_N * num_pid_v
-    first_n = (pid // pids_per_group) * GROUP_N
-    group_size = tl.minimum(num_pid_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % pids_per_group) % group_size
-    pid_v = (pid % pids_per_group) // group_size
+    pid_n, pid_v = _grouped_tile(pid, num_pid_n, tl.cdiv(chunk_width, BLOCK_V), GROUP_N)
 
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     cols_local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_mask = cols_local < chunk_width
     cols = v_start + cols_local
-    offs_h = tl.arange(0, BLOCK_H)
-
-    a_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_h[None, :] * stride_hh
-    b_ptrs = weight_ptr + cols.to(tl.int64)[None, :] * stride_wv + offs_h[:, None] * stride_wh
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        if EVEN_H:
-            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=col_mask[None, :], other=0.0)
-        else:
-            h_mask = (h0 + offs_h) < H
-            a = tl.load(a_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=h_mask[:, None] & col_mask[None, :], other=0.0)
-        if UPCAST_DOT:  # the Triton interpreter multiplies raw bf16 bits: compute in fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_H * stride_hh
-        b_ptrs += BLOCK_H * stride_wh
+    acc = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_mask, col_mask, H,
+                       stride_hn, stride_hh, stride_wv, stride_wh,
+                       BLOCK_N, BLOCK_V, BLOCK_H, EVEN_H, DOT_PRECISION, UPCAST_DOT)
 
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=0)
     valid = row_mask & (labels != ignore_index)
