@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -347,7 +348,7 @@ def test_trainer_state_is_safetensors_and_json(setup, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
     _, model_dir, tok = setup
-    import minispin.train as train_mod
+    train_mod = importlib.import_module("minispin.train")  # the attribute minispin.train is the function
 
     calls = {"n": 0}
     real_batch_loss = train_mod.batch_loss
