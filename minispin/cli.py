@@ -128,7 +128,9 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     """An argparse parser with one option per (nested) field of `cls` (defaults are left unset).
 
     `--a.b.c` sets one field; `--c` (the leaf name alone) sets every field of that name, e.g. `--seed`
-    sets train.seed and generation.seed; a dotted option given too wins over the flat one.
+    sets train.seed and generation.seed; a dotted option given too wins over the flat one. When `cls`
+    itself has a field `c`, `--c` sets only that one (e.g. `--method` is SpinConfig.method, not
+    train.method, which the driver derives from it).
     """
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -144,7 +146,11 @@ def build_parser(cls: type, description: str | None = None) -> argparse.Argument
     for leaf, members in groups.items():
         if leaf == "config":
             continue
-        dest = members[0][0] if len(members) == 1 and "." not in members[0][0] else _FLAT + leaf
+        top = [m for m in members if "." not in m[0]]
+        if top:  # a field of cls itself: the flat option is that field only
+            _add_option(parser, [f"--{leaf}"], top[0][0], top[0][1])
+            continue
+        dest = members[0][0] if len(members) == 1 else _FLAT + leaf
         _add_option(parser, [f"--{leaf}"], dest, members[0][1],
                     help=None if len(members) == 1 else "sets " + ", ".join(d for d, _ in members))
     return parser

@@ -21,8 +21,12 @@ uninterrupted run). <run>/state.json says where the run is; <run>/config.json is
 with (a resumed run with a different config is refused, naming the changed options).
 
 Methods plug in at one seam: a `Method` names whether it needs generation, the loss family of
-TrainConfig ("spin" pairwise / "sft"), and its pair builder `(examples, config) -> list[Pair]`.
-Built in: "spin" (default) and "sft" (continued SFT on the real answers, the paper's baseline).
+TrainConfig ("spin" pairwise / "sft"), and its pair builder `(examples, config) -> list[Pair]`; optionally
+how it reads the data, a step that attaches judge scores (cached in <iter>/judge_scores/), a summary
+of its per-pair decisions (<iter>/pair_stats.json, <run>/pair_stats.jsonl, status line), its default
+schedule and a fixed loss type. Built in: "spin" (default), "sft" (continued SFT on the real answers,
+the paper's baseline), and from `minispin.methods`: "dpo", "judge_spin", "noise_spin", "adaptive",
+"sppo" (docs/methods.md). `generate=False` trains on the answers already in the data instead.
 """
 from __future__ import annotations
 
@@ -41,6 +45,9 @@ from . import distributed as du
 from .collate import Pair
 from .data import Example, read_examples
 from .generation_job import GenerationConfig, run_generation_job
+from .methods import (DPO_SCHEDULE, SPPO_SCHEDULE, JudgeConfig, adaptive_pairs, attach_judge_scores,
+                      attach_sample_scores, describe_counts, dpo_pairs, judge_pairs, noise_schedule,
+                      read_preference_data, sppo_pairs, summarize_pairs)
 from .train import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
@@ -57,7 +64,8 @@ _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
 _IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "train.progress", "train.status_every",
                       "train.device", "generation.progress", "generation.batch_size", "generation.compile",
                       "generation.chunk_size", "generation.keep_parts", "train.save_steps",
-                      "train.reference_batch_size", "keep_train_state")
+                      "train.reference_batch_size", "keep_train_state", "judge.timeout_s",
+                      "judge.prompts_per_call")
 
 
 @dataclass
@@ -68,9 +76,13 @@ class SpinConfig:
     data: str = ""  # SFT data (UltraChat200k / SPIN / Alpaca / prompt-response rows; file or folder)
     output_dir: str = "runs/spin"
     tokenizer: str | None = None  # default: the model folder
-    method: str = "spin"  # "spin" | "sft" (continued SFT baseline) | methods added with register_method
+    method: str = "spin"  # spin | sft | dpo | judge_spin | noise_spin | adaptive | sppo | register_method's
     num_iterations: int | None = None  # default: len(iterations)
+    # per-iteration overrides; left at this default (SPIN's paper schedule), methods with a recipe of their
+    # own (dpo, noise_spin, sppo) use theirs
     iterations: list[dict[str, Any]] = field(default_factory=lambda: [dict(d) for d in PAPER_SCHEDULE])
+    generate: bool = True  # False: no generation; train on the answers already in the data (SPIN rows'
+    # generated answers, SPPO samples or precomputed probabilities), the same data every iteration
     mix_previous: bool = True  # from iteration 1, also train on the previous iteration's pairs
     template: str | None = None  # ONE prompt template for generation and training (None: chat template)
     split: str | None = None  # e.g. "train_sft" for an UltraChat200k folder
@@ -83,12 +95,15 @@ class SpinConfig:
     allow_config_change: bool = False  # resume even though the config differs from the run's config.json
     train: TrainConfig = field(default_factory=TrainConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # judge_spin / adaptive / sppo scores
 
     def __post_init__(self) -> None:
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
         if isinstance(self.generation, dict):
             self.generation = GenerationConfig(**self.generation)
+        if isinstance(self.judge, dict):
+            self.judge = JudgeConfig(**self.judge)
         if self.on_bad_row not in ("raise", "skip"):
             raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}")
         if not isinstance(self.iterations, list) or not all(isinstance(d, dict) for d in self.iterations):
@@ -101,7 +116,7 @@ class SpinConfig:
 
     @property
     def total_iterations(self) -> int:
-        return self.num_iterations if self.num_iterations is not None else max(1, len(self.iterations))
+        return self.num_iterations if self.num_iterations is not None else max(1, len(schedule_of(self)))
 
 
 @dataclass
@@ -119,11 +134,20 @@ class SpinResult:
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: whether each iteration generates, the loss family, and the pair builder."""
+    """A training method: whether each iteration generates, the loss family, and the pair builder;
+    optionally its data reader, a scoring step before the pairs are built, a summary of the pairs,
+    a default schedule and a fixed loss type."""
     name: str
     needs_generation: bool
     train_method: str  # TrainConfig.method: "spin" (pairwise, any loss type) | "sft"
     build_pairs: Callable[[Sequence[Example], "SpinConfig"], list[Pair]]
+    # (config, warn) -> records; None: read_examples (SFT / SPIN rows)
+    read_data: Callable[["SpinConfig", Callable[[str], None]], list] | None = None
+    # (records, config, cache dir) -> records with judge scores attached; called on every rank
+    prepare: Callable[[list, "SpinConfig", Path], list] | None = None
+    summarize: Callable[[list[Pair]], dict] | None = None  # per-iteration counts of the pair decisions
+    schedule: list[dict[str, Any]] | None = None  # default iterations (None: SPIN's paper schedule)
+    loss: str | None = None  # TrainConfig.loss this method needs (e.g. "sppo")
 
 
 def spin_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
@@ -142,9 +166,31 @@ def sft_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
             for e in examples]
 
 
+def _prepare_judge(examples: list, config: SpinConfig, cache: Path) -> list:
+    return attach_judge_scores(examples, config.judge, cache, log=_log)
+
+
+def _prepare_samples(examples: list, config: SpinConfig, cache: Path) -> list:
+    return attach_sample_scores(examples, config.judge, cache, log=_log)
+
+
 METHODS: dict[str, Method] = {
     "spin": Method("spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs),
     "sft": Method("sft", needs_generation=False, train_method="sft", build_pairs=sft_pairs),
+    "dpo": Method("dpo", needs_generation=False, train_method="spin", build_pairs=lambda ex, c: dpo_pairs(ex),
+                  read_data=read_preference_data, schedule=DPO_SCHEDULE),
+    "judge_spin": Method("judge_spin", needs_generation=True, train_method="spin",
+                         build_pairs=lambda ex, c: judge_pairs(ex, c.judge), prepare=_prepare_judge,
+                         summarize=summarize_pairs),
+    "noise_spin": Method("noise_spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs,
+                         schedule=noise_schedule(PAPER_SCHEDULE)),
+    "adaptive": Method("adaptive", needs_generation=True, train_method="spin",
+                       build_pairs=lambda ex, c: adaptive_pairs(ex, c.judge), prepare=_prepare_judge,
+                       summarize=summarize_pairs),
+    "sppo": Method("sppo", needs_generation=True, train_method="spin",
+                   build_pairs=lambda ex, c: sppo_pairs(ex, c.judge),
+                   read_data=lambda c, warn: read_preference_data(c, warn) if not c.generate else None,
+                   prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo"),
 }
 
 
@@ -164,6 +210,15 @@ def build_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
     return get_method(config.method).build_pairs(examples, config)
 
 
+def schedule_of(config: SpinConfig) -> list[dict[str, Any]]:
+    """The per-iteration overrides: config.iterations, or the method's own schedule when iterations were
+    left at the default (SPIN's paper schedule)."""
+    method = METHODS.get(config.method)
+    if method is not None and method.schedule is not None and config.iterations == PAPER_SCHEDULE:
+        return method.schedule
+    return config.iterations
+
+
 # ----------------------------------------------------------------------------- per-iteration configs
 
 def iteration_configs(config: SpinConfig, iteration: int | None = None):
@@ -174,7 +229,7 @@ def iteration_configs(config: SpinConfig, iteration: int | None = None):
     """
     if iteration is None:
         return [iteration_configs(config, t) for t in range(config.total_iterations)]
-    schedule = config.iterations or [{}]
+    schedule = schedule_of(config) or [{}]
     overrides = schedule[min(iteration, len(schedule) - 1)]
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
@@ -199,6 +254,13 @@ def iteration_configs(config: SpinConfig, iteration: int | None = None):
                          "same way in generation and training: set --max_prompt_length (sets both)")
     train_kw["template"] = template
     train_kw["method"] = method.train_method
+    if method.loss is not None:
+        if train_kw.get("loss", method.loss) != method.loss:
+            raise ValueError(f"iterations[{iteration}]: method {method.name!r} trains with loss {method.loss!r}, "
+                             f"not {train_kw['loss']!r}")
+        train_kw["loss"] = method.loss
+    elif train_kw.get("loss", config.train.loss) == "sppo" and method.train_method == "spin":
+        raise ValueError(f"iterations[{iteration}]: loss 'sppo' needs SPPO's targets; use --method sppo")
     train_cfg = dataclasses.replace(config.train, **train_kw)
     gen_kw.setdefault("seed", config.generation.seed + iteration)  # new samples every iteration
     gen_kw["template"] = template
@@ -230,7 +292,7 @@ def _iter_dir(run: Path, t: int) -> Path:
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("train", "generation"):
+        if isinstance(v, dict) and k in ("train", "generation", "judge"):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
@@ -291,6 +353,20 @@ def _log(message: str) -> None:
         print(f"[spin] {message}", file=sys.stderr, flush=True)
 
 
+def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) -> None:
+    """Rank 0: <iter>/pair_stats.json (atomic), then <run>/pair_stats.jsonl rebuilt from every iteration's
+    file (one JSON line per iteration, so a resumed iteration never appears twice)."""
+    from .io import atomic_write_json, atomic_write_text
+
+    if not du.is_main():
+        return
+    atomic_write_json(_iter_dir(run, t) / "pair_stats.json", {"iteration": t, "method": method, "counts": stats})
+    lines = []
+    for path in sorted(run.glob("iter*/pair_stats.json"), key=lambda p: int(p.parent.name[4:] or 0)):
+        lines.append(json.dumps(json.loads(path.read_text())))
+    atomic_write_text(run / "pair_stats.jsonl", "".join(line + "\n" for line in lines))
+
+
 # ----------------------------------------------------------------------------- the driver
 
 def spin(config: SpinConfig) -> SpinResult:
@@ -324,9 +400,13 @@ def spin(config: SpinConfig) -> SpinResult:
             raise ValueError(error)
 
         tokenizer = load_tokenizer(config.tokenizer or config.model)
-        examples = read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
-                                 on_error=config.on_bad_row,
-                                 warn=lambda m: _log(f"warning: {m}"))
+        warn = lambda m: _log(f"warning: {m}")  # noqa: E731
+        generates = method.needs_generation and config.generate
+        examples = method.read_data(config, warn) if method.read_data is not None else None
+        if examples is None:
+            examples = read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
+                                     on_error=config.on_bad_row, warn=warn,
+                                     require_generated=method.needs_generation and not config.generate)
         if not examples:
             raise ValueError(f"{config.data}: no usable rows")
         _log(f"{len(examples)} examples from {config.data}; method {method.name}; "
@@ -346,7 +426,7 @@ def spin(config: SpinConfig) -> SpinResult:
             if du.is_main():
                 it.mkdir(parents=True, exist_ok=True)
 
-            if method.needs_generation:
+            if generates:
                 gen_path = it / "generated.jsonl"
                 _write_state(run, iteration=t, phase="generate", model=str(current), models=[str(m) for m in models])
                 if not du.all_ranks_true(gen_path.is_file()):
@@ -360,15 +440,25 @@ def spin(config: SpinConfig) -> SpinResult:
             else:
                 current_examples = list(examples)
 
+            if method.prepare is not None:  # judge scores (cached per iteration, or per run without generation)
+                current_examples = method.prepare(current_examples, config,
+                                                  (it if generates else run) / "judge_scores")
             pairs = build_pairs(current_examples, config)
             mix = spin_kw.get("mix_previous", config.mix_previous)
-            if mix and t > 0 and method.needs_generation:
+            if mix and t > 0 and generates:
                 prev = _iter_dir(run, t - 1) / "generated.jsonl"
                 if not prev.is_file():
                     raise FileNotFoundError(f"iteration {t} mixes in the previous iteration's data, but {prev} "
                                             "is missing")
-                pairs += build_pairs(_read_generated(prev, config, f"iter{t - 1}"), config)
+                prev_examples = _read_generated(prev, config, f"iter{t - 1}")
+                if method.prepare is not None:
+                    prev_examples = method.prepare(prev_examples, config, _iter_dir(run, t - 1) / "judge_scores")
+                pairs += build_pairs(prev_examples, config)
             pairs = [dataclasses.replace(p, index=i) for i, p in enumerate(pairs)]
+            if method.summarize is not None:
+                stats = method.summarize(pairs)
+                _record_pair_stats(run, t, method.name, stats)
+                _log(f"iteration {t}: {describe_counts(stats)}")
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
                  f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}")
 

@@ -66,6 +66,7 @@ class TrainConfig:
     loss: str = "sigmoid"  # sigmoid (logistic, default) | hinge | exponential | correlation | sppo
     beta: float = 0.1
     label_smoothing: float = 0.0  # default for pairs without their own label_smoothing
+    neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings of training forwards (0: off; NEFTune: 5-15)
     reference_free: bool = False  # pairwise loss on policy log-probs only (no reference pass)
     lr: float = 5e-7
     epochs: float = 2  # may be fractional (e.g. 0.5: the first half of one permutation)
@@ -109,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not (self.neftune_alpha >= 0 and math.isfinite(self.neftune_alpha)):
+            raise ValueError(f"neftune_alpha must be a finite number >= 0, got {self.neftune_alpha}")
 
     @property
     def needs_reference(self) -> bool:
@@ -133,16 +136,26 @@ class PolicyHead(nn.Module):
 
     The root module for FSDP2: its forward is where the embedding, final norm and LM head are used,
     so FSDP's hooks gather them. token_index are positions in the flattened [R * T] hidden states.
+    neftune_alpha > 0: NEFTune noise on the input embeddings of forwards in training mode only (so never
+    in the reference pass, which runs in eval mode; generation uses a model of its own).
     """
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, neftune_alpha: float = 0.0):
         super().__init__()
         self.model = model
+        self.neftune_alpha = float(neftune_alpha)
 
     def forward(self, input_ids: torch.Tensor, token_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         linear_logprobs, _ = _kernels()
 
-        hidden = self.model.hidden_states(input_ids)  # right padding: no mask needed
+        if self.neftune_alpha > 0 and self.training:
+            from .methods import neftune, row_lengths
+
+            lengths = row_lengths(token_index, *input_ids.shape)
+            with neftune(self.model.embed_tokens, self.neftune_alpha, lengths):
+                hidden = self.model.hidden_states(input_ids)
+        else:
+            hidden = self.model.hidden_states(input_ids)  # right padding: no mask needed
         hidden = hidden.flatten(0, 1).index_select(0, token_index)
         weight = self.model.output_weight
         if weight.dtype != hidden.dtype:  # plain fp32 module under autocast
@@ -187,7 +200,7 @@ def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
         model.reset_buffers(info.device)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
-        return PolicyHead(model).train()
+        return PolicyHead(model, config.neftune_alpha).train()
 
     path = None
     if not isinstance(model, nn.Module):
@@ -197,7 +210,7 @@ def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
         model = model.to(dtype=torch.float32)
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
-    policy = shard_policy(PolicyHead(model), config, info)
+    policy = shard_policy(PolicyHead(model, config.neftune_alpha), config, info)
     if path is not None:
         policy.to_empty(device=info.device)  # uninitialised shards; load_sharded_weights fills them
         load_sharded_weights(policy, path)

@@ -1,0 +1,26 @@
+"""DPO on preference data: zephyr-7b-sft-full on UltraFeedback (binarized) preference pairs.
+
+    torchrun --nproc_per_node 8 examples/dpo.py --model /models/zephyr-7b-sft-full \\
+        --data /data/ultrafeedback_binarized --out runs/dpo
+    python examples/dpo.py --demo            # the same method on the built-in demo task (CPU)
+
+Data: rows with a prompt and chosen / rejected answers - TRL style `prompt` / `chosen` / `rejected`
+(strings or message lists, e.g. HuggingFaceH4/ultrafeedback_binarized's train_prefs split) or sharegpt
+style `conversations` / `chosen` / `rejected` (minispin.data.read_preferences). No generation: the
+reference is the starting model, its log-probs computed once before training as in SPIN.
+Recipe: one iteration, beta 0.1 (the DPO paper's), lr 5e-7, 1 epoch, RMSProp, global batch 64,
+warmup 0.1 then linear decay (SpinConfig's defaults otherwise).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run  # noqa: E402
+
+RECIPE = ["--method", "dpo", "--split", "train_prefs", "--output_dir", "runs/dpo",
+          "--iterations", '[{"lr": 5e-7, "beta": 0.1, "epochs": 1}]']
+
+if __name__ == "__main__":
+    run(RECIPE, "dpo")

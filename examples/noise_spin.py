@@ -1,0 +1,31 @@
+"""Noise-SPIN: SPIN's recipe plus noise (the internship report's fix of SPIN's reward-model issue):
+label smoothing eps of the sigmoid pair loss, and NEFTune noise on the input embeddings of training
+forward passes (uniform(-1, 1) * alpha / sqrt(L * d), L = the row's length, d = hidden size; never in
+the reference pass or generation). Either or both.
+
+    torchrun --nproc_per_node 8 examples/noise_spin.py --model /models/zephyr-7b-sft-full \\
+        --data /data/ultrachat_200k --out runs/noise-spin
+    python examples/noise_spin.py --demo
+
+Defaults here: eps = 0.1 and alpha = 5 (NEFTune's smallest setting) on every iteration of the paper's
+schedule. Only one kind of noise: put label_smoothing 0 or neftune_alpha 0 into --iterations, e.g.
+--iterations '[{"lr": 5e-7, "beta": 0.1, "label_smoothing": 0.1, "neftune_alpha": 0}]'.
+Noise is an option of every pairwise method (dpo, judge_spin, adaptive too), not a separate loop.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run  # noqa: E402
+
+from minispin.methods import noise_schedule  # noqa: E402
+from minispin.spin import PAPER_SCHEDULE  # noqa: E402
+
+RECIPE = ["--method", "spin", "--limit", "50000", "--split", "train_sft", "--output_dir", "runs/noise-spin",
+          "--iterations", json.dumps(noise_schedule(PAPER_SCHEDULE, label_smoothing=0.1, neftune_alpha=5.0))]
+
+if __name__ == "__main__":
+    run(RECIPE, "noise_spin")

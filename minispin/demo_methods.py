@@ -1,0 +1,365 @@
+"""Every method on the built-in demo task: SFT, continued SFT, SPIN, judge-SPIN, noise-SPIN, adaptive,
+SPPO and DPO, compared on held-out exact-match accuracy over iterations (CPU, no downloads).
+
+    python -m minispin.demo_methods                      # 2 torchrun ranks on CPU -> runs/demo_methods
+    python -m minispin.demo_methods --methods spin,sppo   # a subset
+    python -m minispin.demo_methods --small              # the reduced size the test suite runs
+
+Setup (everything deterministic in the seed; see docs/methods.md for the numbers):
+- The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo`: reverse / sort letters,
+  add two numbers; SFT deliberately short so the model is partly right).
+- Self-play data: the first `n_spin` SFT prompts. Their real answers carry LABEL NOISE: a fraction
+  `label_noise` (default 0.2) is replaced by a near miss (a sum off by 1-9, two letters swapped) - the
+  seeds' "labelling issue" (the real answer is not always the better one) made measurable.
+- The judge / preference scorer (`demo_judge`, used by judge-SPIN, adaptive and SPPO) knows the task:
+  score 10 for an exactly right answer, else 4 x closeness in [0, 4] (sums: 1 - |error| / 10, floored
+  at 0; letters: the fraction of positions that match the right answer). So a right answer beats any
+  wrong one by a margin >= 6 and two wrong answers differ by < 4: with tau = 5 the adaptive rule trusts
+  exactly the pairs where one answer is right, and smooths the rest.
+- DPO trains on a fixed preference file: chosen = the (noisy) real answer, rejected = a near miss of
+  the right answer (another one than the noise used), no generation.
+- Every method starts from the same SFT model with the same learning rate / beta / epochs as the demo's
+  SPIN and runs `iterations` iterations; each iteration's model is evaluated on the same held-out set.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import demo, demo_task
+
+ALL_METHODS = ("continued_sft", "spin", "judge_spin", "noise_spin", "adaptive", "sppo", "dpo")
+LABELS = {"continued_sft": "continued SFT", "spin": "SPIN", "judge_spin": "judge-SPIN", "noise_spin": "noise-SPIN",
+          "adaptive": "adaptive", "sppo": "SPPO", "dpo": "DPO"}
+JUDGE = "minispin.demo_methods:demo_judge"
+
+
+@dataclass
+class MethodsDemoConfig:
+    """The demo's sizes (`demo`) plus the methods' settings."""
+
+    demo: demo.DemoConfig = field(default_factory=demo.DemoConfig)
+    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    label_noise: float = 0.2  # fraction of the self-play prompts whose real answer is a near miss
+    noise_label_smoothing: float = 0.1  # noise-SPIN: eps
+    neftune_alpha: float = 5.0  # noise-SPIN: NEFTune alpha
+    tau: float = 5.0  # adaptive
+    smoothing: float = 0.1  # adaptive: eps_small
+    sppo_samples: int = 5  # K
+    sppo_eta: float = 1000.0  # eta = 1 / beta
+    sppo_temperature: float = 0.7
+    sppo_top_p: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.demo, dict):
+            self.demo = demo.DemoConfig(**self.demo)
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
+        if not 0 <= self.label_noise <= 1:
+            raise ValueError(f"label_noise must be in [0, 1], got {self.label_noise}")
+
+
+# ----------------------------------------------------------------------------- the judge
+
+def closeness(prediction: str, answer: str) -> float:
+    """How close a wrong answer is to the right one, in [0, 1] (see the module doc)."""
+    pred = prediction.strip()
+    if answer.isdigit():
+        if not re.fullmatch(r"\d{1,6}", pred):
+            return 0.0
+        return max(0.0, 1.0 - abs(int(pred) - int(answer)) / 10.0)
+    if not pred:
+        return 0.0
+    same = sum(a == b for a, b in zip(pred, answer))
+    return same / max(len(pred), len(answer))
+
+
+def demo_score(question: str, response: str) -> float:
+    """10 for the right answer, else 4 x closeness (a deterministic judge that knows the task)."""
+    answer = demo_task.answer_of(question)
+    if response.strip() == answer:
+        return 10.0
+    return 4.0 * closeness(response, answer)
+
+
+def demo_judge(prompt: list[dict[str, str]], responses: list[str]) -> list[float]:
+    """The judge / preference scorer of the demo task: `demo_score` of every response (judge.function)."""
+    question = prompt[-1]["content"]
+    return [demo_score(question, r) for r in responses]
+
+
+# ----------------------------------------------------------------------------- data
+
+def near_miss(question: str, rng: random.Random, avoid: tuple[str, ...] = ()) -> str:
+    """A plausible wrong answer, never one of `avoid`: a sum off by 1-9, or the right letters with two
+    neighbours swapped (or, when no swap gives a new answer, one letter changed)."""
+    answer = demo_task.answer_of(question)
+    avoid = set(avoid) | {answer}
+    if answer.isdigit():
+        value = int(answer)
+        options = [str(value + d) for d in range(-9, 10) if value + d >= 0 and str(value + d) not in avoid]
+        return rng.choice(options)
+    swaps = []
+    for i in range(len(answer) - 1):
+        letters = list(answer)
+        letters[i], letters[i + 1] = letters[i + 1], letters[i]
+        if "".join(letters) not in avoid:
+            swaps.append("".join(letters))
+    if swaps:
+        return rng.choice(swaps)
+    i = rng.randrange(len(answer))
+    options = [answer[:i] + c + answer[i + 1:] for c in string.ascii_lowercase]
+    return rng.choice([o for o in options if o not in avoid])
+
+
+def write_method_data(task_train: Path, out: Path, n_spin: int, label_noise: float, seed: int) -> dict[str, Path]:
+    """<out>/spin_data.jsonl (the first n_spin SFT rows, a fraction label_noise of real answers replaced by
+    near misses; "noisy": true marks them) and <out>/preferences.jsonl (DPO rows). Atomic, deterministic."""
+    from .io import atomic_write_text
+
+    paths = {"spin": out / "spin_data.jsonl", "preferences": out / "preferences.jsonl"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    rows = []
+    with open(task_train, encoding="utf-8") as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) == n_spin:
+                break
+    rng = random.Random(seed * 7919 + 17)
+    noisy = set(rng.sample(range(len(rows)), round(label_noise * len(rows))))
+    spin_rows, pref_rows = [], []
+    for i, row in enumerate(rows):
+        question = row["messages"][0]["content"]
+        right = demo_task.answer_of(question)
+        real = near_miss(question, rng) if i in noisy else right
+        spin_rows.append({**row, "noisy": i in noisy,
+                          "messages": [row["messages"][0], {"role": "assistant", "content": real}]})
+        rejected = near_miss(question, rng, avoid=(real,))
+        pref_rows.append({"prompt": question, "chosen": real, "rejected": rejected})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths["spin"], "".join(json.dumps(r) + "\n" for r in spin_rows))
+    atomic_write_text(paths["preferences"], "".join(json.dumps(r) + "\n" for r in pref_rows))
+    return paths
+
+
+# ----------------------------------------------------------------------------- runs
+
+def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, config: MethodsDemoConfig,
+                  device: str):
+    """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
+    from .methods import JudgeConfig
+    from .spin import SpinConfig
+
+    d = config.demo
+    base = {"lr": d.spin_lr, "beta": d.spin_beta}
+    kw: dict[str, Any] = dict(
+        model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
+        save_dtype="float32", mix_previous=True, train=demo._train_config(d, device, epochs=d.spin_epochs),
+        generation=demo._generation_config(d))
+    judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
+    if name == "continued_sft":
+        return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
+    if name == "spin":
+        return SpinConfig(method="spin", iterations=[base], **kw)
+    if name == "judge_spin":
+        return SpinConfig(method="judge_spin", iterations=[base], judge=judge, **kw)
+    if name == "noise_spin":
+        return SpinConfig(method="spin", iterations=[dict(base, label_smoothing=config.noise_label_smoothing,
+                                                          neftune_alpha=config.neftune_alpha)], **kw)
+    if name == "adaptive":
+        return SpinConfig(method="adaptive", iterations=[base], judge=judge, **kw)
+    if name == "sppo":
+        return SpinConfig(method="sppo", judge=judge, iterations=[{
+            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo", "mix_previous": False,
+            "generation.num_samples": config.sppo_samples, "generation.temperature": config.sppo_temperature,
+            "generation.top_p": config.sppo_top_p}], **kw)
+    if name == "dpo":
+        kw["data"] = str(data["preferences"])
+        return SpinConfig(method="dpo", iterations=[base], **kw)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def _pair_stats(run_dir: Path) -> list[dict[str, Any]]:
+    """Per-iteration pair counts the driver wrote (flipped / trusted / smoothed / SPPO ties)."""
+    path = run_dir / "pair_stats.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def markdown_tables(results: dict[str, Any]) -> str:
+    """Exact match per method and iteration, per skill at the last iteration, and the pair counts."""
+    sft = results["sft"]
+    iters = max((len(r["iterations"]) for r in results["methods"].values()), default=0)
+    head = "| method | " + " | ".join(["SFT (start)"] + [f"iter {t}" for t in range(iters)]) + " |"
+    lines = ["Held-out exact match (greedy answers, %d questions):" % sft["n_test"], "", head,
+             "|" + "---|" * (iters + 2)]
+    lines.append(f"| SFT | {sft['exact_match']:.3f} |" + " |" * iters)
+    for name, r in results["methods"].items():
+        cells = [f"{e['exact_match']:.3f}" for e in r["iterations"]] + [""] * (iters - len(r["iterations"]))
+        lines.append(f"| {LABELS[name]} | {sft['exact_match']:.3f} | " + " | ".join(cells) + " |")
+    skills = list(demo_task.SKILLS)
+    lines += ["", "Last iteration, by skill, and the mean summed log-prob of the right answers:", "",
+              "| method | " + " | ".join(skills) + " | mean log p(right) | train+gen s/iter |",
+              "|" + "---|" * (len(skills) + 3)]
+    rows = [("SFT", sft, sft.get("train_seconds", 0.0))] + \
+        [(LABELS[n], r["iterations"][-1], r["seconds"] / max(1, len(r["iterations"])))
+         for n, r in results["methods"].items() if r["iterations"]]
+    for label, e, secs in rows:
+        by_skill = e["exact_match_by_skill"]
+        lines.append(f"| {label} | " + " | ".join(f"{by_skill.get(s, float('nan')):.3f}" for s in skills)
+                     + f" | {e['mean_logprob']:.3f} | {secs:.0f} |")
+    stats = [(n, s) for n, r in results["methods"].items() for s in r.get("pair_stats", [])]
+    if stats:
+        lines += ["", "Pairs per iteration (new + mixed-in previous iteration's):", "",
+                  "| method | iter | pairs | kept | flipped | smoothed | SPPO ties |", "|---|---|---|---|---|---|---|"]
+        for n, s in stats:
+            c = s.get("counts", s)
+            lines.append(f"| {LABELS[n]} | {s.get('iteration', '')} | {c.get('pairs', '')} | {c.get('kept', '')} | "
+                         f"{c.get('flipped', '')} | {c.get('smoothed', '')} | {c.get('sppo_tied', '')} |")
+    return "\n".join(lines)
+
+
+def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") -> dict[str, Any]:
+    """Run (or continue) the comparison; call on every rank. Returns the results (also in <out>/results.json)."""
+    from . import distributed as du
+    from .io import atomic_write_json, atomic_write_text
+    from .spin import spin
+
+    info = du.init_distributed(device)
+    t_start = time.perf_counter()
+    try:
+        d = config.demo
+        paths = {"task": out / "task", "init": out / "init", "sft": out / "sft", "data": out / "methods_data",
+                 "eval": out / "eval"}
+        if du.is_main():
+            _check_settings(out, config)
+            task = demo.make_task(paths["task"], d)
+            demo.init_model(paths["init"], task["tokenizer"], d)
+            data = write_method_data(task["train"], paths["data"], d.n_spin, config.label_noise, d.seed)
+        du.barrier()
+        data = {"spin": paths["data"] / "spin_data.jsonl", "preferences": paths["data"] / "preferences.jsonl"}
+        test = paths["task"] / "test_sft.jsonl"
+        _say(f"run dir {out}; {info.world_size} rank(s); methods {', '.join(config.methods)}; "
+             f"{d.n_spin} self-play prompts, label noise {config.label_noise:g}")
+
+        t = time.perf_counter()
+        sft_model = demo.run_sft(paths["init"], paths["task"] / "train_sft.jsonl", paths["sft"], d, device,
+                                 lr=d.sft_lr, limit=None)
+        sft = dict(demo.evaluate_stage("sft", sft_model, test, paths["eval"], device),
+                   train_seconds=round(time.perf_counter() - t, 1))
+        _say(f"SFT: exact match {sft['exact_match']:.3f}")
+        results: dict[str, Any] = {"config": asdict(config), "world_size": info.world_size, "device": device,
+                                   "sft": sft, "methods": {}}
+        for name in config.methods:
+            t = time.perf_counter()
+            cfg = method_config(name, sft_model, data, out, config, device)
+            _say(f"{LABELS[name]}: {cfg.total_iterations} iteration(s)")
+            models = spin(cfg).models
+            seconds = time.perf_counter() - t
+            evals = [demo.evaluate_stage(f"{name}_iter{i}", m, test, paths["eval"], device)
+                     for i, m in enumerate(models)]
+            results["methods"][name] = {"seconds": round(seconds, 1), "iterations": evals,
+                                        "pair_stats": _pair_stats(out / name)}
+            _say(f"{LABELS[name]}: exact match by iteration "
+                 + ", ".join(f"{e['exact_match']:.3f}" for e in evals) + f" ({seconds:.0f}s)")
+        results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
+        table = markdown_tables(results)
+        results["table"] = table
+        if du.is_main():
+            atomic_write_json(out / "results.json", results)
+            atomic_write_text(out / "results.md", table + "\n")
+            print("\n" + table + "\n", flush=True)
+            _say(f"done in {results['seconds_this_run']:.0f}s; results in {out / 'results.md'}")
+        du.barrier()
+        return results
+    finally:
+        du.shutdown(info)
+
+
+def _say(message: str) -> None:
+    from . import distributed as du
+    if du.is_main():
+        print(f"[methods-demo] {message}", flush=True)
+
+
+def _check_settings(out: Path, config: MethodsDemoConfig) -> None:
+    """Refuse to continue a run made with other settings (the method list may grow)."""
+    from .io import atomic_write_json
+
+    path = out / "methods_demo_config.json"
+    current = asdict(config)
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = [k for k in current if k != "methods" and old.get(k) != current[k]]
+        if changed:
+            raise SystemExit(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, current)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minispin.demo_methods", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/demo_methods", help="run folder (re-running the same command continues)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help="comma-separated subset of " + ",".join(ALL_METHODS))
+    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
+    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
+    p.add_argument("--iterations", type=int, default=None, help="iterations per method (default 2)")
+    p.add_argument("--label-noise", type=float, default=MethodsDemoConfig.label_noise)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    env.pop("TRITON_INTERPRET", None)  # the CPU kernels take their plain-torch path (see minispin.demo)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "minispin.demo_methods", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from .distributed import launched_by_torchrun
+
+    if args.nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
+    if args.nproc > 1 and not launched_by_torchrun():
+        return _launch(argv, args.nproc)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET")
+    overrides: dict[str, Any] = {"seed": args.seed}
+    if args.iterations is not None:
+        if args.iterations < 1:
+            raise SystemExit("--iterations must be >= 1")
+        overrides["iterations"] = args.iterations
+    demo_config = demo.DemoConfig.small(**overrides) if args.small else demo.DemoConfig(**overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        config = MethodsDemoConfig(demo=demo_config, methods=methods, label_noise=args.label_noise)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    run_methods_demo(Path(args.out), config, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
