@@ -151,7 +151,8 @@ def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
     return out
 
 
-def _train_config(config: DemoConfig, device: str, **overrides: Any):
+def train_config(config: DemoConfig, device: str, **overrides: Any):
+    """The demo's TrainConfig (AdamW, tiny lengths); shared by every stage and by demo_methods."""
     from .train import TrainConfig
 
     values = dict(optimizer="adamw", adam_beta2=0.98, weight_decay=0.0, global_batch_size=config.batch_size,
@@ -161,7 +162,8 @@ def _train_config(config: DemoConfig, device: str, **overrides: Any):
     return TrainConfig(**values)
 
 
-def _generation_config(config: DemoConfig):
+def generation_config(config: DemoConfig):
+    """The demo's GenerationConfig (short answers, the demo's temperature and seed)."""
     from .generation_job import GenerationConfig
 
     return GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -177,18 +179,19 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
         iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32",
-        train=_train_config(config, device), generation=_generation_config(config)))
+        train=train_config(config, device), generation=generation_config(config)))
     return result.final_model
 
 
 def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str) -> list[Path]:
+    """SPIN iterations 0..T-1 from `model` through the iteration driver; returns each iteration's model."""
     from .spin import SpinConfig, spin
 
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
         num_iterations=config.iterations,
         iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}], mix_previous=True, save_dtype="float32",
-        train=_train_config(config, device, epochs=config.spin_epochs), generation=_generation_config(config)))
+        train=train_config(config, device, epochs=config.spin_epochs), generation=generation_config(config)))
     return result.models
 
 
@@ -331,15 +334,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """Re-run this command under torchrun with `nproc` ranks; returns its exit code."""
+def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
+    """Re-run `python -m module argv` under torchrun with `nproc` ranks; returns its exit code."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
     # Triton's CPU interpreter (a test-suite setting) would make the demo's kernels crawl; on CPU the
     # kernels take their plain-torch path without it.
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "minispin.demo", *argv]
+           "-m", module, *argv]
     return subprocess.call(cmd, env=env)
 
 
@@ -351,9 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
     if args.nproc > 1 and not launched_by_torchrun():
-        return _launch(argv, args.nproc)
+        return launch_torchrun("minispin.demo", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")  # see _launch
+        os.environ.pop("TRITON_INTERPRET")  # see launch_torchrun
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.iterations is not None:
         if args.iterations < 1:

@@ -29,7 +29,6 @@ import os
 import random
 import re
 import string
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,8 +165,8 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
     kw: dict[str, Any] = dict(
         model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
-        save_dtype="float32", mix_previous=True, train=demo._train_config(d, device, epochs=d.spin_epochs),
-        generation=demo._generation_config(d))
+        save_dtype="float32", mix_previous=True, train=demo.train_config(d, device, epochs=d.spin_epochs),
+        generation=demo.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
         return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
@@ -326,15 +325,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _launch(argv: list[str], nproc: int) -> int:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
-    env.pop("TRITON_INTERPRET", None)  # the CPU kernels take their plain-torch path (see minispin.demo)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "minispin.demo_methods", *argv]
-    return subprocess.call(cmd, env=env)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -343,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
     if args.nproc > 1 and not launched_by_torchrun():
-        return _launch(argv, args.nproc)
+        return demo.launch_torchrun("minispin.demo_methods", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET")
     overrides: dict[str, Any] = {"seed": args.seed}
