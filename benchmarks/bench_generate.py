@@ -162,10 +162,14 @@ def throughput(args) -> None:
         emit(**row)
         ours_tok_s = tokens / seconds
         if not args.no_hf:
-            hf_tokens, hf_seconds = time_hf(hf, prompts, new_tokens, device)
-            emit(impl="hf", batch=batch, tokens=hf_tokens, seconds=round(hf_seconds, 3),
-                 tok_s=round(hf_tokens / hf_seconds, 1))
-            emit(batch=batch, speedup_vs_hf=round(ours_tok_s / (hf_tokens / hf_seconds), 2))
+            try:  # the baseline must not cost our rows: transformers' generate API and memory vary by version
+                hf_tokens, hf_seconds = time_hf(hf, prompts, new_tokens, device)
+            except Exception as err:  # noqa: BLE001
+                emit(impl="hf", batch=batch, error=f"{type(err).__name__}: {err}"[:500])
+            else:
+                emit(impl="hf", batch=batch, tokens=hf_tokens, seconds=round(hf_seconds, 3),
+                     tok_s=round(hf_tokens / hf_seconds, 1))
+                emit(batch=batch, speedup_vs_hf=round(ours_tok_s / (hf_tokens / hf_seconds), 2))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

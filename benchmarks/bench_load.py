@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,8 +66,7 @@ def main() -> None:
 
     import torch
 
-    from minispin import ModelConfig, save_model
-    from minispin.checkpoint import build_model
+    from minispin import ModelConfig
 
     if args.smoke:
         cfg = ModelConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
@@ -77,6 +77,19 @@ def main() -> None:
         shard = "1GB"
     dtype = getattr(torch, args.dtype)
     root = Path(args.dir or tempfile.mkdtemp(prefix="minispin-bench-load-"))
+    try:
+        run_cases(cfg, dtype, shard, root, args.dtype)
+    finally:
+        if args.dir is None:  # the 7B-shaped checkpoints are tens of GB: do not leave them in /tmp
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str) -> None:
+    import torch
+
+    from minispin import save_model
+    from minispin.checkpoint import build_model
+
     model = build_model(cfg, "cpu").to(dtype)
     with torch.no_grad():
         for p in model.parameters():
@@ -87,7 +100,7 @@ def main() -> None:
     print(f"# checkpoints in {root}; {torch.__version__}; {os.cpu_count()} CPUs", file=sys.stderr)
     for layout in ("single", "sharded"):
         folder = root / layout
-        out = subprocess.run([sys.executable, __file__, "--_child", str(folder), args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--_child", str(folder), dtype_name],
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         size = checkpoint_bytes(folder)

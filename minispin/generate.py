@@ -230,6 +230,10 @@ def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, pos: 
 
 
 _compiled_decode_step: Callable[..., None] | None = None
+# Every (slots, cache length, max_new_tokens, sampling setting) is one more compiled version of the step,
+# and with fullgraph=True torch.compile fails hard past dynamo's recompile limit (default 8): raise it
+# while the step is called.
+_RECOMPILE_LIMIT = 64
 
 
 def _get_compiled_decode_step() -> Callable[..., None]:
@@ -237,6 +241,13 @@ def _get_compiled_decode_step() -> Callable[..., None]:
     if _compiled_decode_step is None:
         _compiled_decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
     return _compiled_decode_step
+
+
+def _call_compiled(step: Callable[..., None], args: tuple) -> None:
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # before torch 2.7
+    with config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)}):
+        step(*args)
 
 
 class _SlotSampler:
@@ -287,21 +298,22 @@ class _SlotSampler:
             return lambda: _decode_step(*args)
         step = _get_compiled_decode_step()
         if self.device.type != "cuda":
-            return lambda: step(*args)
+            return lambda: _call_compiled(step, args)
         # Warm up (compiles on first use) on a side stream, then capture one CUDA graph of the step.
         # The warm-up steps really run: save the state and put it back afterwards. Prefill writes into
         # the same static tensors, so every replay sees the current slots.
         saved = [t.clone() for t in (self.tokens, self.pos, self.slot, self.n_gen, self.done, self.out,
                                      self.cache.positions)]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step(*args)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step(*args)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    _call_compiled(step, args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):  # a capture stream on the model's device
+                _call_compiled(step, args)
         for t, s in zip((self.tokens, self.pos, self.slot, self.n_gen, self.done, self.out, self.cache.positions),
                         saved):
             t.copy_(s)

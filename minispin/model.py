@@ -281,9 +281,11 @@ class Attention(nn.Module):
                 rep, S = self.n_heads // self.n_kv_heads, k.shape[2]
                 qg = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
                 mask_g = mask.unsqueeze(2).expand(B, 1, rep, T, S).reshape(B, 1, rep * T, S)
-                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_g)
-                return self.o_proj(y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2)
-                                   .reshape(B, T, self.n_heads * self.head_dim))
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask_g)  # [B, kv, rep*T, D]
+                # back to [B, T, heads*D] with head j*rep + r. No .view across heads: the CUDA fused
+                # kernels return a [B, rep*T, kv, D] memory layout, which cannot be viewed as [B, heads, T, D].
+                y = y.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4)
+                return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         if self.n_kv_heads != self.n_heads:
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)

@@ -71,6 +71,20 @@ def test_kv_cache_logits_equal_full_recompute(models, name):
     check_cache_against_full_recompute(models[name], random_prompts([7, 3, 11, 1]), steps=8)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_kv_cache_accepts_the_cuda_attention_output_layout(models, name, monkeypatch):
+    """On CUDA the fused SDPA kernels (memory-efficient, flash) return [B, heads, L, D] as a transposed
+    view of [B, L, heads, D] storage; the grouped-query cache path must not .view() across heads."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa_with_cuda_layout(*args, **kwargs):
+        return real(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa_with_cuda_layout)
+    assert models[name].config.num_key_value_heads < models[name].config.num_attention_heads  # GQA
+    check_cache_against_full_recompute(models[name], random_prompts([7, 3, 11, 1]), steps=3)
+
+
 def test_sliding_window_cache_equals_full_recompute():
     model = load_model(FIXTURES / "hf-tiny-mistral", dtype=torch.float32)
     model.config.sliding_window = 4
@@ -317,6 +331,13 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
     kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, batch_size=2, stop_token_ids=[])
     assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
         [o.token_ids for o in generate_tokens(model, prompts, **kw)]
+    # every (slots, cache length, sampling setting) compiles one more version of the step; past dynamo's
+    # recompile limit fullgraph=True fails hard, so the sampler must raise the limit while it calls the step
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 1)
+    kw.update(batch_size=3, temperature=0.7)
+    assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
+        [o.token_ids for o in generate_tokens(model, prompts, **kw)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -340,3 +361,28 @@ def test_vocab_limit_never_samples_padded_embedding_rows(models):
     for greedy in (False, True):
         out = generate_tokens(model, prompts, vocab_limit=100, **{**kw, "temperature": 0.0 if greedy else 1.5})
         assert all(t < 100 for o in out for t in o.token_ids)
+
+
+def test_refill_writes_the_decode_state_in_place(models):
+    """A captured CUDA graph replays on fixed addresses: prefill into free slots (refill) and steps must
+    update the sampler's state and cache tensors in place, never rebind or reallocate them."""
+    import importlib
+    gen = importlib.import_module("minispin.generate")
+    model = models["hf-tiny-llama"]
+
+    def state(sampler):
+        tensors = [t for t in sampler._args() if isinstance(t, torch.Tensor)]
+        return tensors + [sampler.cache.positions, *sampler.cache.k, *sampler.cache.v]
+
+    with torch.inference_mode():
+        sampler = gen._SlotSampler(model, num_slots=3, max_len=64, max_new_tokens=5, stop_token_ids=[],
+                                   temperature=0.9, top_p=0.9, top_k=0, seed=1, compile=False)
+        objects = state(sampler)
+        addresses = [(t.data_ptr(), t.shape) for t in objects]
+        sampler.prefill([0, 2], random_prompts([4, 6], seed=9), [0, 1], [0, 0])
+        sampler.step()
+        sampler.prefill([1], random_prompts([9], seed=10), [2], [0])  # refill a free slot mid-run
+        sampler.step()
+        assert all(a is b for a, b in zip(state(sampler), objects, strict=True))
+        assert [(t.data_ptr(), t.shape) for t in objects] == addresses
+        assert sampler.n_gen.tolist() == [3, 2, 3] and sampler.pos.tolist() == [6, 10, 8]
