@@ -23,4 +23,4 @@ RECIPE = ["--method", "adaptive", "--limit", "50000", "--split", "train_sft", "-
           "--judge.tau", "5", "--judge.smoothing", "0.1", "--output_dir", "runs/adaptive"]
 
 if __name__ == "__main__":
-    run(RECIPE, "adaptive", needs_judge=True)
+    run(RECIPE, "adaptive", needs_judge=True, description=__doc__)

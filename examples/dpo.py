@@ -19,8 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run  # noqa: E402
 
-RECIPE = ["--method", "dpo", "--split", "train_prefs", "--output_dir", "runs/dpo",
-          "--iterations", '[{"lr": 5e-7, "beta": 0.1, "epochs": 1}]']
+# the method's default schedule is the recipe: one iteration, lr 5e-7, beta 0.1, 1 epoch (--lr, --beta,
+# --epochs, ... override it; --iterations '[{...}, ...]' for several iterations)
+RECIPE = ["--method", "dpo", "--split", "train_prefs", "--output_dir", "runs/dpo"]
 
 if __name__ == "__main__":
-    run(RECIPE, "dpo")
+    run(RECIPE, "dpo", description=__doc__)

@@ -29,4 +29,4 @@ RECIPE = ["--method", "judge_spin", "--limit", "50000", "--split", "train_sft", 
           "--output_dir", "runs/judge-spin"]
 
 if __name__ == "__main__":
-    run(RECIPE, "judge_spin", needs_judge=True)
+    run(RECIPE, "judge_spin", needs_judge=True, description=__doc__)

@@ -7,25 +7,23 @@ the reference pass or generation). Either or both.
         --data /data/ultrachat_200k --out runs/noise-spin
     python examples/noise_spin.py --demo
 
-Defaults here: eps = 0.1 and alpha = 5 (NEFTune's smallest setting) on every iteration of the paper's
-schedule. Only one kind of noise: put label_smoothing 0 or neftune_alpha 0 into --iterations, e.g.
---iterations '[{"lr": 5e-7, "beta": 0.1, "label_smoothing": 0.1, "neftune_alpha": 0}]'.
-Noise is an option of every pairwise method (dpo, judge_spin, adaptive too), not a separate loop.
+Defaults here (--method noise_spin): eps = 0.1 and alpha = 5 (NEFTune's smallest setting) on every
+iteration of the paper's schedule. Other values or only one kind of noise: --label_smoothing 0.05,
+--neftune_alpha 0 (an option given on the command line applies to every iteration), or per iteration
+--iterations '[{"lr": 5e-7, "beta": 0.1, "label_smoothing": 0.1, "neftune_alpha": 0}, ...]' (which
+replaces the whole schedule). Noise is an option of every pairwise method (dpo, judge_spin, adaptive
+too), not a separate loop.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run  # noqa: E402
 
-from minispin.methods import noise_schedule  # noqa: E402
-from minispin.spin import PAPER_SCHEDULE  # noqa: E402
-
-RECIPE = ["--method", "spin", "--limit", "50000", "--split", "train_sft", "--output_dir", "runs/noise-spin",
-          "--iterations", json.dumps(noise_schedule(PAPER_SCHEDULE, label_smoothing=0.1, neftune_alpha=5.0))]
+# the method's default schedule: the paper's, with label smoothing 0.1 and NEFTune alpha 5 on every iteration
+RECIPE = ["--method", "noise_spin", "--limit", "50000", "--split", "train_sft", "--output_dir", "runs/noise-spin"]
 
 if __name__ == "__main__":
-    run(RECIPE, "noise_spin")
+    run(RECIPE, "noise_spin", description=__doc__)

@@ -15,16 +15,17 @@ iteration, max length 1024 / prompt 512, bf16 compute with fp32 master weights, 
 most 256 new tokens at temperature 1, ONE prompt template (the model's chat template) for generation
 and training. Those are minispin's SpinConfig defaults; this script adds the 50k-prompt limit, the
 train_sft split and the path checks. Every option of SpinConfig can be overridden (`--help`), e.g.
-`--num_iterations 1`, `--train.micro_batch_size 4`, `--iterations '[{"lr": 1e-6, "beta": 0.1}]'`.
+`--num_iterations 1`, `--train.micro_batch_size 4`, `--lr 1e-7` (every iteration; the betas stay the
+paper's), `--iterations '[{"lr": 1e-6, "beta": 0.1}]'` (replaces the whole schedule).
 Re-running the same command resumes the run.
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
-from minispin.cli import parse_config
-from minispin.spin import SpinConfig, spin
+from minispin.spin import parse_args, spin
 
 # The recipe on top of SpinConfig's (paper) defaults; later command-line options override these.
 RECIPE = ["--limit", "50000", "--split", "train_sft", "--num_iterations", "4", "--output_dir", "runs/spin-zephyr"]
@@ -75,19 +76,14 @@ def check_data(data: str, split: str | None) -> None:
         raise SystemExit(f"error: --data {data}: unsupported file type (expected .parquet, .jsonl or .json)")
 
 
-def _alias(arg: str) -> str:
-    name, eq, value = arg.partition("=")
-    return ALIASES.get(name, name) + eq + value if arg.startswith("--") else arg
-
-
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--demo"]:
         from minispin import demo
 
         return demo.main(argv[1:])
-    argv = [_alias(a) for a in argv]
-    config = parse_config(SpinConfig, RECIPE + argv, description=__doc__)
+    description = __doc__ + "\nThis script runs: " + shlex.join(RECIPE) + " [your options, which win]"
+    config = parse_args(RECIPE + argv, description=description, aliases=ALIASES)
     if Path(config.data).is_file() and not any(a.split("=")[0] == "--split" for a in argv):
         config.split = None  # one data file: take all of its rows
     check_model_dir(config.model)

@@ -27,4 +27,4 @@ from _common import run  # noqa: E402
 RECIPE = ["--method", "sppo", "--output_dir", "runs/sppo"]  # the method's default schedule is SPPO's recipe
 
 if __name__ == "__main__":
-    run(RECIPE, "sppo", needs_judge=True)
+    run(RECIPE, "sppo", needs_judge=True, description=__doc__)

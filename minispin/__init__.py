@@ -3,7 +3,7 @@
     model = minispin.load_model("zephyr-7b-sft-full", dtype=torch.bfloat16, device="cuda")
     tok = minispin.load_tokenizer("zephyr-7b-sft-full")
     texts = minispin.generate(model, tok, ["Hi!"], max_new_tokens=64, temperature=0.7, seed=0)
-    minispin.spin(minispin.SpinConfig(model="zephyr-7b-sft-full", data="ultrachat", output_dir="runs/z"))
+    minispin.spin(minispin.SpinConfig(model="zephyr-7b-sft-full", data="ultrachat_200k", split="train_sft"))
 
 Note: `minispin.generate`, `minispin.train` and `minispin.spin` are the functions; their modules are
 reached with `from minispin.generate import ...` (or importlib).

@@ -37,7 +37,10 @@ normalised to system/user/assistant and content must be a string. Numeric judge-
 
 Files: .json (one JSON array of row objects), .jsonl (one object per line), .parquet (needs the
 optional pyarrow: ``pip install pyarrow`` or ``pip install minispin[parquet]``). A directory means
-all its *.parquet / *.jsonl / *.json files (not recursive) in sorted name order; ``split="train"``
+all its *.parquet / *.jsonl / *.json files (not recursive; a folder without any but with a `data/`
+subfolder, as a Hugging Face dataset download has, means that subfolder) in sorted name order. A
+directory whose file names start with several split names (train_sft-*, test_sft-*) needs a split,
+rather than reading them all: ``split="train"``
 keeps the files whose name contains "train" as a whole word, e.g. train_prefs-00000-of-00001.parquet,
 train-*.jsonl, my_train.json, but not pretrain.json. Note "train" matches train_sft AND train_gen
 (UltraChat200k): pass the full split name ("train_sft") there.
@@ -149,6 +152,8 @@ def data_files(path: str | Path, split: str | None = None) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+        if not files and (path / "data").is_dir():  # a Hugging Face dataset snapshot: <repo>/data/*.parquet
+            return data_files(path / "data", split)
         if not files:
             raise DataError(f"no {'/'.join('*' + s for s in DATA_SUFFIXES)} files in directory",
                             source=str(path))
@@ -158,6 +163,11 @@ def data_files(path: str | Path, split: str | None = None) -> list[Path]:
                 raise DataError(f"no file name contains split {split!r} (files: "
                                 f"{', '.join(p.name for p in files)})", source=str(path))
             files = matching
+        else:
+            splits = sorted({s for s in map(_split_of_name, (p.name for p in files)) if s is not None})
+            if len(splits) > 1:  # never mix e.g. test_sft rows into training silently
+                raise DataError(f"the directory holds several splits ({', '.join(splits)}); choose one with "
+                                f"split=... (--split {splits[-1]})", source=str(path))
         return files
     if not path.exists():
         raise DataError("no such file or directory", source=str(path))
@@ -167,6 +177,16 @@ def data_files(path: str | Path, split: str | None = None) -> list[Path]:
     if split is not None and not _name_has_split(path.name, split):
         raise DataError(f"file name does not contain split {split!r}", source=str(path))
     return [path]
+
+
+_SPLIT_NAME = re.compile(r"^((?:train|test|validation|valid|val|dev|eval)(?:_[A-Za-z0-9]+)*)(?:[-.]|$)")
+
+
+def _split_of_name(name: str) -> str | None:
+    """The split a data file's name starts with ("train_sft-00000-of-00003.parquet" -> "train_sft",
+    "test.jsonl" -> "test"), or None."""
+    m = _SPLIT_NAME.match(name)
+    return m.group(1) if m else None
 
 
 def _name_has_split(name: str, split: str) -> bool:

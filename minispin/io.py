@@ -110,6 +110,20 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
+def _normal_permissions(root: Path) -> None:
+    """Give a staged directory the permissions of a directory made with mkdir (tempfile.mkdtemp makes it
+    0700, and some writers, e.g. safetensors, create 0600 files): what a checkpoint folder written by
+    other tools has, so that other users / jobs allowed by the umask can read it."""
+    os.chmod(root, 0o777 & ~_UMASK)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), 0o777 & ~_UMASK)
+        for name in filenames:
+            file = os.path.join(dirpath, name)
+            if not os.path.islink(file):
+                os.chmod(file, (os.stat(file).st_mode & 0o777) | (0o666 & ~_UMASK))
+
+
 def _aside_dir(final: Path) -> Path:
     return final.with_name(final.name + ".old")
 
@@ -120,7 +134,10 @@ def recover_replaced_dir(final_dir: str | os.PathLike) -> bool:
     final = Path(final_dir)
     aside = _aside_dir(final)
     if aside.is_dir() and not final.exists():
-        os.rename(aside, final)
+        try:
+            os.rename(aside, final)
+        except FileNotFoundError:  # another process (rank) restored it first
+            return False
         fsync_dir(final.parent)
         return True
     return False
@@ -141,6 +158,7 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
     aside = _aside_dir(final)
     if aside.exists():  # a stale leftover next to a good final dir
         shutil.rmtree(aside)
+    _normal_permissions(tmp)
     _fsync_tree(tmp)
     had_final = final.exists()
     if had_final:

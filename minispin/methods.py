@@ -68,7 +68,7 @@ __all__ = [
     "judge_decision", "adaptive_decision", "spin_pair", "judge_pairs", "adaptive_pairs", "dpo_pairs",
     "win_rate_matrix", "SppoChoice", "sppo_choice", "sppo_pairs", "decision_counts", "summarize_pairs",
     "describe_counts",
-    "neftune_noise", "row_lengths", "neftune", "read_preference_data",
+    "neftune_noise", "row_lengths", "neftune", "read_preference_data", "read_prompts",
     "DPO_SCHEDULE", "SPPO_SCHEDULE", "noise_schedule", "KEPT", "FLIPPED", "SMOOTHED", "SPPO_DECISION",
 ]
 
@@ -443,6 +443,21 @@ def dpo_pairs(examples: Sequence[Any]) -> list[Pair]:
         pairs.append(Pair(index=e.index, prompt=list(e.prompt), chosen=e.chosen, rejected=e.rejected,
                           source=e.source))
     return pairs
+
+
+def read_prompts(config: "SpinConfig", warn: Callable[[str], None] | None = None) -> list[Any]:
+    """SPPO's prompts (as `Example`s): SFT rows, prompt-only rows ({"prompt": ...}, no answer needed) or
+    preference rows (chosen becomes the unused real answer); the answers in the data are not candidates."""
+    from .data import Example, ReadResult, iter_rows, read_examples
+
+    first = next(iter_rows(config.data, config.split), (0, "", {}))[2]
+    if config.data_format in ("trl", "sharegpt") or (
+            config.data_format == "auto" and ("chosen" in first or "conversations" in first)):
+        prefs = read_preference_data(config, warn)
+        return ReadResult([Example(index=p.index, prompt=p.prompt, real=p.chosen, generated=None, source=p.source,
+                                   extra=p.extra, scores=p.scores) for p in prefs], prefs.skipped, prefs.n_rows)
+    return read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
+                         on_error=config.on_bad_row, warn=warn, require_real=False)
 
 
 def read_preference_data(config: "SpinConfig", warn: Callable[[str], None] | None = None) -> list[Any]:

@@ -1,6 +1,6 @@
 """The SPIN iteration driver: generate -> pairs -> reference log-probs -> train -> save, T times.
 
-    python -m minispin.spin --model zephyr-7b-sft-full --data ultrachat_200k --split train_sft \\
+    python -m minispin --model zephyr-7b-sft-full --data ultrachat_200k --split train_sft \\
         --limit 50000 --output_dir runs/spin        # under torchrun the same command, every rank
 
 For t = 0..T-1 (iteration t starts from theta_t: the input model for t = 0, else iteration t-1's result):
@@ -47,11 +47,11 @@ from .data import Example, read_examples
 from .generation_job import GenerationConfig, run_generation_job
 from .methods import (DPO_SCHEDULE, SPPO_SCHEDULE, JudgeConfig, adaptive_pairs, attach_judge_scores,
                       attach_sample_scores, describe_counts, dpo_pairs, judge_pairs, noise_schedule,
-                      read_preference_data, sppo_pairs, summarize_pairs)
+                      read_preference_data, read_prompts, sppo_pairs, summarize_pairs)
 from .train import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
-           "PAPER_SCHEDULE", "iteration_configs", "main"]
+           "PAPER_SCHEDULE", "iteration_configs", "pin_given_options", "parse_args", "main"]
 
 # The paper's schedule (REFERENCE.md section 1): iterations 0-3 of zephyr-7b-sft-full.
 PAPER_SCHEDULE: list[dict[str, Any]] = [
@@ -61,7 +61,8 @@ PAPER_SCHEDULE: list[dict[str, Any]] = [
     {"lr": 1e-7, "beta": 5.0},
 ]
 _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
-_IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "train.progress", "train.status_every",
+# options a resumed run may change (num_iterations: a finished run may be extended by more iterations)
+_IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "train.progress", "train.status_every",
                       "train.device", "generation.progress", "generation.batch_size", "generation.compile",
                       "generation.chunk_size", "generation.keep_parts", "train.save_steps",
                       "train.reference_batch_size", "keep_train_state", "judge.timeout_s",
@@ -79,7 +80,7 @@ class SpinConfig:
     method: str = "spin"  # spin | sft | dpo | judge_spin | noise_spin | adaptive | sppo | register_method's
     num_iterations: int | None = None  # default: len(iterations)
     # per-iteration overrides; left at this default (SPIN's paper schedule), methods with a recipe of their
-    # own (dpo, noise_spin, sppo) use theirs
+    # own (dpo, noise_spin, sppo) use theirs, and values set in train / generation (e.g. --lr) win over it
     iterations: list[dict[str, Any]] = field(default_factory=lambda: [dict(d) for d in PAPER_SCHEDULE])
     generate: bool = True  # False: no generation; train on the answers already in the data (SPIN rows'
     # generated answers, SPPO samples or precomputed probabilities), the same data every iteration
@@ -189,7 +190,7 @@ METHODS: dict[str, Method] = {
                        summarize=summarize_pairs),
     "sppo": Method("sppo", needs_generation=True, train_method="spin",
                    build_pairs=lambda ex, c: sppo_pairs(ex, c.judge),
-                   read_data=lambda c, warn: read_preference_data(c, warn) if not c.generate else None,
+                   read_data=lambda c, warn: read_prompts(c, warn) if c.generate else read_preference_data(c, warn),
                    prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo"),
 }
 
@@ -219,6 +220,85 @@ def schedule_of(config: SpinConfig) -> list[dict[str, Any]]:
     return config.iterations
 
 
+def _default_schedule(method_name: str) -> list[dict[str, Any]]:
+    method = METHODS.get(method_name)
+    return method.schedule if method is not None and method.schedule is not None else PAPER_SCHEDULE
+
+
+def _override_target(key: str) -> str | None:
+    """An override key as the option it sets ("lr" -> "train.lr", "generation.top_p", "mix_previous"),
+    or None when it names no option."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    if key.startswith("train.") and key[6:] in train_fields:
+        return key
+    if key.startswith("generation.") and key[11:] in gen_fields:
+        return key
+    if key in train_fields:
+        return "train." + key
+    if key in _SPIN_LEVEL_OVERRIDES:
+        return key
+    return None
+
+
+def pin_given_options(data: dict[str, Any], on_command_line: set[str] | None = None) -> dict[str, Any]:
+    """Command line: options given explicitly win over the per-iteration schedule's values.
+
+    `data`: the nested dict of the options given (--config file and command line); `on_command_line`: the
+    dotted names given on the command line (None: every train.* / generation.* / mix_previous in data).
+    An option that the schedule also sets (e.g. --lr or --beta under SPIN's paper schedule,
+    --generation.num_samples or --neftune_alpha under a method's own schedule, or anything a --config
+    file's iterations set) is written into every entry of that schedule, which becomes `iterations`, so
+    the run (and its config.json) uses the given value. An option given on the command line together
+    with an --iterations that also sets it is refused as contradictory.
+    """
+    if on_command_line is None:
+        on_command_line = {f"{section}.{k}" for section in ("train", "generation")
+                           if isinstance(data.get(section), dict) for k in data[section]}
+        on_command_line |= {k for k in _SPIN_LEVEL_OVERRIDES if k in data}
+    given: dict[str, Any] = {}
+    for dotted in on_command_line:
+        section, _, name = dotted.rpartition(".")
+        if section in ("train", "generation") and isinstance(data.get(section), dict) and name in data[section]:
+            given[dotted] = data[section][name]
+        elif not section and dotted in _SPIN_LEVEL_OVERRIDES and dotted in data:
+            given[dotted] = data[dotted]
+    if not given:
+        return data
+    if "iterations" in data:
+        if not isinstance(data["iterations"], list) or not all(isinstance(e, dict) for e in data["iterations"]):
+            return data  # SpinConfig refuses it with a clear message
+        schedule = data["iterations"]
+        both = sorted({t for e in schedule for t in map(_override_target, e) if t in given})
+        if both and "iterations" in on_command_line:
+            raise ValueError(f"{', '.join('--' + b for b in both)} given both as an option and in --iterations; "
+                             "set it in one place (--iterations entries are per-iteration overrides)")
+    else:
+        schedule = _default_schedule(data.get("method", SpinConfig.method))
+    pinned = sorted({t for e in schedule for t in map(_override_target, e) if t in given})
+    if pinned:
+        data = dict(data)
+        data["iterations"] = [dict({k: v for k, v in e.items() if _override_target(k) not in pinned},
+                                   **{t: given[t] for t in pinned}) for e in schedule]
+    return data
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None,
+               aliases: dict[str, str] | None = None) -> SpinConfig:
+    """A SpinConfig from command-line options (see minispin.cli), with given options pinned over the
+    default schedule (`pin_given_options`)."""
+    from .cli import parse_config
+
+    return parse_config(SpinConfig, argv, description=description, prepare=pin_given_options, aliases=aliases)
+
+
+def _explicit(section: Any, name: str) -> bool:
+    """True when a TrainConfig / GenerationConfig field differs from its class default (set by the user)."""
+    f = next(f for f in dataclasses.fields(section) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return getattr(section, name) != default
+
+
 # ----------------------------------------------------------------------------- per-iteration configs
 
 def iteration_configs(config: SpinConfig, iteration: int | None = None):
@@ -231,33 +311,38 @@ def iteration_configs(config: SpinConfig, iteration: int | None = None):
         return [iteration_configs(config, t) for t in range(config.total_iterations)]
     schedule = schedule_of(config) or [{}]
     overrides = schedule[min(iteration, len(schedule) - 1)]
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    # iterations left at the default: values set in config.train / config.generation win over the
+    # default schedule's (e.g. TrainConfig(lr=1e-6) under SPIN's paper schedule)
+    default = config.iterations == PAPER_SCHEDULE
     train_kw, gen_kw, spin_kw = {}, {}, {}
     for key, value in overrides.items():
-        if key.startswith("train.") and key[6:] in train_fields:
-            train_kw[key[6:]] = value
-        elif key.startswith("generation.") and key[11:] in gen_fields:
-            gen_kw[key[11:]] = value
-        elif key in train_fields:
-            train_kw[key] = value
-        elif key in _SPIN_LEVEL_OVERRIDES:
-            spin_kw[key] = value
-        else:
+        target = _override_target(key)
+        if target is None:
             raise ValueError(f"iterations[{iteration}]: unknown override {key!r} (use a TrainConfig field such "
                              "as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous)")
+        section, _, name = target.rpartition(".")
+        if section == "train":
+            if not (default and _explicit(config.train, name)):
+                train_kw[name] = value
+        elif section == "generation":
+            if not (default and _explicit(config.generation, name)):
+                gen_kw[name] = value
+        else:
+            spin_kw[target] = value
     method = get_method(config.method)
     template = _one_template(config)
     if config.generation.max_prompt_length != config.train.max_prompt_length:
         raise ValueError(f"generation.max_prompt_length ({config.generation.max_prompt_length}) differs from "
                          f"train.max_prompt_length ({config.train.max_prompt_length}); prompts must be cut the "
-                         "same way in generation and training: set --max_prompt_length (sets both)")
+                         "same way in generation and training: set both to the same value (on the command "
+                         "line --max_prompt_length sets both)")
     train_kw["template"] = template
     train_kw["method"] = method.train_method
     if method.loss is not None:
-        if train_kw.get("loss", method.loss) != method.loss:
+        wanted = train_kw.get("loss", config.train.loss if _explicit(config.train, "loss") else method.loss)
+        if wanted != method.loss:
             raise ValueError(f"iterations[{iteration}]: method {method.name!r} trains with loss {method.loss!r}, "
-                             f"not {train_kw['loss']!r}")
+                             f"not {wanted!r}")
         train_kw["loss"] = method.loss
     elif train_kw.get("loss", config.train.loss) == "sppo" and method.train_method == "spin":
         raise ValueError(f"iterations[{iteration}]: loss 'sppo' needs SPPO's targets; use --method sppo")
@@ -310,7 +395,8 @@ def _check_run_config(run: Path, config: SpinConfig) -> None:
         old = json.loads(path.read_text())
         a, b = _flatten(old), _flatten(current)
         changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _IGNORED_ON_RESUME)
-        if changed and not config.allow_config_change:
+        started = any(run.glob("iter*"))  # nothing done yet (e.g. the data was refused): take the new config
+        if changed and started and not config.allow_config_change:
             detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
             raise ValueError(f"{run} holds a run started with a different config ({detail}). Use the same "
                              "options to resume, another --output_dir, or --allow_config_change true")
@@ -344,7 +430,8 @@ def _generation_dtype(config: SpinConfig, device: torch.device) -> torch.dtype |
 
 
 def _read_generated(path: Path, config: SpinConfig, source: str) -> list[Example]:
-    rows = read_examples(path, format="spin", require_generated=False)
+    # require_real=False: the input rows were checked when read; SPPO's prompts may have no answer
+    rows = read_examples(path, format="spin", require_real=False, require_generated=False)
     return [dataclasses.replace(e, source=source) for e in rows]
 
 
@@ -459,8 +546,10 @@ def spin(config: SpinConfig) -> SpinResult:
                 stats = method.summarize(pairs)
                 _record_pair_stats(run, t, method.name, stats)
                 _log(f"iteration {t}: {describe_counts(stats)}")
+            noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
+                                                                        ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
-                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}")
+                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}")
 
             def on_phase(phase: str, _t=t) -> None:
                 _write_state(run, iteration=_t, phase=phase, model=str(current), models=[str(m) for m in models])
@@ -495,9 +584,7 @@ def _cleanup_train_state(it: Path, config: SpinConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> SpinResult:
     """Command line: every SpinConfig field is an option (see minispin.cli)."""
-    from .cli import parse_config
-
-    config = parse_config(SpinConfig, argv, description="Self-play fine-tuning (SPIN) of a Llama/Mistral model")
+    config = parse_args(argv, description=__doc__)
     result = spin(config)
     if du.is_main():
         print(json.dumps({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]}))

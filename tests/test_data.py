@@ -16,6 +16,7 @@ DPO = FIXTURES / "dpo_en_demo.json"
 
 
 def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -229,13 +230,30 @@ def test_directory_split_and_global_index(tmp_path):
     assert train[2].source.endswith("train_prefs-00001-of-00002.jsonl")
     assert [e.prompt_text for e in read_examples(tmp_path, split="train")] == ["a0", "a1", "b"]
     assert [e.prompt_text for e in read_examples(tmp_path, split="test")] == ["t"]
-    assert [e.prompt_text for e in read_examples(tmp_path)] == ["p", "t", "a0", "a1", "b"]
+    with pytest.raises(DataError, match=r"several splits \(test_prefs, train_prefs\); choose one"):
+        read_examples(tmp_path)  # never mix test rows into training silently
     assert [p.name for p in data_files(tmp_path, split="train")][0] == "train_prefs-00000-of-00002.jsonl"
     with pytest.raises(DataError, match="no file name contains split 'validation'"):
         read_examples(tmp_path, split="validation")
     with pytest.raises(DataError, match="does not contain split 'test'"):
         read_examples(tmp_path / "pretrain.jsonl", split="test")
     assert load_rows(tmp_path / "pretrain.jsonl") == [{"prompt": "p", "response": "P"}]
+
+
+def test_directory_of_one_split_and_hf_snapshot_layout(tmp_path):
+    """One split's shards (or unsplit files) read without split=; a Hugging Face dataset download
+    (<repo>/README.md + <repo>/data/<split>-*.parquet) is read from its data/ folder."""
+    write_jsonl(tmp_path / "data" / "train_sft-00001-of-00002.jsonl", [{"prompt": "b", "response": "B"}])
+    write_jsonl(tmp_path / "data" / "train_sft-00000-of-00002.jsonl", [{"prompt": "a", "response": "A"}])
+    (tmp_path / "README.md").write_text("dataset card")
+    assert [e.prompt_text for e in read_examples(tmp_path)] == ["a", "b"]
+    write_jsonl(tmp_path / "data" / "test_sft-00000-of-00001.jsonl", [{"prompt": "t", "response": "T"}])
+    assert [e.prompt_text for e in read_examples(tmp_path, split="test_sft")] == ["t"]
+    with pytest.raises(DataError, match=r"data: the directory holds several splits \(test_sft, train_sft\)"):
+        read_examples(tmp_path)
+    write_jsonl(tmp_path / "parts" / "part-0.jsonl", [{"prompt": "x", "response": "X"}])
+    write_jsonl(tmp_path / "parts" / "part-1.jsonl", [{"prompt": "y", "response": "Y"}])
+    assert [e.prompt_text for e in read_examples(tmp_path / "parts")] == ["x", "y"]
 
 
 def test_directory_of_parquet_parts(tmp_path):

@@ -158,9 +158,15 @@ def _example(args, tmp_path):
 def test_zephyr_example_help(tmp_path):
     proc = _example(["--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for option in ("--model", "--data", "--output_dir", "--train.lr", "--iterations"):
+    for option in ("--model", "--data", "--output_dir", "--out", "--train.lr", "--iterations"):
         assert option in proc.stdout
+    assert "| 1    | iter-0 + iter-1 (100k)        | 5e-7 | 0.1  |" in proc.stdout  # the docstring's layout kept
+    assert "pairs per optimizer step, over all ranks and accumulation steps (default: 64)" in \
+        " ".join(proc.stdout.split())  # each option: what it is and its default
     assert not (tmp_path / "runs").exists()
+    dpo = subprocess.run([sys.executable, str(REPO / "examples" / "dpo.py"), "--help"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert dpo.returncode == 0 and "DPO on preference data" in dpo.stdout and "--out" in dpo.stdout
 
 
 def test_zephyr_example_path_errors(tmp_path):

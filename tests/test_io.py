@@ -85,6 +85,25 @@ def test_atomic_replace_dir(tmp_path):
         atomic_replace_dir(tmp_path / "nothing", final)
 
 
+def test_atomic_replace_dir_gives_normal_permissions(tmp_path):
+    """A folder staged with tempfile.mkdtemp (0700) holding a 0600 file (as safetensors writes them) lands
+    with the permissions mkdir / open would give under the umask, like checkpoints other tools write."""
+    import tempfile
+
+    staged = Path(tempfile.mkdtemp(dir=tmp_path))
+    (staged / "sub").mkdir(mode=0o700)
+    for name in ("model.safetensors", "sub/x"):
+        (staged / name).write_text("w")
+        os.chmod(staged / name, 0o600)
+    final = tmp_path / "ckpt"
+    atomic_replace_dir(staged, final)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path, full in ((final, 0o777), (final / "sub", 0o777), (final / "model.safetensors", 0o666),
+                       (final / "sub" / "x", 0o666)):
+        assert stat.S_IMODE(path.stat().st_mode) == full & ~umask, path
+
+
 def test_atomic_replace_dir_rolls_back_and_recovers(tmp_path, monkeypatch):
     final = make_dir(tmp_path / "ckpt", {"model": "old"})
     new = make_dir(tmp_path / "ckpt.tmp", {"model": "new"})

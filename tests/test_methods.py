@@ -130,6 +130,22 @@ def test_dpo_pairs_from_trl_and_sharegpt_rows(tmp_path):
 
 # ----------------------------------------------------------------------------- SPPO
 
+def test_sppo_prompts_need_no_answers_and_may_come_from_preference_rows(tmp_path):
+    """SPPO samples its candidates: prompt-only rows are enough, preference rows give their prompts."""
+    from minispin.methods import read_prompts
+    from minispin.spin import SpinConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ("Say hi", "Count")))
+    got = read_prompts(SpinConfig(model="m", data=str(prompts), method="sppo"))
+    assert [(e.prompt, e.real, e.generated) for e in got] == \
+        [([{"role": "user", "content": "Say hi"}], "", None), ([{"role": "user", "content": "Count"}], "", None)]
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Say yo", "chosen": "yo", "rejected": "no"}) + "\n")
+    got = read_prompts(SpinConfig(model="m", data=str(prefs), method="sppo"))
+    assert [(e.index, e.prompt[-1]["content"], e.generated) for e in got] == [(0, "Say yo", None)]
+
+
 def test_win_rate_matrix_matches_float64_and_is_stable():
     scores = [0.3, -1.7, 2.5, 2.5, 40.0, -700.0]
     P = torch.tensor(win_rate_matrix(scores), dtype=torch.float64)
@@ -601,11 +617,17 @@ for line in sys.stdin:  # the untrained model's samples are never right: score t
     row = json.loads(line)
     print(json.dumps([float(len(r)) for r in row["responses"]]))
 ''')
+    # SPPO's prompts need no answers (the real answer is not a candidate); options given on the command line
+    # win over SPPO's schedule, the rest of it (beta 1e-3, temperature 0.7, top-p 0.9, 1 epoch) stays
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?"}) + "\n"
+                                                for i in range(N_E2E)))
     run, _ = _spin_cli(root, model_dir, "sppo", "--method", "sppo", "--judge.command", f"{sys.executable} {script}",
-                       "--iterations", '[{"lr": 1e-3, "beta": 0.001, "generation.num_samples": 3, '
-                       '"generation.temperature": 0.7, "generation.top_p": 0.9}]', "--num_iterations", "1")
+                       "--lr", "1e-3", "--generation.num_samples", "3", "--num_iterations", "1", data="prompts.jsonl")
+    schedule = json.loads((run / "config.json").read_text())["iterations"]
+    assert len(schedule) == 3 and all(e["train.lr"] == 1e-3 and e["generation.num_samples"] == 3 and e["beta"] == 1e-3
+                                      and e["generation.temperature"] == 0.7 for e in schedule)
     generated = _jsonl(run / "iter0" / "generated.jsonl")
-    assert all(len(g["samples"]) == 3 for g in generated)
+    assert all(len(g["samples"]) == 3 and g["real"][-1]["content"] == "" for g in generated)
     c = _jsonl(run / "pair_stats.jsonl")[0]["counts"]
     assert c["pairs"] == N_E2E and c.get("sppo", 0) + c.get("sppo_tied", 0) == N_E2E and c.get("sppo", 0) > 0
     metrics = _jsonl(run / "iter0" / "metrics.jsonl")

@@ -228,6 +228,52 @@ def test_paper_schedule_is_one_config():
         iteration_configs(cfg)
 
 
+def test_given_options_win_over_the_default_schedule(tmp_path):
+    """--lr under SPIN's paper schedule, --beta / --generation.num_samples under SPPO's, --neftune_alpha 0
+    under noise_spin's (a default value given explicitly) apply to every iteration and are recorded in
+    `iterations`; an option that --iterations also sets is refused; in Python, TrainConfig values that
+    differ from the defaults win over the default schedule."""
+    from minispin.cli import to_dict
+    from minispin.spin import TrainConfig, parse_args
+
+    cfg = parse_args(["--model", "m", "--data", "d", "--lr", "1e-7"])
+    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-7, 0.1)] * 3 + [(1e-7, 5.0)]
+    cfg = parse_args(["--model", "m", "--data", "d", "--method", "sppo", "--beta", "0.01",
+                      "--generation.num_samples", "8"])
+    assert [(t.beta, t.lr, t.loss, g.num_samples, g.temperature, s) for t, g, s in iteration_configs(cfg)] == \
+        [(0.01, 5e-7, "sppo", 8, 0.7, {"mix_previous": False})] * 3
+    cfg = parse_args(["--model", "m", "--data", "d", "--method", "noise_spin", "--neftune_alpha", "0"])
+    assert {(t.label_smoothing, t.neftune_alpha) for t, _, _ in iteration_configs(cfg)} == {(0.1, 0.0)}
+    cfg = parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--beta", "0.5"])
+    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-3, 0.5)]
+    with pytest.raises(SystemExit):  # contradictory: which lr?
+        parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--train.lr", "1e-4"])
+    saved = tmp_path / "config.json"  # a run's config.json as --config: command-line options win over it
+    saved.write_text(json.dumps(to_dict(SpinConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
+    cfg = parse_args(["--config", str(saved), "--lr", "1e-4"])
+    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-4, 0.2)]
+    cfg = SpinConfig(model="m", data="d", train=TrainConfig(lr=1e-6))
+    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-6, 0.1)] * 3 + [(1e-6, 5.0)]
+    with pytest.raises(ValueError, match="method 'sppo' trains with loss 'sppo', not 'hinge'"):
+        SpinConfig(model="m", data="d", method="sppo", train=TrainConfig(loss="hinge"))
+
+
+def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_path):
+    """A run refused before any iteration started (e.g. bad data) takes the corrected options; a started
+    run refuses other options but may be extended with more iterations."""
+    from minispin.spin import _check_run_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _check_run_config(run, SpinConfig(model="m", data="bad.jsonl"))
+    _check_run_config(run, SpinConfig(model="m", data="good.jsonl"))  # nothing started: accepted
+    assert json.loads((run / "config.json").read_text())["data"] == "good.jsonl"
+    (run / "iter0").mkdir()
+    with pytest.raises(ValueError, match="different config .*data: 'good.jsonl' -> 'other.jsonl'"):
+        _check_run_config(run, SpinConfig(model="m", data="other.jsonl"))
+    _check_run_config(run, SpinConfig(model="m", data="good.jsonl", num_iterations=6))
+
+
 def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     _, model_dir, data = base
     with pytest.raises(FileNotFoundError, match="model folder .*nope.* does not exist"):
