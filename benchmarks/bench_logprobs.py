@@ -53,6 +53,10 @@ def _chunk_logps(hidden, weight, labels):
 
 def make_compiled(device: torch.device, chunk_rows: int):
     backend = "inductor" if device.type == "cuda" else "eager"  # eager: no C++ toolchain needed on CPU
+    # Dynamo caches graphs per code object and guards on shapes and grad mode: every shape here adds up to
+    # 4 entries (full + last chunk, grad and no-grad), and past the recompile limit (8) it silently runs
+    # eager, so later shapes would be timed uncompiled. Start each shape from an empty cache.
+    torch._dynamo.reset()
     compiled = torch.compile(_chunk_logps, backend=backend, dynamic=False)
 
     def run(hidden, weight, labels):

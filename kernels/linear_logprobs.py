@@ -40,6 +40,8 @@ backward) keeps memory at O(chunk x V). `backend="triton" | "torch"` forces a pa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -257,6 +259,12 @@ def _triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or _kernels_interpreted()
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the *current* CUDA device, not the tensors' one: make them the same (a tensor on
+    cuda:1 while cuda:0 is current would otherwise be read through the wrong device's address space)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -348,7 +356,8 @@ def _backward_triton(hidden, weight, labels, lse, grad_out, ignore_index, need_d
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk):
-        logps, lse = _forward_triton(hidden, weight, labels, ignore_index)
+        with _on_device(hidden.device):
+            logps, lse = _forward_triton(hidden, weight, labels, ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk = ignore_index, chunk
         return logps
@@ -360,8 +369,9 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         if not (need_dh or need_dw):
             return None, None, None, None, None
         grad_out = grad_out.to(torch.float32).contiguous()
-        d_hidden, d_weight = _backward_triton(hidden, weight, labels, lse, grad_out, ctx.ignore_index,
-                                              need_dh, need_dw, ctx.chunk)
+        with _on_device(hidden.device):
+            d_hidden, d_weight = _backward_triton(hidden, weight, labels, lse, grad_out, ctx.ignore_index,
+                                                  need_dh, need_dw, ctx.chunk)
         return d_hidden, d_weight, None, None, None
 
 

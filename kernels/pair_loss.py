@@ -27,6 +27,8 @@ ref_logps, targets and label_smoothing are constants (no gradient flows to them)
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -145,6 +147,11 @@ def _pair_loss_backward_kernel(
 # ----------------------------------------------------------------------------------------------
 # Autograd wrapper
 # ----------------------------------------------------------------------------------------------
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, not the tensors' one: make them the same."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward_block_sizes(num_pairs: int) -> tuple[int, int]:
     block_p = min(64, max(16, triton.next_power_of_2(num_pairs)))
     block_t = max(64, 8192 // block_p)
@@ -161,12 +168,13 @@ class _PairLossTriton(torch.autograd.Function):
         dummy = seq_sums  # stands in for absent optional pointers (never read)
         eta = 1.0 / beta
         block_t, block_p = _forward_block_sizes(num_pairs)
-        _pair_loss_forward_kernel[(1,)](
-            token_logps, seq_index, ref if ref is not None else dummy, targets if targets is not None else dummy,
-            eps_tensor if eps_tensor is not None else dummy, seq_sums, loss,
-            N, num_pairs, beta, eta, eps_scalar,
-            LOSS=loss_id, HAS_REF=ref is not None, EPS_PER_PAIR=eps_tensor is not None,
-            BLOCK_T=block_t, BLOCK_P=block_p, num_warps=4)
+        with _on_device(device):
+            _pair_loss_forward_kernel[(1,)](
+                token_logps, seq_index, ref if ref is not None else dummy, targets if targets is not None else dummy,
+                eps_tensor if eps_tensor is not None else dummy, seq_sums, loss,
+                N, num_pairs, beta, eta, eps_scalar,
+                LOSS=loss_id, HAS_REF=ref is not None, EPS_PER_PAIR=eps_tensor is not None,
+                BLOCK_T=block_t, BLOCK_P=block_p, num_warps=4)
         ctx.save_for_backward(seq_index, seq_sums, ref, targets, eps_tensor)
         ctx.args = (N, num_pairs, beta, eta, eps_scalar, loss_id)
         ctx.mark_non_differentiable(seq_sums)
@@ -180,12 +188,13 @@ class _PairLossTriton(torch.autograd.Function):
         if N > 0:
             grad_loss = grad_loss.to(torch.float32).reshape(()).contiguous()
             block_t = 1024
-            _pair_loss_backward_kernel[(triton.cdiv(N, block_t),)](
-                seq_index, seq_sums, ref if ref is not None else seq_sums,
-                targets if targets is not None else seq_sums, eps_tensor if eps_tensor is not None else seq_sums,
-                grad_loss, grad_tokens, N, num_pairs, beta, eta, eps_scalar,
-                LOSS=loss_id, HAS_REF=ref is not None, EPS_PER_PAIR=eps_tensor is not None,
-                BLOCK_T=block_t, num_warps=4)
+            with _on_device(seq_index.device):
+                _pair_loss_backward_kernel[(triton.cdiv(N, block_t),)](
+                    seq_index, seq_sums, ref if ref is not None else seq_sums,
+                    targets if targets is not None else seq_sums, eps_tensor if eps_tensor is not None else seq_sums,
+                    grad_loss, grad_tokens, N, num_pairs, beta, eta, eps_scalar,
+                    LOSS=loss_id, HAS_REF=ref is not None, EPS_PER_PAIR=eps_tensor is not None,
+                    BLOCK_T=block_t, num_warps=4)
         return grad_tokens, None, None, None, None, None, None, None, None
 
 

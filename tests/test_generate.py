@@ -334,10 +334,11 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
     # every (slots, cache length, sampling setting) compiles one more version of the step; past dynamo's
     # recompile limit fullgraph=True fails hard, so the sampler must raise the limit while it calls the step
     config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 1)
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     kw.update(batch_size=3, temperature=0.7)
-    assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
-        [o.token_ids for o in generate_tokens(model, prompts, **kw)]
+    with config.patch(**{limit: 1}):  # (monkeypatch's undo would delete the key from dynamo's config)
+        assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
+            [o.token_ids for o in generate_tokens(model, prompts, **kw)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,6 +5,7 @@ any import. If another module imported triton first without it (whole-suite runs
 here are skipped in-process and re-run by test_rerun_in_fresh_interpreter_process instead.
 """
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -27,11 +28,83 @@ needs_interpreter = pytest.mark.skipif(
 @pytest.mark.skipif(INTERPRETED, reason="this process already runs the Triton kernels in the interpreter")
 def test_rerun_in_fresh_interpreter_process():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                             "-k", "not test_compiled_kernels_on_cuda"],  # runs in its own process anyway
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.strip().splitlines()[-1]
     assert "passed, 1 skipped" in summary, summary  # only this test itself is skipped there
+
+
+COMPILED_CHECK = r"""
+import json, sys, torch
+import minispin.kernels.linear_logprobs as llp
+from minispin.kernels import linear_logprobs, pair_loss, pair_loss_reference
+device, cases = sys.argv[1], json.loads(sys.argv[2])
+if device == "cuda":
+    assert not llp._kernels_interpreted(), "TRITON_INTERPRET leaked into the compiled-kernel check"
+    device = f"cuda:{torch.cuda.device_count() - 1}"  # with 2+ GPUs not the current one: launch on the data's
+g = torch.Generator(device=device).manual_seed(0)
+
+def rel(a, b):  # max |a - b| / max |b|, in fp32 pieces (the large cases hold 2**31 elements)
+    assert bool(torch.isfinite(a).all())
+    pieces = list(zip(a.reshape(-1).split(1 << 24), b.reshape(-1).split(1 << 24)))
+    num = max((x.float() - y.float()).abs().max().item() for x, y in pieces)
+    return num / max(max(y.float().abs().max().item() for _, y in pieces), 1e-30)
+
+for N, H, V, dtype_name, tol in cases["logprobs"]:
+    dtype = getattr(torch, dtype_name)
+    hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
+    weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), device=device, generator=g)
+    labels[0], labels[-1], labels[1::7] = 0, V - 1, -100
+    grad = torch.randn(N, device=device, generator=g)
+    got = {}
+    for backend in ("torch", "triton"):  # the torch backend (fp32 math) is checked against float64 on CPU
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        out = linear_logprobs(h, w, labels, backend=backend)
+        got[backend] = (out, *torch.autograd.grad(out, (h, w), grad))
+        del h, w, out
+    errs = [rel(a, b) for a, b in zip(got["triton"], got["torch"])]
+    assert got["triton"][1].dtype == got["triton"][2].dtype == dtype
+    assert (got["triton"][0][1::7] == 0).all() and (got["triton"][1][1::7] == 0).all()
+    assert max(errs) <= tol, (N, H, V, dtype_name, errs)
+    print("logprobs", N, H, V, dtype_name, errs, flush=True)
+    del hidden, weight, got
+
+for P, N in cases["pair_loss"]:
+    tok = -torch.rand(N, device=device, generator=g) * 3
+    seq = torch.randint(-1, 2 * P, (N,), device=device, generator=g)
+    ref = torch.randn(2 * P, device=device, generator=g) * 5 - 20
+    for loss in ("sigmoid", "hinge", "exponential", "correlation"):
+        x = tok.clone().requires_grad_()
+        l1, s1 = pair_loss(x, seq, ref, 0.1, loss, backend="triton")
+        (g1,) = torch.autograd.grad(l1, x)
+        x64 = tok.double().requires_grad_()
+        l2, s2 = pair_loss_reference(x64, seq, ref.double(), 0.1, loss)
+        (g2,) = torch.autograd.grad(l2, x64)
+        errs = [rel(l1, l2), rel(s1, s2), rel(g1, g2)]
+        assert max(errs) <= 1e-5, (P, N, loss, errs)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_on_cuda():
+    """The compiled (not interpreted) kernels on the GPU agree with the torch backend and float64:
+    odd shapes, bf16/fp16/fp32, and sizes whose element offsets pass 2**31 (N*H for hidden and d_hidden,
+    V*H for weight and d_weight), which 32-bit index arithmetic would corrupt. Runs in a fresh process
+    without TRITON_INTERPRET, with the tensors on the last GPU (not the current one when there are two)."""
+    cases = {"logprobs": [[1003, 4096, 32003, "bfloat16", 2e-2], [257, 1000, 5003, "float16", 2e-2],
+                          [67, 96, 1003, "float32", 1e-5], [1, 64, 300, "bfloat16", 2e-2],
+                          [(1 << 17) + 3, 16400, 256, "bfloat16", 2e-2],   # N * H > 2**31
+                          [69, 16400, (1 << 17) + 17, "bfloat16", 2e-2]],  # V * H > 2**31
+             "pair_loss": [[1, 40], [3, 1000], [40, 20000]]}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILED_CHECK, "cuda", json.dumps(cases)], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.stdout.strip().endswith("ok")
 
 
 def _poisoned_empty(*args, **kwargs):
