@@ -21,6 +21,7 @@ from minispin.methods import (FLIPPED, KEPT, SMOOTHED, JudgeConfig, adaptive_dec
                               attach_judge_scores, attach_sample_scores, decision_counts, dpo_pairs,
                               judge_decision, judge_pairs, load_scorer, neftune, neftune_noise, row_lengths,
                               score_prompts, sppo_choice, sppo_pairs, summarize_pairs, win_rate_matrix)
+from tiny import tiny_config, write_char_tokenizer
 
 PROMPT = [{"role": "user", "content": "What is 2+3?"}]
 
@@ -341,34 +342,16 @@ def test_neftune_hook_only_in_training_mode():
 
 # ----------------------------------------------------------------------------- losses through collation + kernel
 
-CHARS = list("0123456789+-=?., ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-            "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models
-
-    from minispin.model import ModelConfig, Transformer
+    from minispin.model import Transformer
     from minispin.tokenizer import load_tokenizer
 
     folder = tmp_path_factory.mktemp("methods_tok")
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()
-    (folder / "tokenizer.json").write_text(tok.to_str())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "add_bos_token": False, "chat_template": TEMPLATE}))
+    write_char_tokenizer(folder)
     tokenizer = load_tokenizer(folder)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                    torch_dtype="float32", bos_token_id=1, eos_token_id=2))
+    model = Transformer(tiny_config(max_positions=64))
     return model, tokenizer
 
 

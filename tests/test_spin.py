@@ -16,36 +16,19 @@ from safetensors.torch import load_file
 
 from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
-from minispin.model import ModelConfig, Transformer
+from minispin.model import Transformer
 from minispin.spin import PAPER_SCHEDULE, SpinConfig, iteration_configs, spin
+from tiny import VOCAB_SIZE, tiny_config, write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-CHARS = list("0123456789+-=?., ") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
-    [chr(c) for c in range(ord("A"), ord("Z") + 1)]
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-                 "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 N_PROMPTS = 10
 
 
 def _write_base(root: Path) -> tuple[Path, Path]:
     """A tiny fp32 Llama checkpoint folder with a char-level tokenizer, and 10 SFT rows."""
-    from tokenizers import Tokenizer, decoders, models
-
     model_dir = root / "sft-model"
-    model_dir.mkdir(parents=True)
-    vocab = {t: i for i, t in enumerate(SPECIALS + CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()
-    (model_dir / "tokenizer.json").write_text(tok.to_str())
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "add_bos_token": False, "chat_template": CHAT_TEMPLATE}))
-    config = ModelConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         torch_dtype="float32", bos_token_id=1, eos_token_id=2, architecture="LlamaForCausalLM")
+    write_char_tokenizer(model_dir)
+    config = tiny_config()
     torch.manual_seed(0)
     save_model(Transformer(config), model_dir,
                extra_files=[str(model_dir / "tokenizer.json"), str(model_dir / "tokenizer_config.json")])
@@ -201,7 +184,7 @@ def test_continued_sft_method(base, tmp_path):
     assert not (tmp_path / "sft" / "iter0" / "reference_logps.jsonl").exists()
     metrics = [json.loads(x) for x in (tmp_path / "sft" / "iter0" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(m["loss"] > 0 and m["logps/real"] < 0 and "margins" not in m for m in metrics)
-    assert load_model(result.final_model).config.vocab_size == len(SPECIALS) + len(CHARS)
+    assert load_model(result.final_model).config.vocab_size == VOCAB_SIZE
 
 
 def test_paper_schedule_is_one_config():
