@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Minimal PyTorch library for self-play fine-tuning (SPIN, SPPO, DPO) of Llama/Mistral LLMs",
     python_requires=">=3.10",
-    packages=["minispin", "minispin.kernels"],
+    packages=["minispin", "minispin.training", "minispin.methods", "minispin.demo", "minispin.kernels"],
     # The Triton kernels live in the top-level kernels/ folder but import as minispin.kernels
     # (a top-level "kernels" package would collide with other distributions).
     package_dir={"minispin": "minispin", "minispin.kernels": "kernels"},

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minispin.generate import generate_tokens  # noqa: E402
+from minispin.sampler import generate_tokens  # noqa: E402
 from minispin.model import ModelConfig, Transformer, our_key  # noqa: E402
 
 

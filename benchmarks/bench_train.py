@@ -1,6 +1,6 @@
 """SPIN training-step benchmark: tokens/s, MFU and peak memory of minispin's step vs a naive baseline.
 
-minispin's step is the library's own `minispin.train.optimizer_step`: FSDP2 (a one-rank group on one
+minispin's step is the library's own `minispin.training.optimizer_step`: FSDP2 (a one-rank group on one
 GPU) with fp32 master weights and bf16 compute, the fused linear_logprobs kernel on response tokens
 only, the pair_loss kernel, precomputed reference log-probs (no reference model), RMSProp.
 The naive baseline is what the public SPIN/TRL trainer does on one GPU with bf16=True: a transformers
@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minispin import distributed as du  # noqa: E402
+from minispin import distributed as dist  # noqa: E402
 from minispin.collate import TokenizedPair, collate_pairs  # noqa: E402
 from minispin.model import ModelConfig, Transformer  # noqa: E402
-from minispin.train import (PolicyHead, TrainConfig, apply_activation_checkpointing,  # noqa: E402
+from minispin.training import (PolicyHead, TrainConfig, apply_activation_checkpointing,  # noqa: E402
                             build_optimizer, optimizer_step, shard_policy)
 
 SHAPES = {
@@ -127,7 +127,7 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> list
 
 # ----------------------------------------------------------------------------- minispin
 
-def bench_minispin(cfg: ModelConfig, args, info: du.DistInfo, batches) -> dict:
+def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict:
     device = info.device
     tcfg = TrainConfig(lr=5e-7, beta=0.1, micro_batch_size=args.micro_batch, progress=False,
                        activation_checkpointing=args.ac, device=device.type)
@@ -192,7 +192,9 @@ def bench_naive(cfg: ModelConfig, args, device: torch.device, batches) -> dict:
 
     def seq_logps(model, batch):
         logits = forward(model, batch.input_ids)[:, :-1].float()
-        labels = batch.labels_2d[:, 1:]
+        labels_2d = torch.full_like(batch.input_ids, -100)  # row-aligned labels from the flat ones
+        labels_2d.view(-1)[batch.token_index + 1] = batch.labels
+        labels = labels_2d[:, 1:]
         mask = labels != -100
         logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (logp * mask).sum(-1)
@@ -221,7 +223,7 @@ def bench_naive(cfg: ModelConfig, args, device: torch.device, batches) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_one(impl: str, shape: str, args, info: du.DistInfo, hardware: dict) -> dict:
+def run_one(impl: str, shape: str, args, info: dist.DistInfo, hardware: dict) -> dict:
     device = info.device
     cfg = model_config(shape)
     T = args.prompt_len + args.response_len
@@ -287,7 +289,7 @@ def main(argv=None) -> None:
         device = "cpu"
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = du.init_distributed(device, single_process_group=device == "cuda")
+    info = dist.init_distributed(device, single_process_group=device == "cuda")
     dev = info.device
     hardware = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
@@ -308,7 +310,7 @@ def main(argv=None) -> None:
             rec = run_one(impl, shape, args, info, hardware)
             results[impl] = rec
             lines.append(rec)
-            if du.is_main():
+            if dist.is_main():
                 print(json.dumps(rec), flush=True)
         a, b = results.get("minispin"), results.get("naive")
         if a and b:
@@ -319,13 +321,13 @@ def main(argv=None) -> None:
             else:
                 ratio.update(minispin=a["status"], naive=b["status"])
             lines.append(ratio)
-            if du.is_main():
+            if dist.is_main():
                 print(json.dumps(ratio), flush=True)
-    if args.out and du.is_main():
+    if args.out and dist.is_main():
         with open(args.out, "a") as f:
             for rec in lines:
                 f.write(json.dumps(rec) + "\n")
-    du.shutdown(info)
+    dist.shutdown(info)
 
 
 if __name__ == "__main__":

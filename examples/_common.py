@@ -1,6 +1,6 @@
 """Shared by the method examples: run a recipe through minispin's one driver, or on the demo task.
 
-Every example is `RECIPE options + your options -> minispin.spin.main` (later options win; every
+Every example is `RECIPE options + your options -> minispin.driver.main` (later options win; every
 SpinConfig field is an option, see `python -m minispin --help`), or with `--demo` the same method
 on the built-in demo task (CPU, no downloads: `minispin.demo_methods`).
 """
@@ -24,8 +24,8 @@ def run(recipe: Sequence[str], demo_method: str, argv: Sequence[str] | None = No
         from minispin import demo_methods
 
         return demo_methods.main(["--methods", demo_method, "--out", f"runs/demo_{demo_method}", *argv[1:]])
-    from minispin import distributed as du
-    from minispin.spin import parse_args, spin
+    from minispin import distributed as dist
+    from minispin.driver import parse_args, spin
 
     if description is not None:
         description += "\nThis script runs: " + shlex.join(recipe) + " [your options, which win]"
@@ -35,6 +35,6 @@ def run(recipe: Sequence[str], demo_method: str, argv: Sequence[str] | None = No
                          "module:function (or file.py:function) or --judge.command 'cmd ...' (see "
                          "examples/judge_command.py); score columns in the data only serve --generate false")
     result = spin(config)
-    if du.is_main():
+    if dist.is_main():
         print(json.dumps({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]}))
     return result

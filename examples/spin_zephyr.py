@@ -25,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from minispin.spin import parse_args, spin
+from minispin.driver import parse_args, spin
 
 # The recipe on top of SpinConfig's (paper) defaults; later command-line options override these.
 RECIPE = ["--limit", "50000", "--split", "train_sft", "--num_iterations", "4", "--output_dir", "runs/spin-zephyr"]

@@ -6,16 +6,16 @@
     minispin.spin(minispin.SpinConfig(model="zephyr-7b-sft-full", data="ultrachat_200k", split="train_sft"))
 
 Note: `minispin.generate`, `minispin.train` and `minispin.spin` are the functions; their modules are
-reached with `from minispin.generate import ...` (or importlib).
+reached with `from minispin.sampler import ...` (or importlib).
 """
 from .checkpoint import load_model, save_model
 from .data import read_examples, read_preferences
 from .model import KVCache, ModelConfig, Transformer
 from .tokenizer import Tokenizer, load_tokenizer
-from .generate import generate  # noqa: E402  (rebinds the submodule attribute to the function)
+from .sampler import generate  # noqa: E402  (rebinds the submodule attribute to the function)
 from .generation_job import GenerationConfig, run_generation_job
-from .train import TrainConfig, train
-from .spin import SpinConfig, spin
+from .training import TrainConfig, train
+from .driver import SpinConfig, spin
 
 __version__ = "0.1.0"
 

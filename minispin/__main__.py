@@ -1,7 +1,7 @@
-"""`python -m minispin ...`: the SPIN iteration driver's command line (same as minispin.spin.main)."""
+"""`python -m minispin ...`: the SPIN iteration driver's command line (same as minispin.driver.main)."""
 import sys
 
-from .spin import main
+from .driver import main
 
 sys.argv[0] = "python -m minispin"  # for the usage line
 main()

@@ -275,7 +275,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
     prepare(data, on_command_line) -> data: adjusts the nested dict of the options given (file +
     command line) before the dataclass is built, knowing which dotted options came from the command
-    line (e.g. `minispin.spin.pin_given_options`); a ValueError is a usage error."""
+    line (e.g. `minispin.driver.pin_given_options`); a ValueError is a usage error."""
     parser = build_parser(cls, description, aliases)
     ns = vars(parser.parse_args(argv))
     data: dict[str, Any] = {}

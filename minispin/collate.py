@@ -5,7 +5,7 @@ rejected answer (SPIN: the model's own; None for continued SFT), and optional pe
 (label smoothing, SPPO targets, precomputed reference log-probs).
 
 Tokenization follows the paper's setup (the public SPIN/TRL collator): the prompt is encoded by
-`minispin.generate.encode_prompt` - the one function generation uses too, so both see the same ids -
+`minispin.sampler.encode_prompt` - the one function generation uses too, so both see the same ids -
 and each answer separately without special tokens, with one EOS appended. If prompt + longer answer
 exceeds `max_length`, the prompt is cut to its last `max_prompt_length` tokens (keeping a leading
 BOS); if still too long, both answers are cut to `max_length - max_prompt_length` tokens.
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+
+from .sampler import encode_prompt, truncate_prompt
 
 IGNORE_INDEX = -100
 
@@ -64,11 +66,8 @@ def truncate(prompt_ids: list[int], answers: list[list[int]], max_length: int, m
     if max_prompt_length >= max_length:
         raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length})")
     longer = max(len(a) for a in answers)
-    if len(prompt_ids) + longer > max_length and len(prompt_ids) > max_prompt_length:
-        if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id and max_prompt_length > 1:
-            prompt_ids = [bos_id] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]
-        else:
-            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+    if len(prompt_ids) + longer > max_length:
+        prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, bos_id)
     if len(prompt_ids) + longer > max_length:
         keep = max_length - max_prompt_length
         answers = [a[:keep] for a in answers]
@@ -80,8 +79,6 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
                    vocab_size: int | None = None) -> list[TokenizedPair]:
     """Tokenize and truncate every pair (see the module doc). vocab_size: refuse token ids the model
     cannot embed, naming the pair (a tokenizer/model mismatch would otherwise fail deep inside a kernel)."""
-    from .generate import encode_prompt  # the same prompt encoding as the generation job
-
     eos = tokenizer.eos_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token; answers need one appended")
@@ -109,12 +106,8 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
 @dataclass
 class PairBatch:
     """One packed micro-batch (see module doc). Rows 0..P-1 chosen, P..2P-1 rejected (SFT: P rows).
-
-    labels_2d is the row-aligned view ([R, T], IGNORE_INDEX on prompt and padding) kept for checks;
-    the training step uses the flat token_index / labels / seq_index.
-    """
+    The training step uses the flat token_index / labels / seq_index (no [R, T] label tensor)."""
     input_ids: torch.Tensor  # [R, T] int64, right-padded
-    labels_2d: torch.Tensor  # [R, T] int64
     token_index: torch.Tensor  # [N] int64: row * T + t (the hidden state that predicts the token)
     labels: torch.Tensor  # [N] int64
     seq_index: torch.Tensor  # [N] int64 in [0, R)
@@ -154,20 +147,18 @@ def collate_pairs(tokenized: Sequence[TokenizedPair], pad_id: int, *, sft: bool 
     T = int(math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of)
     R = len(rows)
     input_ids = torch.full((R, T), pad_id, dtype=torch.int64)
-    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
     token_index, flat_labels, seq_index = [], [], []
     num_tokens = 0
     for r, (prompt, answer) in enumerate(rows):
         ids = prompt + answer
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        labels_2d[r, len(prompt): len(ids)] = torch.tensor(answer, dtype=torch.int64)
         first = max(len(prompt), 1)  # a token at position 0 has no predecessor to predict it
         token_index.extend(range(r * T + first - 1, r * T + len(ids) - 1))
         flat_labels.extend(ids[first:])
         seq_index.extend([r] * (len(ids) - first))
         num_tokens += len(ids)
     batch = PairBatch(
-        input_ids=input_ids, labels_2d=labels_2d,
+        input_ids=input_ids,
         token_index=torch.tensor(token_index, dtype=torch.int64),
         labels=torch.tensor(flat_labels, dtype=torch.int64),
         seq_index=torch.tensor(seq_index, dtype=torch.int64),

@@ -77,8 +77,8 @@ class DemoConfig:
 # ----------------------------------------------------------------------------- helpers
 
 def _rank() -> int:
-    from . import distributed as du
-    return du.get_rank()
+    from . import distributed as dist
+    return dist.get_rank()
 
 
 def _say(message: str) -> None:
@@ -88,8 +88,8 @@ def _say(message: str) -> None:
 
 
 def _barrier() -> None:
-    from . import distributed as du
-    du.barrier()
+    from . import distributed as dist
+    dist.barrier()
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -153,7 +153,7 @@ def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
 
 def train_config(config: DemoConfig, device: str, **overrides: Any):
     """The demo's TrainConfig (AdamW, tiny lengths); shared by every stage and by demo_methods."""
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     values = dict(optimizer="adamw", adam_beta2=0.98, weight_decay=0.0, global_batch_size=config.batch_size,
                   micro_batch_size=config.batch_size, max_length=48, max_prompt_length=24, warmup_ratio=0.1,
@@ -174,7 +174,7 @@ def generation_config(config: DemoConfig):
 def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str, *, lr: float,
             limit: int | None) -> Path:
     """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model."""
-    from .spin import SpinConfig, spin
+    from .driver import SpinConfig, spin
 
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
@@ -185,7 +185,7 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
 
 def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str) -> list[Path]:
     """SPIN iterations 0..T-1 from `model` through the iteration driver; returns each iteration's model."""
-    from .spin import SpinConfig, spin
+    from .driver import SpinConfig, spin
 
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
@@ -201,7 +201,7 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
     share of the test set. Cached in eval_dir/<name>.json (with `extra`, e.g. the stage's train time)."""
     import torch
 
-    from . import distributed as du
+    from . import distributed as dist
     from .checkpoint import load_model
     from .data import read_examples
     from .evaluate import answer_logprobs, greedy_answers
@@ -209,7 +209,7 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
     from .tokenizer import load_tokenizer
 
     path = eval_dir / f"{name}.json"
-    if du.all_ranks_true(path.is_file()):
+    if dist.all_ranks_true(path.is_file()):
         return json.loads(path.read_text())
     start = time.perf_counter()
     model = load_model(model_dir, dtype=torch.float32, device=device)
@@ -233,10 +233,10 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
         "eval_seconds": round(time.perf_counter() - start, 2),
         **(extra or {}),
     }
-    if du.is_main():
+    if dist.is_main():
         eval_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, result)
-    du.barrier()
+    dist.barrier()
     return result
 
 
@@ -257,23 +257,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) every stage; call on every rank. Returns the results dict (also on disk)."""
-    from . import distributed as du
+    from . import distributed as dist
     from .io import atomic_write_json, atomic_write_text
 
-    info = du.init_distributed(device)
+    info = dist.init_distributed(device)
     t_start = time.perf_counter()
     try:
         paths = _paths(out)
-        error = du.broadcast_json(_check_settings(out, config) if du.is_main() else None)
+        error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
         if error:
             raise SystemExit(f"error: {error}")
         _say(f"run dir {out}; {info.world_size} rank(s) on {device}")
 
         t = time.perf_counter()
-        if du.is_main():
+        if dist.is_main():
             task = make_task(paths["task"], config)
             init_model(paths["init"], task["tokenizer"], config)
-        du.barrier()
+        dist.barrier()
         task = {"train": paths["task"] / "train_sft.jsonl", "test": paths["task"] / "test_sft.jsonl"}
         _say(f"1-2/5 task + model: {config.n_train} train / {config.n_test} test questions, random "
              f"{config.num_layers}-layer Llama in {paths['init']} ({time.perf_counter() - t:.1f}s)")
@@ -310,15 +310,15 @@ def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, An
         table = format_table(stages)
         results = {"config": asdict(config), "world_size": info.world_size, "device": device,
                    "seconds_this_run": round(total, 1), "stages": stages, "table": table}
-        if du.is_main():
+        if dist.is_main():
             atomic_write_json(out / "results.json", results)
             atomic_write_text(out / "results.txt", table + "\n")
             print("\n" + table + "\n", flush=True)
             _say(f"done in {total:.0f}s; results in {out / 'results.json'}")
-        du.barrier()
+        dist.barrier()
         return results
     finally:
-        du.shutdown(info)
+        dist.shutdown(info)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -159,7 +159,7 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
                   device: str):
     """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
     from .methods import JudgeConfig
-    from .spin import SpinConfig
+    from .driver import SpinConfig
 
     d = config.demo
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
@@ -233,22 +233,22 @@ def markdown_tables(results: dict[str, Any]) -> str:
 
 def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) the comparison; call on every rank. Returns the results (also in <out>/results.json)."""
-    from . import distributed as du
+    from . import distributed as dist
     from .io import atomic_write_json, atomic_write_text
-    from .spin import spin
+    from .driver import spin
 
-    info = du.init_distributed(device)
+    info = dist.init_distributed(device)
     t_start = time.perf_counter()
     try:
         d = config.demo
         paths = {"task": out / "task", "init": out / "init", "sft": out / "sft", "data": out / "methods_data",
                  "eval": out / "eval"}
-        if du.is_main():
+        if dist.is_main():
             _check_settings(out, config)
             task = demo.make_task(paths["task"], d)
             demo.init_model(paths["init"], task["tokenizer"], d)
             data = write_method_data(task["train"], paths["data"], d.n_spin, config.label_noise, d.seed)
-        du.barrier()
+        dist.barrier()
         data = {"spin": paths["data"] / "spin_data.jsonl", "preferences": paths["data"] / "preferences.jsonl"}
         test = paths["task"] / "test_sft.jsonl"
         _say(f"run dir {out}; {info.world_size} rank(s); methods {', '.join(config.methods)}; "
@@ -277,20 +277,20 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
         results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
         table = markdown_tables(results)
         results["table"] = table
-        if du.is_main():
+        if dist.is_main():
             atomic_write_json(out / "results.json", results)
             atomic_write_text(out / "results.md", table + "\n")
             print("\n" + table + "\n", flush=True)
             _say(f"done in {results['seconds_this_run']:.0f}s; results in {out / 'results.md'}")
-        du.barrier()
+        dist.barrier()
         return results
     finally:
-        du.shutdown(info)
+        dist.shutdown(info)
 
 
 def _say(message: str) -> None:
-    from . import distributed as du
-    if du.is_main():
+    from . import distributed as dist
+    if dist.is_main():
         print(f"[methods-demo] {message}", flush=True)
 
 

@@ -8,7 +8,7 @@
   rather than per token so that it reads as "log-probability of producing exactly this answer";
   `answer_logprobs` also returns the token counts for a per-token mean.
 
-Prompts are encoded by `minispin.generate.encode_prompt` and answers as encode(answer) + [EOS] - the
+Prompts are encoded by `minispin.sampler.encode_prompt` and answers as encode(answer) + [EOS] - the
 same token ids the generation job and the training loop use, with the same single template.
 Distributed runs may split the examples over ranks (`distributed=True`, call on every rank); otherwise
 any one process can evaluate alone (the eval sets this is meant for are small).
@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import distributed as du
-from .generate import completion_text, encode_prompt, generate_tokens, tokenizer_stop_ids
+from . import distributed as dist
+from .sampler import completion_text, encode_prompt, generate_tokens, tokenizer_stop_ids
 
 __all__ = ["exact_match", "mean_logprob", "greedy_answers", "answer_logprobs", "example_parts"]
 
@@ -53,15 +53,15 @@ def _shard(n: int, distributed: bool) -> list[int]:
     """Positions this rank evaluates: all of them, or every world-th one under `distributed`."""
     if not distributed:
         return list(range(n))
-    return list(range(du.get_rank(), n, du.get_world_size()))
+    return list(range(dist.get_rank(), n, dist.get_world_size()))
 
 
 def _gather(local: dict[int, Any], distributed: bool, n: int) -> list[Any]:
     """Per-position results from every rank, in position order."""
     merged: dict[int, Any] = dict(local)
-    if distributed and du.get_world_size() > 1:
+    if distributed and dist.get_world_size() > 1:
         merged = {}
-        for part in du.all_gather_json([[i, v] for i, v in local.items()]):
+        for part in dist.all_gather_json([[i, v] for i, v in local.items()]):
             merged.update({int(i): v for i, v in part})
     return [merged[i] for i in range(n)]
 

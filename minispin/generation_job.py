@@ -3,7 +3,7 @@
 `run_generation_job(model, tokenizer, examples, out_path, config)`:
 - examples: a list of `minispin.data.Example`, or a path read with `read_examples` (UltraChat200k,
   SPIN, Alpaca or prompt/response rows; .json/.jsonl/.parquet). Prompts are encoded by
-  `minispin.generate.encode_prompt` with ONE template (config.template: None/"chat" = the tokenizer's
+  `minispin.sampler.encode_prompt` with ONE template (config.template: None/"chat" = the tokenizer's
   chat template, "spin" = "### Instruction: ...", or a Jinja string); training uses the same function.
 - Each rank takes the examples at positions p with p % world == rank (positions in index order) and
   appends finished rows to its own part file `<out>.part-RRRRR-of-WWWWW.jsonl` in fsynced chunks
@@ -33,11 +33,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from . import distributed as dist_utils
-from .data import DataError, Example, read_examples, to_spin_row
-from .generate import (ProgressLine, completion_text, encode_prompt, iter_generate_tokens,
-                       tokenizer_stop_ids)
+from . import distributed as dist
+from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, atomic_write_json, merge_parts, read_jsonl_part, write_rows_file
+from .sampler import ProgressLine, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
 
 log = logging.getLogger("minispin.generation_job")
 
@@ -102,7 +101,6 @@ def _read_rows(path: Path) -> list[dict]:
         return read_jsonl_part(path)
     if path.suffix == ".json":
         return json.loads(path.read_text(encoding="utf-8"))
-    from .data import load_rows
     return load_rows(path)
 
 
@@ -206,12 +204,12 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     """
     config = config or GenerationConfig()
     out_path = Path(out_path)
-    rank, world = dist_utils.get_rank(), dist_utils.get_world_size()
+    rank, world = dist.get_rank(), dist.get_world_size()
 
-    if dist_utils.all_ranks_true(out_path.exists()):
+    if dist.all_ranks_true(out_path.exists()):
         if rank == 0:
             _finish_extras(out_path, config)
-        dist_utils.barrier()
+        dist.barrier()
         return out_path
 
     _check_template(tokenizer, config.template)
@@ -219,7 +217,7 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     examples = sorted(examples, key=lambda e: e.index)
     _check_unique(examples)
     error = _check_job_file(out_path, _job_settings(config, len(examples))) if rank == 0 else None
-    error = dist_utils.broadcast_json(error)
+    error = dist.broadcast_json(error)
     if error:
         raise ValueError(error)
 
@@ -237,8 +235,8 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         encoded, my_skipped = _encode_share(tokenizer, todo, config)
         _generate_rows(model, tokenizer, encoded, writer, config, rank, world)
 
-    all_skipped = [s for per_rank in dist_utils.all_gather_json(my_skipped) for s in per_rank]
-    dist_utils.barrier()
+    all_skipped = [s for per_rank in dist.all_gather_json(my_skipped) for s in per_rank]
+    dist.barrier()
     if rank == 0:
         skipped = sorted(skipped + all_skipped, key=lambda s: s["index"])
         skipped_path = _sidecar(out_path, "skipped.jsonl")
@@ -253,7 +251,7 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         # every expected index exactly once, or MergeError (e.g. parts left by a job over other input)
         merge_parts(_all_parts(out_path), out_path, expected_keys=expected)
         _finish_extras(out_path, config)
-    dist_utils.barrier()
+    dist.barrier()
     return out_path
 
 
@@ -273,7 +271,7 @@ def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list
         if pending:
             writer.write_rows(pending)
             pending.clear()
-            dist_utils.kill_point("generate", rows=writer.rows_written)
+            dist.kill_point("generate", rows=writer.rows_written)
 
     stream = iter_generate_tokens(
         model, [encoded[j][1] for j, _ in jobs], max_new_tokens=config.max_new_tokens,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minispin import load_model
-from minispin.generate import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
+from minispin.sampler import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
                                iter_generate_tokens, sample_from_logits)
 from minispin.model import KVCache
 
@@ -323,7 +323,7 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
     and bookkeeping must trace as one graph (no graph breaks). aot_eager keeps this cheap on CPU;
     Inductor/CUDA graphs are checked by the CUDA test below and the benchmark."""
     import importlib
-    gen = importlib.import_module("minispin.generate")  # the module even if minispin exports generate()
+    gen = importlib.import_module("minispin.sampler")  # the module even if minispin exports generate()
     model = models["hf-tiny-llama"]
     monkeypatch.setattr(gen, "_compiled_decode_step",
                         torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
@@ -368,7 +368,7 @@ def test_refill_writes_the_decode_state_in_place(models):
     """A captured CUDA graph replays on fixed addresses: prefill into free slots (refill) and steps must
     update the sampler's state and cache tensors in place, never rebind or reallocate them."""
     import importlib
-    gen = importlib.import_module("minispin.generate")
+    gen = importlib.import_module("minispin.sampler")
     model = models["hf-tiny-llama"]
 
     def state(sampler):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minispin import distributed as dist_utils
+from minispin import distributed as dist
 from minispin.checkpoint import save_model
 from minispin.data import DataError, Example
 from minispin.generation_job import GenerationConfig, run_generation_job
@@ -73,7 +73,7 @@ def run_worker(tmp_path, model_dir, out, settings, env_extra=None, nproc=1):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    env.pop(dist_utils.KILL_ENV, None) if not env_extra else None
+    env.pop(dist.KILL_ENV, None) if not env_extra else None
     args = [str(model_dir), str(TOKENIZER), str(ALPACA), str(out), json.dumps(settings)]
     if nproc == 1:
         cmd = [sys.executable, str(script), *args]
@@ -127,7 +127,7 @@ def test_crash_resume_in_process_and_settings_guard(model, tokenizer, reference_
             raise Crash
 
     out = tmp_path / "gen.jsonl"
-    monkeypatch.setattr(dist_utils, "kill_point", crash_after_first_chunk)
+    monkeypatch.setattr(dist, "kill_point", crash_after_first_chunk)
     with pytest.raises(Crash):
         run_generation_job(model, tokenizer, ALPACA, out, GenerationConfig(**SETTINGS))
     monkeypatch.undo()
@@ -142,7 +142,7 @@ def test_crash_resume_in_process_and_settings_guard(model, tokenizer, reference_
 
 def test_sigkill_mid_job_then_rerun_gives_every_row_once(model_dir, reference_rows, tmp_path):
     out = tmp_path / "gen.jsonl"
-    killed = run_worker(tmp_path, model_dir, out, SETTINGS, {dist_utils.KILL_ENV: "generate:rows=4"})
+    killed = run_worker(tmp_path, model_dir, out, SETTINGS, {dist.KILL_ENV: "generate:rows=4"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     part = out.with_name("gen.jsonl.part-00000-of-00001.jsonl")
     assert not out.exists() and len(read_jsonl(part)) == 4

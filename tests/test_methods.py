@@ -134,7 +134,7 @@ def test_dpo_pairs_from_trl_and_sharegpt_rows(tmp_path):
 def test_sppo_prompts_need_no_answers_and_may_come_from_preference_rows(tmp_path):
     """SPPO samples its candidates: prompt-only rows are enough, preference rows give their prompts."""
     from minispin.methods import read_prompts
-    from minispin.spin import SpinConfig
+    from minispin.driver import SpinConfig
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ("Say hi", "Count")))
@@ -359,7 +359,7 @@ def _seq_logps64(model, tok, pairs):
     """float64, full logits: summed log-probs of chosen then rejected answers (+ EOS)."""
     import copy
 
-    from minispin.generate import encode_prompt
+    from minispin.sampler import encode_prompt
 
     m64 = copy.deepcopy(model).double()
     out = []
@@ -374,7 +374,7 @@ def _seq_logps64(model, tok, pairs):
 
 def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny):
     """The pairs' per-pair label smoothing and SPPO targets reach the fused pair loss: loss == float64."""
-    from minispin.train import PolicyHead, TrainConfig, batch_loss
+    from minispin.training import PolicyHead, TrainConfig, batch_loss
 
     model, tok = tiny
     judge = JudgeConfig(tau=3.0, smoothing=0.25)
@@ -469,7 +469,7 @@ def test_example_judge_command_speaks_the_protocol():
 # ----------------------------------------------------------------------------- NEFTune in the training forward
 
 def test_policy_neftune_only_in_training_forwards(tiny):
-    from minispin.train import PolicyHead
+    from minispin.training import PolicyHead
 
     model, tok = tiny
     pairs = [Pair(0, list(PROMPT), "5", "6"), Pair(1, [{"role": "user", "content": "Sort cab"}], "abc", "cba")]
@@ -539,7 +539,7 @@ def _spin_cli(root: Path, model_dir: Path, out: str, *extra: str, data: str = "s
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    res = subprocess.run([sys.executable, "-m", "minispin.spin", *argv], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "minispin.driver", *argv], env=env, capture_output=True, text=True,
                          timeout=300)
     if kill_at:
         assert res.returncode == -9, res.stderr[-3000:]  # killed where asked
@@ -650,7 +650,7 @@ def test_judge_method_without_judge_or_columns_fails_clearly(e2e):
 
     root, model_dir = e2e
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "minispin.spin", "--model", str(model_dir), "--data",
+    res = subprocess.run([sys.executable, "-m", "minispin.driver", "--model", str(model_dir), "--data",
                           str(root / "sft.jsonl"), "--output_dir", str(root / "nojudge"), "--method", "judge_spin",
                           "--max_new_tokens", "2", "--progress", "false", "--num_iterations", "1"],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer
-from minispin.spin import PAPER_SCHEDULE, SpinConfig, iteration_configs, spin
+from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, spin
 from tiny import VOCAB_SIZE, tiny_config, write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.Complete
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "minispin.spin", *argv], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "minispin.driver", *argv], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -217,7 +217,7 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
     `iterations`; an option that --iterations also sets is refused; in Python, TrainConfig values that
     differ from the defaults win over the default schedule."""
     from minispin.cli import to_dict
-    from minispin.spin import TrainConfig, parse_args
+    from minispin.driver import TrainConfig, parse_args
 
     cfg = parse_args(["--model", "m", "--data", "d", "--lr", "1e-7"])
     assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-7, 0.1)] * 3 + [(1e-7, 5.0)]
@@ -244,7 +244,7 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
 def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_path):
     """A run refused before any iteration started (e.g. bad data) takes the corrected options; a started
     run refuses other options but may be extended with more iterations."""
-    from minispin.spin import _check_run_config
+    from minispin.driver import _check_run_config
 
     run = tmp_path / "run"
     run.mkdir()

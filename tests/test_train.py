@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from minispin.checkpoint import save_model
 from minispin.collate import IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_pairs, truncate
-from minispin.generate import encode_prompt
+from minispin.sampler import encode_prompt
 from minispin.model import Transformer
 from minispin.tokenizer import load_tokenizer
-from minispin.train import (PolicyHead, TrainConfig, TrainingDiverged, batch_loss, lr_at, save_trained_model,
+from minispin.training import (PolicyHead, TrainConfig, TrainingDiverged, batch_loss, lr_at, save_trained_model,
                             train)
 from tiny import CHARS, tiny_config, write_char_tokenizer
 
@@ -81,16 +81,21 @@ def test_tokenize_truncate_and_flat_token_list(setup):
     assert R == 6 and T == max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tps[:3])
     assert batch.ref_logps.tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
     # every label in the flat list is the token right after its hidden-state position, on response rows only
+    # the row-aligned labels [R, T] (IGNORE_INDEX on prompt and padding), built here from the pairs
+    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
+    for r, tp in enumerate(tps[:3] + tps[:3]):
+        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
+        labels_2d[r, len(tp.prompt_ids): len(tp.prompt_ids) + len(answer)] = torch.tensor(answer)
     rows, cols = batch.token_index // T, batch.token_index % T
     assert torch.equal(rows, batch.seq_index)
-    assert torch.equal(batch.labels, batch.labels_2d[rows, cols + 1])
-    assert int((batch.labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
+    assert torch.equal(batch.labels, labels_2d[rows, cols + 1])
+    assert int((labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
     for r, tp in enumerate(tps[:3] + tps[:3]):
         answer = tp.chosen_ids if r < 3 else tp.rejected_ids
         n = len(tp.prompt_ids) + len(answer)
         assert batch.input_ids[r, :n].tolist() == tp.prompt_ids + answer
         assert (batch.input_ids[r, n:] == tok.pad_id).all()
-        assert (batch.labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
+        assert (labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
     sft = collate_pairs(tps[:3], tok.pad_id, sft=True)
     assert sft.input_ids.shape[0] == 3 and sft.ref_logps is None
 
@@ -222,8 +227,8 @@ WORKER = textwrap.dedent('''
     import json, sys, torch
     from minispin.collate import Pair
     from minispin.tokenizer import load_tokenizer
-    from minispin.train import TrainConfig, train, save_trained_model
-    import minispin.distributed as du
+    from minispin.training import TrainConfig, train, save_trained_model
+    import minispin.distributed as dist
     model_dir, run_dir, out_dir, pairs_file = sys.argv[1:5]
     tok = load_tokenizer(model_dir)
     pairs = [Pair(**p) for p in json.load(open(pairs_file))]
@@ -231,8 +236,8 @@ WORKER = textwrap.dedent('''
     result = train(model_dir, tok, pairs, cfg, run_dir=run_dir)
     save_trained_model(result.policy, out_dir, tokenizer=tok, dtype=None)
     del result
-    info = du.DistInfo(du.get_rank(), du.get_world_size(), 0, torch.device("cpu"), "gloo", True)
-    du.shutdown(info)
+    info = dist.DistInfo(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"), "gloo", True)
+    dist.shutdown(info)
 ''')
 
 
@@ -300,19 +305,19 @@ GPU_WORKER = textwrap.dedent('''
     from torch.distributed.tensor import DTensor
     from minispin.collate import Pair
     from minispin.tokenizer import load_tokenizer
-    from minispin.train import TrainConfig, train, save_trained_model
-    import minispin.distributed as du
+    from minispin.training import TrainConfig, train, save_trained_model
+    import minispin.distributed as dist
     model_dir, run_dir, out_dir, pairs_file, device = sys.argv[1:6]
     tok = load_tokenizer(model_dir)
     pairs = [Pair(**p) for p in json.load(open(pairs_file))]
     result = train(model_dir, tok, pairs, TrainConfig(**json.loads(sys.argv[6]), device=device), run_dir=run_dir)
     save_trained_model(result.policy, out_dir, tokenizer=tok, dtype=None)
     params = list(result.policy.parameters())
-    print(json.dumps({"backend": torch.distributed.get_backend() if du.is_initialized() else None,
-                      "world": du.get_world_size(), "fsdp": all(isinstance(p, DTensor) for p in params),
+    print(json.dumps({"backend": torch.distributed.get_backend() if dist.is_initialized() else None,
+                      "world": dist.get_world_size(), "fsdp": all(isinstance(p, DTensor) for p in params),
                       "dtypes": sorted({str(p.dtype) for p in params})}))
     del result, params
-    du.shutdown(du.DistInfo(0, 1, 0, torch.device(device), "nccl", True))
+    dist.shutdown(dist.DistInfo(0, 1, 0, torch.device(device), "nccl", True))
 ''')
 
 
@@ -350,19 +355,19 @@ def _compare_runs(tmp_path: Path, info: dict):
 def test_one_rank_process_group_equals_plain_run(tmp_path):
     """The single-GPU path (a one-rank group on an in-memory store, no torchrun or env vars, + FSDP2),
     here over gloo, trains exactly like the plain single process, tied embeddings included."""
-    import minispin.distributed as du
+    import minispin.distributed as dist
 
     model_dir, tok, pairs, cfg = _tied_plain_run(tmp_path, lr=1e-3)
-    assert not du.is_initialized()
-    group = du.init_distributed("cpu", single_process_group=True)
+    assert not dist.is_initialized()
+    group = dist.init_distributed("cpu", single_process_group=True)
     try:
         result = train(str(model_dir), tok, pairs, TrainConfig(**cfg), run_dir=tmp_path / "run2")
         save_trained_model(result.policy, tmp_path / "out2", dtype=None)
         info = _fsdp_facts(result.policy)
         del result
     finally:
-        du.shutdown(group)
-    assert not du.is_initialized() and info["backend"] == "gloo"
+        dist.shutdown(group)
+    assert not dist.is_initialized() and info["backend"] == "gloo"
     m1, m2, w1, w2 = _compare_runs(tmp_path, info)
     for a, b in zip(m1, m2):
         for key in ("loss", "logps/real", "logps/generated", "grad_norm"):
@@ -423,7 +428,7 @@ def test_trainer_state_is_safetensors_and_json(setup, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
     _, model_dir, tok = setup
-    train_mod = importlib.import_module("minispin.train")  # the attribute minispin.train is the function
+    train_mod = importlib.import_module("minispin.training.optim")  # where optimizer_step finds batch_loss
 
     calls = {"n": 0}
     real_batch_loss = train_mod.batch_loss
@@ -465,7 +470,7 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
 
 def test_cli_parses_nested_flat_and_json_options():
     from minispin.cli import parse_config
-    from minispin.spin import SpinConfig
+    from minispin.driver import SpinConfig
 
     cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
                                     "--seed", "3", "--train.seed", "7", "--mix_previous", "false",

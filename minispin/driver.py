@@ -11,7 +11,7 @@ For t = 0..T-1 (iteration t starts from theta_t: the input model for t = 0, else
    (`mix_previous`, as the paper does: 50k pairs at iteration 0, 100k after).
 3. reference: summed log-probs of both answers of every pair under theta_t, once
    -> <run>/iter<t>/reference_logps.jsonl
-4. train (`minispin.train.train`) -> <run>/iter<t>/metrics.jsonl, resumable <run>/iter<t>/train_state/
+4. train (`minispin.training.train`) -> <run>/iter<t>/metrics.jsonl, resumable <run>/iter<t>/train_state/
 5. save theta_{t+1} as an HF safetensors folder (+ tokenizer files) -> <run>/iter<t>/model/
 
 Resume: every phase's output is written atomically and marks the phase as done; generation and the
@@ -24,42 +24,38 @@ Methods plug in at one seam: a `Method` names whether it needs generation, the l
 TrainConfig ("spin" pairwise / "sft"), and its pair builder `(examples, config) -> list[Pair]`; optionally
 how it reads the data, a step that attaches judge scores (cached in <iter>/judge_scores/), a summary
 of its per-pair decisions (<iter>/pair_stats.json, <run>/pair_stats.jsonl, status line), its default
-schedule and a fixed loss type. Built in: "spin" (default), "sft" (continued SFT on the real answers,
-the paper's baseline), and from `minispin.methods`: "dpo", "judge_spin", "noise_spin", "adaptive",
+schedule and a fixed loss type. Built in (`minispin.methods`): "spin" (default), "sft" (continued SFT on the real answers,
+the paper's baseline), "dpo", "judge_spin", "noise_spin", "adaptive",
 "sppo" (docs/methods.md). `generate=False` trains on the answers already in the data instead.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from . import distributed as du
+from . import distributed as dist
+from .checkpoint import load_model
+from .cli import parse_config, to_dict
 from .collate import Pair
 from .data import Example, read_examples
 from .generation_job import GenerationConfig, run_generation_job
-from .methods import (DPO_SCHEDULE, SPPO_SCHEDULE, JudgeConfig, adaptive_pairs, attach_judge_scores,
-                      attach_sample_scores, describe_counts, dpo_pairs, judge_pairs, noise_schedule,
-                      read_preference_data, read_prompts, sppo_pairs, summarize_pairs)
-from .train import TrainConfig, save_trained_model, train
+from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
+from .log import print0, warn0
+from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_counts, get_method, register_method
+from .tokenizer import load_tokenizer
+from .training import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
            "PAPER_SCHEDULE", "iteration_configs", "pin_given_options", "parse_args", "main"]
 
-# The paper's schedule (REFERENCE.md section 1): iterations 0-3 of zephyr-7b-sft-full.
-PAPER_SCHEDULE: list[dict[str, Any]] = [
-    {"lr": 5e-7, "beta": 0.1},
-    {"lr": 5e-7, "beta": 0.1},
-    {"lr": 1e-7, "beta": 0.1},
-    {"lr": 1e-7, "beta": 5.0},
-]
 _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
 # options a resumed run may change (num_iterations: a finished run may be extended by more iterations)
 _IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "train.progress", "train.status_every",
@@ -132,79 +128,6 @@ class SpinResult:
 
 
 # ----------------------------------------------------------------------------- methods and pairs
-
-@dataclass(frozen=True)
-class Method:
-    """A training method: whether each iteration generates, the loss family, and the pair builder;
-    optionally its data reader, a scoring step before the pairs are built, a summary of the pairs,
-    a default schedule and a fixed loss type."""
-    name: str
-    needs_generation: bool
-    train_method: str  # TrainConfig.method: "spin" (pairwise, any loss type) | "sft"
-    build_pairs: Callable[[Sequence[Example], "SpinConfig"], list[Pair]]
-    # (config, warn) -> records; None: read_examples (SFT / SPIN rows)
-    read_data: Callable[["SpinConfig", Callable[[str], None]], list] | None = None
-    # (records, config, cache dir) -> records with judge scores attached; called on every rank
-    prepare: Callable[[list, "SpinConfig", Path], list] | None = None
-    summarize: Callable[[list[Pair]], dict] | None = None  # per-iteration counts of the pair decisions
-    schedule: list[dict[str, Any]] | None = None  # default iterations (None: SPIN's paper schedule)
-    loss: str | None = None  # TrainConfig.loss this method needs (e.g. "sppo")
-
-
-def spin_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
-    """SPIN: chosen = the real (human) answer, rejected = the model's generated answer."""
-    pairs = []
-    for e in examples:
-        pairs.append(Pair(index=e.index, prompt=list(e.prompt), chosen=e.real,
-                          rejected=e.generated if e.generated is not None else "",  # an empty sample is a sample
-                          source=e.source))
-    return pairs
-
-
-def sft_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
-    """Continued SFT: only the real answer."""
-    return [Pair(index=e.index, prompt=list(e.prompt), chosen=e.real, rejected=None, source=e.source)
-            for e in examples]
-
-
-def _prepare_judge(examples: list, config: SpinConfig, cache: Path) -> list:
-    return attach_judge_scores(examples, config.judge, cache, log=_log)
-
-
-def _prepare_samples(examples: list, config: SpinConfig, cache: Path) -> list:
-    return attach_sample_scores(examples, config.judge, cache, log=_log)
-
-
-METHODS: dict[str, Method] = {
-    "spin": Method("spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs),
-    "sft": Method("sft", needs_generation=False, train_method="sft", build_pairs=sft_pairs),
-    "dpo": Method("dpo", needs_generation=False, train_method="spin", build_pairs=lambda ex, c: dpo_pairs(ex),
-                  read_data=read_preference_data, schedule=DPO_SCHEDULE),
-    "judge_spin": Method("judge_spin", needs_generation=True, train_method="spin",
-                         build_pairs=lambda ex, c: judge_pairs(ex, c.judge), prepare=_prepare_judge,
-                         summarize=summarize_pairs),
-    "noise_spin": Method("noise_spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs,
-                         schedule=noise_schedule(PAPER_SCHEDULE)),
-    "adaptive": Method("adaptive", needs_generation=True, train_method="spin",
-                       build_pairs=lambda ex, c: adaptive_pairs(ex, c.judge), prepare=_prepare_judge,
-                       summarize=summarize_pairs),
-    "sppo": Method("sppo", needs_generation=True, train_method="spin",
-                   build_pairs=lambda ex, c: sppo_pairs(ex, c.judge),
-                   read_data=lambda c, warn: read_prompts(c, warn) if c.generate else read_preference_data(c, warn),
-                   prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo"),
-}
-
-
-def register_method(method: Method) -> None:
-    """Add a method (e.g. judge-relabelled SPIN, SPPO) without touching the loop."""
-    METHODS[method.name] = method
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
-    return METHODS[name]
-
 
 def build_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
     """The pair-builder seam: examples (with generated answers where the method generates) -> pairs."""
@@ -287,8 +210,6 @@ def parse_args(argv: Sequence[str] | None = None, description: str | None = None
                aliases: dict[str, str] | None = None) -> SpinConfig:
     """A SpinConfig from command-line options (see minispin.cli), with given options pinned over the
     default schedule (`pin_given_options`)."""
-    from .cli import parse_config
-
     return parse_config(SpinConfig, argv, description=description, prepare=pin_given_options, aliases=aliases)
 
 
@@ -386,9 +307,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _check_run_config(run: Path, config: SpinConfig) -> None:
     """Rank 0: record the config of a new run, or compare with the config the run started with."""
-    from .cli import to_dict
-    from .io import atomic_write_json
-
     path = run / "config.json"
     current = to_dict(config)
     if path.is_file():
@@ -406,13 +324,11 @@ def _check_run_config(run: Path, config: SpinConfig) -> None:
 
 
 def _write_state(run: Path, **state: Any) -> None:
-    from .io import atomic_write_json
-    if du.is_main():
+    if dist.is_main():
         atomic_write_json(run / "state.json", state)
 
 
 def _model_done(path: Path) -> bool:
-    from .io import recover_replaced_dir
     recover_replaced_dir(path)
     return (path / "config.json").is_file()
 
@@ -435,17 +351,13 @@ def _read_generated(path: Path, config: SpinConfig, source: str) -> list[Example
     return [dataclasses.replace(e, source=source) for e in rows]
 
 
-def _log(message: str) -> None:
-    if du.is_main():
-        print(f"[spin] {message}", file=sys.stderr, flush=True)
+_log = functools.partial(print0, prefix="spin")  # the driver's status lines: "[spin] ..." on rank 0
 
 
 def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) -> None:
     """Rank 0: <iter>/pair_stats.json (atomic), then <run>/pair_stats.jsonl rebuilt from every iteration's
     file (one JSON line per iteration, so a resumed iteration never appears twice)."""
-    from .io import atomic_write_json, atomic_write_text
-
-    if not du.is_main():
+    if not dist.is_main():
         return
     atomic_write_json(_iter_dir(run, t) / "pair_stats.json", {"iteration": t, "method": method, "counts": stats})
     lines = []
@@ -458,8 +370,6 @@ def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) ->
 
 def spin(config: SpinConfig) -> SpinResult:
     """Run (or resume) a whole SPIN run; returns the saved models. Call on every rank under torchrun."""
-    from .tokenizer import load_tokenizer
-
     if not config.model:
         raise ValueError("SpinConfig.model is required: the starting model's HF folder")
     if not config.data:
@@ -470,24 +380,24 @@ def spin(config: SpinConfig) -> SpinResult:
         raise FileNotFoundError(f"data path {config.data!r} does not exist")
     method = get_method(config.method)
     schedule = iteration_configs(config)
-    info = du.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
+    info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
                                and (config.train.device or "cuda").startswith("cuda"))
     run = Path(config.output_dir)
     try:
-        if du.is_main():
+        if dist.is_main():
             run.mkdir(parents=True, exist_ok=True)
         error = None
-        if du.is_main():
+        if dist.is_main():
             try:
                 _check_run_config(run, config)
             except ValueError as e:
                 error = str(e)
-        error = du.broadcast_json(error)
+        error = dist.broadcast_json(error)
         if error:
             raise ValueError(error)
 
         tokenizer = load_tokenizer(config.tokenizer or config.model)
-        warn = lambda m: _log(f"warning: {m}")  # noqa: E731
+        warn = functools.partial(warn0, prefix="spin")
         generates = method.needs_generation and config.generate
         examples = method.read_data(config, warn) if method.read_data is not None else None
         if examples is None:
@@ -504,21 +414,20 @@ def spin(config: SpinConfig) -> SpinResult:
         for t, (train_cfg, gen_cfg, spin_kw) in enumerate(schedule):
             it = _iter_dir(run, t)
             final = it / "model"
-            if du.all_ranks_true(_model_done(final)):
+            if dist.all_ranks_true(_model_done(final)):
                 _log(f"iteration {t}: done earlier ({final})")
                 _cleanup_train_state(it, config)
                 models.append(final)
                 current = final
                 continue
-            if du.is_main():
+            if dist.is_main():
                 it.mkdir(parents=True, exist_ok=True)
 
             if generates:
                 gen_path = it / "generated.jsonl"
                 _write_state(run, iteration=t, phase="generate", model=str(current), models=[str(m) for m in models])
-                if not du.all_ranks_true(gen_path.is_file()):
+                if not dist.all_ranks_true(gen_path.is_file()):
                     _log(f"iteration {t}: generating with {current}")
-                    from .checkpoint import load_model
                     gen_model = load_model(current, dtype=_generation_dtype(config, info.device), device=info.device)
                     run_generation_job(gen_model, tokenizer, list(examples), gen_path, gen_cfg)
                     del gen_model
@@ -560,14 +469,14 @@ def spin(config: SpinConfig) -> SpinResult:
             del result
             _free_memory()
             _cleanup_train_state(it, config)
-            du.kill_point("save", iteration=t)
+            dist.kill_point("save", iteration=t)
             models.append(final)
             current = final
             _log(f"iteration {t}: saved {final}")
         _write_state(run, iteration=len(schedule), phase="done", models=[str(m) for m in models])
         return SpinResult(run, models)
     finally:
-        du.shutdown(info)
+        dist.shutdown(info)
 
 
 def _save_dtype(config: SpinConfig):
@@ -575,7 +484,7 @@ def _save_dtype(config: SpinConfig):
 
 
 def _cleanup_train_state(it: Path, config: SpinConfig) -> None:
-    if config.keep_train_state or not du.is_main():
+    if config.keep_train_state or not dist.is_main():
         return
     for name in ("train_state", "train_state.old"):
         if (it / name).exists():
@@ -586,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> SpinResult:
     """Command line: every SpinConfig field is an option (see minispin.cli)."""
     config = parse_args(argv, description=__doc__)
     result = spin(config)
-    if du.is_main():
+    if dist.is_main():
         print(json.dumps({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]}))
     return result
 

@@ -113,7 +113,7 @@ def sample_from_logits(logits: torch.Tensor, uniform: torch.Tensor | None, tempe
 
 # ----------------------------------------------------------------------------- prompts
 
-SPIN_TEMPLATE = "spin"
+SPIN_TEMPLATE_NAME = "spin"  # the name of the paper's prompt template (tokenizer.SPIN_TEMPLATE is its text)
 
 
 def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], template: str | None = None,
@@ -131,7 +131,7 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], template: str 
     text = tokenizer.render_prompt(messages, template)
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     bos = getattr(tokenizer, "bos_id", None)
-    if template == SPIN_TEMPLATE and bos is not None and (not ids or ids[0] != bos):
+    if template == SPIN_TEMPLATE_NAME and bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return truncate_prompt(ids, max_prompt_length, bos)
 

@@ -1,0 +1,90 @@
+"""Training settings and results: TrainConfig (the SPIN paper's defaults), TrainResult, TrainingDiverged."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from ..model import Transformer
+
+LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
+TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
+# TrainConfig fields that may change between a run and its resume (they do not change the result)
+RESUME_FREE = ("save_steps", "status_every", "progress", "device", "reference_batch_size")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; training stopped before applying that step."""
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters; defaults are the SPIN paper's (zephyr-7b, iteration 0)."""
+
+    method: str = "spin"  # "spin": pairwise loss vs the frozen reference; "sft": NLL of the real answers
+    loss: str = "sigmoid"  # sigmoid (logistic, default) | hinge | exponential | correlation | sppo
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # default for pairs without their own label_smoothing
+    neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings of training forwards (0: off; NEFTune: 5-15)
+    reference_free: bool = False  # pairwise loss on policy log-probs only (no reference pass)
+    lr: float = 5e-7
+    epochs: float = 2  # may be fractional (e.g. 0.5: the first half of one permutation)
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs when smaller)
+    global_batch_size: int = 64  # pairs per optimizer step, over all ranks and accumulation steps
+    micro_batch_size: int = 2  # pairs per forward per rank (2 rows each: chosen + rejected)
+    reference_batch_size: int | None = None  # pairs per forward in the reference pass (default 2x micro)
+    max_length: int = 1024
+    max_prompt_length: int = 512
+    template: str | None = None  # prompt template, the same one the generation job used
+    optimizer: str = "rmsprop"  # rmsprop | adamw
+    weight_decay: float = 0.0
+    rmsprop_alpha: float = 0.99
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # <= 0: no clipping (the norm is still logged)
+    seed: int = 42
+    activation_checkpointing: bool = False
+    mixed_precision: bool = True  # CUDA: bf16 compute with fp32 master weights (FSDP2 policy)
+    reshard_after_forward: bool = True
+    save_steps: int = 100  # training-state checkpoint every N steps (0: only at the end); needs run_dir
+    status_every: int = 10  # status line every N steps when stderr is not a terminal
+    progress: bool = True
+    device: str | None = None  # None: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.method not in TRAIN_OBJECTIVES:
+            raise ValueError(f"method must be one of {TRAIN_OBJECTIVES}, got {self.method!r}")
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
+        if self.optimizer not in ("rmsprop", "adamw"):
+            raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+        for name in ("global_batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not (self.neftune_alpha >= 0 and math.isfinite(self.neftune_alpha)):
+            raise ValueError(f"neftune_alpha must be a finite number >= 0, got {self.neftune_alpha}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method == "spin" and not self.reference_free
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns. model: the trained Transformer (in single-process mode trained in place;
+    under FSDP its parameters are shards - use `save_trained_model` to write a checkpoint)."""
+    model: Transformer
+    policy: nn.Module
+    steps: int
+    history: list[dict] = field(default_factory=list)  # metrics of the steps run in this call
+    metrics_path: Path | None = None

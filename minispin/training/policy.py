@@ -1,0 +1,240 @@
+"""The model as the trainer sees it: PolicyHead (ids -> response-token log-probs through the fused kernel),
+FSDP2 wrapping with fp32 master weights, activation checkpointing, sharded loading, and saving the result
+as an HF checkpoint."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .. import distributed as dist
+from ..checkpoint import CheckpointError, build_model, checkpoint_files, iter_safetensors, load_config, load_model, save_model
+from ..collate import PairBatch
+from ..methods.noise import neftune, row_lengths
+from ..model import Transformer, our_key
+from .config import TrainConfig
+
+class PolicyHead(nn.Module):
+    """input ids [R, T] -> log-prob of each selected response token [N] (fp32), through the fused kernel.
+
+    The root module for FSDP2: its forward is where the embedding, final norm and LM head are used,
+    so FSDP's hooks gather them. token_index are positions in the flattened [R * T] hidden states.
+    neftune_alpha > 0: NEFTune noise on the input embeddings of forwards in training mode only (so never
+    in the reference pass, which runs in eval mode; generation uses a model of its own).
+    """
+
+    def __init__(self, model: Transformer, neftune_alpha: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.neftune_alpha = float(neftune_alpha)
+
+    def forward(self, input_ids: torch.Tensor, token_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        linear_logprobs, _ = fused_kernels()
+
+        if self.neftune_alpha > 0 and self.training:
+            lengths = row_lengths(token_index, *input_ids.shape)
+            with neftune(self.model.embed_tokens, self.neftune_alpha, lengths):
+                hidden = self.model.hidden_states(input_ids)
+        else:
+            hidden = self.model.hidden_states(input_ids)  # right padding: no mask needed
+        hidden = hidden.flatten(0, 1).index_select(0, token_index)
+        weight = self.model.output_weight
+        if weight.dtype != hidden.dtype:  # plain fp32 module under autocast
+            weight = weight.to(hidden.dtype)
+        return linear_logprobs(hidden, weight, labels, check_labels=False)
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Activation checkpointing per decoder block (recompute the block in backward). Names unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in model.layers:
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+
+
+def _mesh(info: dist.DistInfo):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(info.device.type, (info.world_size,))
+
+
+def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
+                   info: dist.DistInfo) -> PolicyHead:
+    """Wrap (and shard, under a process group) the model for training; load it first if given a path.
+
+    With a path under FSDP the model is built on the meta device, sharded, and each rank copies only
+    its own shard of every tensor from the checkpoint (no full copy per rank).
+    """
+    if isinstance(model, nn.Module) and _is_meta(model):
+        raise ValueError("the model is on the meta device (no weights); pass its checkpoint folder instead")
+    fsdp = info.backend is not None
+    if not fsdp:
+        if not isinstance(model, nn.Module):
+            model = load_model(model, dtype=torch.float32, device=info.device)
+        model = model.to(device=info.device, dtype=torch.float32)
+        model.reset_buffers(info.device)
+        if config.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        return PolicyHead(model, config.neftune_alpha).train()
+
+    path = None
+    if not isinstance(model, nn.Module):
+        path = model
+        model = build_model(load_config(path), "meta")
+    else:
+        model = model.to(dtype=torch.float32)
+    if config.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    policy = shard_policy(PolicyHead(model, config.neftune_alpha), config, info)
+    if path is not None:
+        policy.to_empty(device=info.device)  # uninitialised shards; load_sharded_weights fills them
+        load_sharded_weights(policy, path)
+    model.reset_buffers(info.device)
+    return policy.train()
+
+
+def shard_policy(policy: PolicyHead, config: TrainConfig, info: dist.DistInfo) -> PolicyHead:
+    """FSDP2: fully_shard every decoder block, then the root; fp32 master weights, and on CUDA
+    bf16 compute with fp32 gradient reduction (MixedPrecisionPolicy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if info.device.type == "cuda" and config.mixed_precision:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = _mesh(info)
+    for layer in policy.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=config.reshard_after_forward)
+    fully_shard(policy, mesh=mesh, mp_policy=mp, reshard_after_forward=config.reshard_after_forward)
+    return policy
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _local_piece(full: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's slice of `full`, the local tensor to copy it into) for a DTensor or plain param."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return full, param.data
+    local = param.to_local()
+    mesh = param.device_mesh
+    piece = full
+    for dim_mesh, placement in enumerate(param.placements):
+        if placement.is_shard():
+            n, r = mesh.size(dim_mesh), mesh.get_local_rank(dim_mesh)
+            chunks = torch.chunk(piece, n, dim=placement.dim)  # FSDP2 shards like torch.chunk
+            piece = chunks[r] if r < len(chunks) else piece.narrow(placement.dim, 0, 0)
+    return piece, local
+
+
+def load_sharded_weights(policy: PolicyHead, path: str | os.PathLike) -> None:
+    """Copy each rank's shard of every tensor of an HF checkpoint folder into the (sharded) model."""
+    model = policy.model
+    params = dict(model.named_parameters())
+    tied = model.config.tie_word_embeddings
+    loaded = set()
+    with torch.no_grad():
+        for file in checkpoint_files(path):
+            for key, tensor in iter_safetensors(file):
+                name = our_key(key)
+                if name is None or (tied and name == "lm_head.weight"):
+                    continue
+                if name not in params:
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for this model")
+                p = params[name]
+                if tuple(tensor.shape) != tuple(p.shape):
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {tuple(p.shape)}")
+                piece, local = _local_piece(tensor, p)
+                if piece.shape != local.shape:
+                    raise CheckpointError(f"{key}: shard shape {tuple(piece.shape)} != local {tuple(local.shape)}")
+                local.copy_(piece.to(dtype=local.dtype))
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing)}")
+
+
+def full_state_dict(policy: PolicyHead) -> dict[str, torch.Tensor]:
+    """The model's full fp32 state dict on CPU with our parameter names, on rank 0 ({} elsewhere).
+
+    A collective under FSDP: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k[len("model."):]: v for k, v in sd.items()}
+
+
+def save_trained_model(policy: PolicyHead, path: str | os.PathLike, *, tokenizer: Any = None,
+                       dtype: str | torch.dtype | None = "auto", max_shard_size: str = "5GB") -> Path:
+    """Write the model as an HF safetensors checkpoint (loadable by transformers), atomically, rank 0.
+
+    dtype "auto": the config's torch_dtype (bf16 for zephyr); None: keep fp32 masters. Copies the
+    tokenizer files next to the weights when `tokenizer` is given. Call on every rank under FSDP.
+    """
+    sd = full_state_dict(policy)
+    path = Path(path)
+    if dist.is_main():
+        model = policy.model
+        target = model.config.dtype if dtype == "auto" else dtype
+        if isinstance(target, str):
+            target = getattr(torch, target)
+        if target is not None:
+            sd = {k: v.to(target) for k, v in sd.items()}
+        save_model(model, path, max_shard_size=max_shard_size, state_dict=sd,
+                   extra_files=tokenizer_files(tokenizer))
+    dist.barrier()
+    return path
+
+
+def tokenizer_files(tokenizer: Any) -> list[str]:
+    """The files of a loaded tokenizer's folder that an HF checkpoint folder should carry."""
+    if tokenizer is None:
+        return []
+    folder = Path(getattr(tokenizer, "tokenizer_file", "") or "").parent
+    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja", "chat_template.json", "generation_config.json")
+    return [str(folder / n) for n in names if (folder / n).is_file()] if folder.is_dir() else []
+
+
+# ----------------------------------------------------------------------------- loss
+
+def fused_kernels():
+    """The fused kernels (imported lazily: Triton's import is slow and reads TRITON_INTERPRET once)."""
+    from minispin.kernels.linear_logprobs import linear_logprobs
+    from minispin.kernels.pair_loss import pair_loss
+    return linear_logprobs, pair_loss
+
+
+def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Sum of token log-probs per row [num_rows] (fp32)."""
+    out = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
+    return out.index_add_(0, seq_index, token_logps.float())
+
+
+def batch_loss(policy: nn.Module, batch: PairBatch, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward one micro-batch: (loss as a mean over its pairs (SFT: NLL summed over tokens),
+    per-row summed log-probs [R] (detached), token log-probs [N]).
+
+    SPIN: the pair_loss kernel on token log-probs, reference sums and beta.
+    SFT: loss = -sum of the chosen tokens' log-probs (the caller divides by the step's token count).
+    """
+    token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
+    if config.method == "sft":
+        seq = sequence_logps(token_logps.detach(), batch.seq_index, batch.input_ids.shape[0])
+        return -token_logps.sum(), seq, token_logps
+    _, pair_loss = fused_kernels()
+    smoothing = batch.label_smoothing if batch.label_smoothing is not None else config.label_smoothing
+    loss, seq = pair_loss(token_logps, batch.seq_index, None if config.reference_free else batch.ref_logps,
+                          config.beta, loss=config.loss, label_smoothing=smoothing,
+                          num_pairs=batch.num_pairs, targets=batch.targets, check_values=False)
+    return loss, seq, token_logps

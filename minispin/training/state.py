@@ -1,0 +1,153 @@
+"""The resumable train state without pickle: fp32 weights and optimizer tensors as safetensors, the step,
+data order, RNG states and param groups as JSON; written atomically."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from .. import distributed as dist
+from ..io import atomic_replace_dir, recover_replaced_dir
+
+STATE_FORMAT = "minispin-train-state/1"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(bytes(t.cpu().numpy().tobytes())).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def _rng_state() -> dict:
+    state = {"torch": _b64(torch.get_rng_state()), "python": _json_safe(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+def _json_safe(x):
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.item()
+    return x
+
+
+def _aliases(policy: nn.Module) -> dict[str, str]:
+    """{duplicate name: first name} for parameters shared between modules (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in policy.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def save_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike,
+                     state: dict) -> None:
+    """Atomically write weights + optimizer state (safetensors) + trainer state (JSON). Every rank calls."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(policy, options=options)
+    osd = get_optimizer_state_dict(policy, optimizer, options=options)
+    rng = dist.all_gather_json(_rng_state())
+    if dist.is_main():
+        path = Path(path)
+        aliases = _aliases(policy)
+        model_tensors = {k: v.detach().contiguous().clone() for k, v in msd.items() if k not in aliases}
+        optim_tensors, optim_scalars = {}, {}
+        for pname, pstate in osd["state"].items():
+            if pname in aliases:
+                continue
+            for key, value in pstate.items():
+                if isinstance(value, torch.Tensor):
+                    optim_tensors[f"state.{pname}.{key}"] = value.detach().contiguous().clone()
+                else:
+                    optim_scalars[f"state.{pname}.{key}"] = value
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+        meta = dict(state, format=STATE_FORMAT, aliases=aliases, param_groups=groups,
+                    optimizer_scalars=optim_scalars, rng=rng)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            save_file(model_tensors, str(tmp / "model.safetensors"))
+            save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
+            atomic_replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+
+
+def read_train_state_json(path: str | os.PathLike) -> dict | None:
+    path = Path(path)
+    recover_replaced_dir(path)
+    f = path / "trainer_state.json"
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f}: corrupt trainer state ({e})") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{f}: unknown trainer state format {meta.get('format')!r}")
+    return meta
+
+
+def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> dict:
+    """Restore weights, optimizer state and this rank's RNG state; returns the trainer-state dict."""
+    path = Path(path)
+    meta = dist.broadcast_json(read_train_state_json(path) if dist.is_main() else None)
+    if meta is None:
+        raise FileNotFoundError(f"no trainer_state.json in {path}")
+    distributed = dist.is_initialized()
+    main = dist.is_main() or not distributed
+    aliases = meta["aliases"]
+    msd, osd = {}, {}
+    if main:
+        msd = load_file(str(path / "model.safetensors"))
+        for dup, src in aliases.items():
+            msd[dup] = msd[src]
+        flat = load_file(str(path / "optimizer.safetensors"))
+        flat.update(meta.get("optimizer_scalars", {}))
+        state: dict[str, dict] = {}
+        for key, value in flat.items():
+            pname, _, skey = key[len("state."):].rpartition(".")
+            state.setdefault(pname, {})[skey] = value
+        groups = []
+        for g in meta["param_groups"]:
+            g = dict(g)
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+            groups.append(g)
+        osd = {"state": state, "param_groups": groups}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_model_state_dict(policy, msd, options=options)
+    set_optimizer_state_dict(policy, optimizer, osd, options=options)
+    rng = meta.get("rng") or []
+    if rng and len(rng) == dist.get_world_size():
+        _set_rng_state(rng[dist.get_rank()])
+    return meta
