@@ -2,7 +2,7 @@
 
 Every example is `RECIPE options + your options -> minispin.driver.main` (later options win; every
 SpinConfig field is an option, see `python -m minispin --help`), or with `--demo` the same method
-on the built-in demo task (CPU, no downloads: `minispin.demo_methods`).
+on the built-in demo task (CPU, no downloads: `minispin.demo.methods`).
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ ALIASES = {"--out": "--output_dir"}
 
 def run(recipe: Sequence[str], demo_method: str, argv: Sequence[str] | None = None, *,
         needs_judge: bool = False, description: str | None = None):
-    """`--demo [demo options]`: minispin.demo_methods for this method; else the recipe + argv through
+    """`--demo [demo options]`: minispin.demo.methods for this method; else the recipe + argv through
     minispin.spin (refusing to start without a judge when the method needs one). description: the
     script's docstring, shown by --help."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--demo"]:
-        from minispin import demo_methods
+        from minispin.demo import methods as demo_methods
 
         return demo_methods.main(["--methods", demo_method, "--out", f"runs/demo_{demo_method}", *argv[1:]])
     from minispin import distributed as dist

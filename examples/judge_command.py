@@ -5,7 +5,7 @@ chunk of prompts (--judge.prompts_per_call) and caches the scores in <run>/iter<
 
 Replace `score` with your judge (a reward model you run locally, an API client you trust, ...).
 As shipped it scores answers to the built-in demo task's questions (exact-match checker with graded
-closeness, minispin.demo_methods.demo_score), so the command works out of the box on the demo data.
+closeness, minispin.demo.methods.demo_score), so the command works out of the box on the demo data.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 
 def score(prompt: list[dict], responses: list[str]) -> list[float]:
-    from minispin.demo_methods import demo_judge
+    from minispin.demo.methods import demo_judge
 
     return demo_judge(prompt, responses)
 

@@ -79,7 +79,7 @@ def check_data(data: str, split: str | None) -> None:
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--demo"]:
-        from minispin import demo
+        from minispin.demo import run as demo
 
         return demo.main(argv[1:])
     description = __doc__ + "\nThis script runs: " + shlex.join(RECIPE) + " [your options, which win]"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from minispin import demo_task
+from minispin.demo import task as demo_task
 from minispin.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minispin import demo_task
+from minispin.demo import task as demo_task
 from minispin.evaluate import answer_logprobs, exact_match, example_parts, greedy_answers, mean_logprob
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import load_tokenizer

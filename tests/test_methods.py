@@ -420,8 +420,8 @@ def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny)
 # ----------------------------------------------------------------------------- the demo's judge and data
 
 def test_demo_judge_scores_and_margins():
-    from minispin import demo_task
-    from minispin.demo_methods import closeness, demo_judge, demo_score
+    from minispin.demo import task as demo_task
+    from minispin.demo.methods import closeness, demo_judge, demo_score
 
     q = [{"role": "user", "content": "What is 47+38?"}]
     assert demo_judge(q, ["85", " 85 ", "84", "95", "75", "abc", "", "200"]) == \
@@ -439,9 +439,9 @@ def test_demo_judge_scores_and_margins():
 
 
 def test_demo_method_data_noise_is_deterministic(tmp_path):
-    from minispin import demo_task
+    from minispin.demo import task as demo_task
     from minispin.data import read_examples, read_preferences
-    from minispin.demo_methods import write_method_data
+    from minispin.demo.methods import write_method_data
 
     train = tmp_path / "train.jsonl"
     rows, _ = demo_task.make_rows(demo_task.TaskConfig(n_train=50, n_test=5))
@@ -674,17 +674,17 @@ def test_describe_counts_status_line():
 def test_near_miss_avoids_given_answers():
     import random
 
-    from minispin.demo_methods import near_miss
+    from minispin.demo.methods import near_miss
 
     rng = random.Random(0)
     for q, avoid in (("Sort aab", ("aba",)), ("Reverse aaa", ()), ("What is 0+0?", ("1", "2")), ("Sort ab", ("ba",))):
         for _ in range(20):
             miss = near_miss(q, rng, avoid)
-            assert miss not in avoid and miss != __import__("minispin.demo_task").demo_task.answer_of(q)
+            assert miss not in avoid and miss != __import__("minispin.demo.task").demo.task.answer_of(q)
 
 
 def test_methods_demo_small_runs_adaptive_and_sppo(tmp_path):
-    """The comparison pipeline (minispin.demo_methods) at the reduced size, one process: SFT, then the
+    """The comparison pipeline (minispin.demo.methods) at the reduced size, one process: SFT, then the
     adaptive method and SPPO for 2 iterations each; results.json has every iteration's evaluation and the
     per-iteration pair counts (the numbers themselves are not meaningful at this size)."""
     import subprocess
@@ -692,7 +692,7 @@ def test_methods_demo_small_runs_adaptive_and_sppo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     out = tmp_path / "demo_methods"
-    res = subprocess.run([sys.executable, "-m", "minispin.demo_methods", "--small", "--nproc", "1", "--out", str(out),
+    res = subprocess.run([sys.executable, "-m", "minispin.demo.methods", "--small", "--nproc", "1", "--out", str(out),
                           "--methods", "adaptive,sppo"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -8,7 +8,7 @@ Skills (drawn uniformly), each answer exactly checkable:
 A ~1M-parameter model learns them at different speeds (reverse and sort within a few hundred steps,
 addition with carries much later), so a short SFT leaves it partially right - SPIN's premise is that
 the SFT model's own answers differ from the real ones. Everything is deterministic in the seed:
-`python -m minispin.demo_task --out DIR` writes
+`python -m minispin.demo.task --out DIR` writes
 
     DIR/train_sft.jsonl, DIR/test_sft.jsonl   rows {"prompt", "prompt_id", "skill", "messages": [user, assistant]}
                                               (the UltraChat200k layout minispin's data readers take)

@@ -5,7 +5,7 @@
     python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
 
 Stages (each skipped when its output exists, so re-running with the same --out continues):
-1. task       a small task with checkable answers (`minispin.demo_task`: reverse / sort letters, add two
+1. task       a small task with checkable answers (`minispin.demo.task`: reverse / sort letters, add two
               numbers, as chat) and a character-level tokenizer, generated deterministically
 2. init       a random tiny Llama (LlamaForCausalLM, 4 layers, hidden 128, ~0.8M parameters) saved as an
               HF safetensors folder with the tokenizer files, loaded from then on like any real model
@@ -29,6 +29,7 @@ larger lrs made SPIN worse than the SFT model on this task.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,7 +39,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from . import demo_task
+import torch
+
+from .. import distributed as dist
+from ..checkpoint import load_model, save_model
+from ..data import read_examples
+from ..driver import SpinConfig, spin
+from ..evaluate import answer_logprobs, greedy_answers
+from ..generation_job import GenerationConfig
+from ..io import atomic_write_json, atomic_write_text
+from ..log import print0
+from ..model import ModelConfig, Transformer
+from ..tokenizer import load_tokenizer
+from ..training import TrainConfig
+from . import task as demo_task
 
 @dataclass
 class DemoConfig:
@@ -76,20 +90,7 @@ class DemoConfig:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _rank() -> int:
-    from . import distributed as dist
-    return dist.get_rank()
-
-
-def _say(message: str) -> None:
-    """One status line, rank 0 only (stdout, flushed)."""
-    if _rank() == 0:
-        print(f"[demo] {message}", flush=True)
-
-
-def _barrier() -> None:
-    from . import distributed as dist
-    dist.barrier()
+_say = functools.partial(print0, prefix="demo")  # the demo's status lines, rank 0
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -99,8 +100,6 @@ def _paths(out: Path) -> dict[str, Path]:
 
 def _check_settings(out: Path, config: DemoConfig) -> str | None:
     """Rank 0: record the demo's settings; an error message when `out` holds a run made with other ones."""
-    from .io import atomic_write_json
-
     path = out / "demo_config.json"
     current = asdict(config)
     if path.is_file():
@@ -125,12 +124,6 @@ def make_task(out: Path, config: DemoConfig) -> dict[str, Path]:
 
 def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
     """Stage 2 (rank 0): a random tiny Llama saved with the tokenizer files, unless already there."""
-    import torch
-
-    from .checkpoint import save_model
-    from .model import ModelConfig, Transformer
-    from .tokenizer import load_tokenizer
-
     if (out / "config.json").is_file():
         return out
     tok = load_tokenizer(tokenizer_dir)
@@ -152,9 +145,7 @@ def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
 
 
 def train_config(config: DemoConfig, device: str, **overrides: Any):
-    """The demo's TrainConfig (AdamW, tiny lengths); shared by every stage and by demo_methods."""
-    from .training import TrainConfig
-
+    """The demo's TrainConfig (AdamW, tiny lengths); shared by every stage and by minispin.demo.methods."""
     values = dict(optimizer="adamw", adam_beta2=0.98, weight_decay=0.0, global_batch_size=config.batch_size,
                   micro_batch_size=config.batch_size, max_length=48, max_prompt_length=24, warmup_ratio=0.1,
                   max_grad_norm=1.0, seed=config.seed, save_steps=100, status_every=100, device=device)
@@ -164,8 +155,6 @@ def train_config(config: DemoConfig, device: str, **overrides: Any):
 
 def generation_config(config: DemoConfig):
     """The demo's GenerationConfig (short answers, the demo's temperature and seed)."""
-    from .generation_job import GenerationConfig
-
     return GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                             seed=config.seed, max_prompt_length=24, batch_size=128, chunk_size=256,
                             progress=False)
@@ -174,8 +163,6 @@ def generation_config(config: DemoConfig):
 def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str, *, lr: float,
             limit: int | None) -> Path:
     """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model."""
-    from .driver import SpinConfig, spin
-
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
         iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32",
@@ -185,8 +172,6 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
 
 def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str) -> list[Path]:
     """SPIN iterations 0..T-1 from `model` through the iteration driver; returns each iteration's model."""
-    from .driver import SpinConfig, spin
-
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
         num_iterations=config.iterations,
@@ -199,15 +184,6 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Exact match (overall and per skill) and mean answer log-prob of one model; every rank takes a
     share of the test set. Cached in eval_dir/<name>.json (with `extra`, e.g. the stage's train time)."""
-    import torch
-
-    from . import distributed as dist
-    from .checkpoint import load_model
-    from .data import read_examples
-    from .evaluate import answer_logprobs, greedy_answers
-    from .io import atomic_write_json
-    from .tokenizer import load_tokenizer
-
     path = eval_dir / f"{name}.json"
     if dist.all_ranks_true(path.is_file()):
         return json.loads(path.read_text())
@@ -257,9 +233,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) every stage; call on every rank. Returns the results dict (also on disk)."""
-    from . import distributed as dist
-    from .io import atomic_write_json, atomic_write_text
-
     info = dist.init_distributed(device)
     t_start = time.perf_counter()
     try:
@@ -349,11 +322,9 @@ def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from .distributed import launched_by_torchrun
-
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
-    if args.nproc > 1 and not launched_by_torchrun():
+    if args.nproc > 1 and not dist.launched_by_torchrun():
         return launch_torchrun("minispin.demo", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET")  # see launch_torchrun

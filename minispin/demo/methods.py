@@ -1,9 +1,9 @@
 """Every method on the built-in demo task: SFT, continued SFT, SPIN, judge-SPIN, noise-SPIN, adaptive,
 SPPO and DPO, compared on held-out exact-match accuracy over iterations (CPU, no downloads).
 
-    python -m minispin.demo_methods                      # 2 torchrun ranks on CPU -> runs/demo_methods
-    python -m minispin.demo_methods --methods spin,sppo   # a subset
-    python -m minispin.demo_methods --small              # the reduced size the test suite runs
+    python -m minispin.demo.methods                      # 2 torchrun ranks on CPU -> runs/demo_methods
+    python -m minispin.demo.methods --methods spin,sppo   # a subset
+    python -m minispin.demo.methods --small              # the reduced size the test suite runs
 
 Setup (everything deterministic in the seed; see docs/methods.md for the numbers):
 - The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo`: reverse / sort letters,
@@ -24,6 +24,7 @@ Setup (everything deterministic in the seed; see docs/methods.md for the numbers
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -35,19 +36,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import demo, demo_task
+from .. import distributed as dist
+from ..driver import SpinConfig, spin
+from ..io import atomic_write_json, atomic_write_text
+from ..log import print0
+from ..methods import JudgeConfig
+from . import run as demo_run
+from . import task as demo_task
 
 ALL_METHODS = ("continued_sft", "spin", "judge_spin", "noise_spin", "adaptive", "sppo", "dpo")
 LABELS = {"continued_sft": "continued SFT", "spin": "SPIN", "judge_spin": "judge-SPIN", "noise_spin": "noise-SPIN",
           "adaptive": "adaptive", "sppo": "SPPO", "dpo": "DPO"}
-JUDGE = "minispin.demo_methods:demo_judge"
+JUDGE = "minispin.demo.methods:demo_judge"
 
 
 @dataclass
 class MethodsDemoConfig:
     """The demo's sizes (`demo`) plus the methods' settings."""
 
-    demo: demo.DemoConfig = field(default_factory=demo.DemoConfig)
+    demo: demo_run.DemoConfig = field(default_factory=demo_run.DemoConfig)
     methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
     label_noise: float = 0.2  # fraction of the self-play prompts whose real answer is a near miss
     noise_label_smoothing: float = 0.1  # noise-SPIN: eps
@@ -61,7 +68,7 @@ class MethodsDemoConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.demo, dict):
-            self.demo = demo.DemoConfig(**self.demo)
+            self.demo = demo_run.DemoConfig(**self.demo)
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(ALL_METHODS)}")
@@ -125,8 +132,6 @@ def near_miss(question: str, rng: random.Random, avoid: tuple[str, ...] = ()) ->
 def write_method_data(task_train: Path, out: Path, n_spin: int, label_noise: float, seed: int) -> dict[str, Path]:
     """<out>/spin_data.jsonl (the first n_spin SFT rows, a fraction label_noise of real answers replaced by
     near misses; "noisy": true marks them) and <out>/preferences.jsonl (DPO rows). Atomic, deterministic."""
-    from .io import atomic_write_text
-
     paths = {"spin": out / "spin_data.jsonl", "preferences": out / "preferences.jsonl"}
     if all(p.is_file() for p in paths.values()):
         return paths
@@ -158,15 +163,12 @@ def write_method_data(task_train: Path, out: Path, n_spin: int, label_noise: flo
 def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, config: MethodsDemoConfig,
                   device: str):
     """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
-    from .methods import JudgeConfig
-    from .driver import SpinConfig
-
     d = config.demo
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
     kw: dict[str, Any] = dict(
         model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
-        save_dtype="float32", mix_previous=True, train=demo.train_config(d, device, epochs=d.spin_epochs),
-        generation=demo.generation_config(d))
+        save_dtype="float32", mix_previous=True, train=demo_run.train_config(d, device, epochs=d.spin_epochs),
+        generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
         return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
@@ -233,10 +235,6 @@ def markdown_tables(results: dict[str, Any]) -> str:
 
 def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) the comparison; call on every rank. Returns the results (also in <out>/results.json)."""
-    from . import distributed as dist
-    from .io import atomic_write_json, atomic_write_text
-    from .driver import spin
-
     info = dist.init_distributed(device)
     t_start = time.perf_counter()
     try:
@@ -245,8 +243,8 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
                  "eval": out / "eval"}
         if dist.is_main():
             _check_settings(out, config)
-            task = demo.make_task(paths["task"], d)
-            demo.init_model(paths["init"], task["tokenizer"], d)
+            task = demo_run.make_task(paths["task"], d)
+            demo_run.init_model(paths["init"], task["tokenizer"], d)
             data = write_method_data(task["train"], paths["data"], d.n_spin, config.label_noise, d.seed)
         dist.barrier()
         data = {"spin": paths["data"] / "spin_data.jsonl", "preferences": paths["data"] / "preferences.jsonl"}
@@ -255,9 +253,9 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
              f"{d.n_spin} self-play prompts, label noise {config.label_noise:g}")
 
         t = time.perf_counter()
-        sft_model = demo.run_sft(paths["init"], paths["task"] / "train_sft.jsonl", paths["sft"], d, device,
+        sft_model = demo_run.run_sft(paths["init"], paths["task"] / "train_sft.jsonl", paths["sft"], d, device,
                                  lr=d.sft_lr, limit=None)
-        sft = dict(demo.evaluate_stage("sft", sft_model, test, paths["eval"], device),
+        sft = dict(demo_run.evaluate_stage("sft", sft_model, test, paths["eval"], device),
                    train_seconds=round(time.perf_counter() - t, 1))
         _say(f"SFT: exact match {sft['exact_match']:.3f}")
         results: dict[str, Any] = {"config": asdict(config), "world_size": info.world_size, "device": device,
@@ -268,7 +266,7 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
             _say(f"{LABELS[name]}: {cfg.total_iterations} iteration(s)")
             models = spin(cfg).models
             seconds = time.perf_counter() - t
-            evals = [demo.evaluate_stage(f"{name}_iter{i}", m, test, paths["eval"], device)
+            evals = [demo_run.evaluate_stage(f"{name}_iter{i}", m, test, paths["eval"], device)
                      for i, m in enumerate(models)]
             results["methods"][name] = {"seconds": round(seconds, 1), "iterations": evals,
                                         "pair_stats": _pair_stats(out / name)}
@@ -288,16 +286,11 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
         dist.shutdown(info)
 
 
-def _say(message: str) -> None:
-    from . import distributed as dist
-    if dist.is_main():
-        print(f"[methods-demo] {message}", flush=True)
+_say = functools.partial(print0, prefix="methods-demo")  # status lines, rank 0
 
 
 def _check_settings(out: Path, config: MethodsDemoConfig) -> None:
     """Refuse to continue a run made with other settings (the method list may grow)."""
-    from .io import atomic_write_json
-
     path = out / "methods_demo_config.json"
     current = asdict(config)
     if path.is_file():
@@ -312,7 +305,7 @@ def _check_settings(out: Path, config: MethodsDemoConfig) -> None:
 # ----------------------------------------------------------------------------- command line
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minispin.demo_methods", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minispin.demo.methods", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo_methods", help="run folder (re-running the same command continues)")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help="comma-separated subset of " + ",".join(ALL_METHODS))
@@ -328,12 +321,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    from .distributed import launched_by_torchrun
-
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
-    if args.nproc > 1 and not launched_by_torchrun():
-        return demo.launch_torchrun("minispin.demo_methods", argv, args.nproc)
+    if args.nproc > 1 and not dist.launched_by_torchrun():
+        return demo_run.launch_torchrun("minispin.demo.methods", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET")
     overrides: dict[str, Any] = {"seed": args.seed}
@@ -341,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.iterations < 1:
             raise SystemExit("--iterations must be >= 1")
         overrides["iterations"] = args.iterations
-    demo_config = demo.DemoConfig.small(**overrides) if args.small else demo.DemoConfig(**overrides)
+    demo_config = demo_run.DemoConfig.small(**overrides) if args.small else demo_run.DemoConfig(**overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         config = MethodsDemoConfig(demo=demo_config, methods=methods, label_noise=args.label_noise)
