@@ -49,6 +49,7 @@ from .data import Example, read_examples
 from .generation_job import GenerationConfig, run_generation_job
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
 from .log import print0, warn0
+from .runs import check_manifest, describe_changes, write_manifest
 from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_counts, get_method, register_method
 from .tokenizer import load_tokenizer
 from .training import TrainConfig, save_trained_model, train
@@ -295,32 +296,17 @@ def _iter_dir(run: Path, t: int) -> Path:
     return run / f"iter{t}"
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in ("train", "generation", "judge"):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _check_run_config(run: Path, config: SpinConfig) -> None:
     """Rank 0: record the config of a new run, or compare with the config the run started with."""
     path = run / "config.json"
     current = to_dict(config)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        a, b = _flatten(old), _flatten(current)
-        changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _IGNORED_ON_RESUME)
+    changed = check_manifest(path, current, allowed=_IGNORED_ON_RESUME)
+    if changed:
         started = any(run.glob("iter*"))  # nothing done yet (e.g. the data was refused): take the new config
-        if changed and started and not config.allow_config_change:
-            detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
-            raise ValueError(f"{run} holds a run started with a different config ({detail}). Use the same "
-                             "options to resume, another --output_dir, or --allow_config_change true")
-        if not changed:
-            return
-    atomic_write_json(path, current)
+        if started and not config.allow_config_change:
+            raise ValueError(f"{run} holds a run started with a different config ({describe_changes(changed, 8)}). "
+                             "Use the same options to resume, another --output_dir, or --allow_config_change true")
+        write_manifest(path, current)
 
 
 def _write_state(run: Path, **state: Any) -> None:

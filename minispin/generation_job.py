@@ -23,11 +23,9 @@
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,8 +33,10 @@ from typing import Any, Sequence
 
 from . import distributed as dist
 from .data import DataError, Example, load_rows, read_examples, to_spin_row
-from .io import ChunkedJsonlWriter, atomic_write_json, merge_parts, read_jsonl_part, write_rows_file
-from .sampler import ProgressLine, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
+from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
+from .log import Progress, print0
+from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
+from .sampler import completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
 
 log = logging.getLogger("minispin.generation_job")
 
@@ -80,14 +80,6 @@ class GenerationConfig:
             self.stop = [self.stop]
 
 
-def part_path(out_path: Path, rank: int, world: int) -> Path:
-    return out_path.with_name(f"{out_path.name}.part-{rank:05d}-of-{world:05d}.jsonl")
-
-
-def _all_parts(out_path: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(glob.escape(str(out_path)) + ".part-*-of-*.jsonl"))
-
-
 def _sidecar(out_path: Path, what: str) -> Path:
     return out_path.with_name(f"{out_path.name}.{what}")
 
@@ -110,8 +102,7 @@ def _finish_extras(out_path: Path, config: GenerationConfig) -> None:
     if config.parquet and copy is not None and not copy.exists():
         write_rows_file(copy, _read_rows(out_path))
     if not config.keep_parts:
-        for part in _all_parts(out_path):
-            part.unlink(missing_ok=True)
+        remove_parts(out_path)
     _sidecar(out_path, "job.json").unlink(missing_ok=True)
 
 
@@ -177,22 +168,14 @@ def _job_settings(config: GenerationConfig, n_examples: int) -> dict:
 def _check_job_file(out_path: Path, settings: dict) -> str | None:
     """Rank 0: record the settings of a new job, or compare with those of the job being resumed."""
     path = _sidecar(out_path, "job.json")
-    if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError:
-            old = None
-        if old is not None and old != json.loads(json.dumps(settings)):
-            changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            return (f"{out_path}: resuming a generation job started with other settings ({', '.join(changed)}: "
-                    f"{ {k: old.get(k) for k in changed} } -> { {k: settings.get(k) for k in changed} }); use the "
-                    f"same settings, or delete {path.name} and the part files {out_path.name}.part-* to start over")
-        if old is not None:
-            return None
-    if _all_parts(out_path) and not path.exists():
+    if read_manifest(path) is None and part_files(out_path) and not path.exists():
         return (f"{out_path}: part files exist but no {path.name}; cannot tell which settings made them. "
                 f"Delete {out_path.name}.part-* to start over")
-    atomic_write_json(path, settings)
+    changed = check_manifest(path, settings)
+    if changed:
+        return (f"{out_path}: resuming a generation job started with other settings ({', '.join(changed)}: "
+                f"{ {k: a for k, (a, _) in changed.items()} } -> { {k: b for k, (_, b) in changed.items()} }); use "
+                f"the same settings, or delete {path.name} and the part files {out_path.name}.part-* to start over")
     return None
 
 
@@ -225,7 +208,7 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     # world size). Parts of the current world size that other ranks append to hold only their shares.
     done: set[int] = set()
     own_part = part_path(out_path, rank, world)
-    for part in _all_parts(out_path):
+    for part in part_files(out_path):
         if part != own_part:
             done.update(row["index"] for row in read_jsonl_part(part))
     share = [e for p, e in enumerate(examples) if p % world == rank]
@@ -245,11 +228,11 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
             shown = "; ".join(f"row {s['index']}: {s['reason']}" for s in skipped[:3])
             log.warning("%s: skipped %d malformed rows (listed in %s): %s%s", out_path, len(skipped),
                         skipped_path.name, shown, " ..." if len(skipped) > 3 else "")
-            print(f"[generate] skipped {len(skipped)} malformed rows, listed in {skipped_path}", file=sys.stderr)
+            print0(f"skipped {len(skipped)} malformed rows, listed in {skipped_path}", prefix="generate")
         skipped_idx = {s["index"] for s in skipped}
         expected = {e.index for e in examples} - skipped_idx
         # every expected index exactly once, or MergeError (e.g. parts left by a job over other input)
-        merge_parts(_all_parts(out_path), out_path, expected_keys=expected)
+        merge_parts(part_files(out_path), out_path, expected_keys=expected)
         _finish_extras(out_path, config)
     dist.barrier()
     return out_path
@@ -264,7 +247,7 @@ def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list
     texts: dict[int, list[str | None]] = {}
     pending: list[dict] = []
     label = "generate" if world == 1 else f"generate rank {rank}/{world}"
-    bar = ProgressLine(len(encoded), label=label, enabled=config.progress)
+    bar = Progress(len(encoded), label, enabled=config.progress, unit="prompts", every=max(1, len(encoded) // 10))
     prompts_done = tokens = 0
 
     def flush() -> None:
@@ -294,7 +277,7 @@ def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list
         del texts[j]
         pending.append(row)
         prompts_done += 1
-        bar.update(prompts_done, tokens)
+        bar.update(prompts_done, tokens=tokens)
         if len(pending) >= config.chunk_size:
             flush()
     flush()

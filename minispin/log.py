@@ -41,7 +41,7 @@ class Progress:
         self.enabled = enabled and dist.is_main()
         self.tty = sys.stderr.isatty()
         self.t0 = self.last = time.perf_counter()
-        self.done, self.text, self.drawn = start, "", False
+        self.done, self.text, self.tokens, self.drawn = start, "", None, False
 
     def line(self, now: float | None = None) -> str:
         """The current line (also what the tests read)."""
@@ -54,14 +54,17 @@ class Progress:
             parts.append(f"{rate:.3g}{unit or ' it'}/s")
             if self.done < self.total:
                 parts.append(f"ETA {_duration((self.total - self.done) / rate)}")
+        if self.tokens is not None:
+            parts.append(f"{self.tokens} tokens | {self.tokens / elapsed:,.0f} tok/s")
         if self.start:
             parts.append(f"resumed from {self.start}")
         if self.text:
             parts.append(self.text)
         return " | ".join(parts)
 
-    def update(self, done: int, text: str = "", *, force: bool = False) -> None:
-        self.done, self.text = done, text
+    def update(self, done: int, text: str = "", *, tokens: int | None = None, force: bool = False) -> None:
+        """Record progress (`tokens`: tokens so far, shown with their rate) and redraw / print the line."""
+        self.done, self.text, self.tokens = done, text, tokens
         if not self.enabled:
             return
         now = time.perf_counter()

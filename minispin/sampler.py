@@ -28,13 +28,12 @@ How it works
 """
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .log import Progress
 from .model import KVCache, Transformer
 
 # ----------------------------------------------------------------------------- counter-based RNG
@@ -147,7 +146,7 @@ def truncate_prompt(ids: list[int], max_prompt_length: int | None, bos_id: int |
     return ids[len(ids) - max_prompt_length:]
 
 
-# ----------------------------------------------------------------------------- results and progress
+# ----------------------------------------------------------------------------- results
 
 @dataclass
 class GeneratedSequence:
@@ -165,37 +164,6 @@ class Completion:
     token_ids: list[int]
     finish_reason: str = "length"
     index: int = 0
-
-
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-class ProgressLine:
-    """One status line on stderr (rank 0 only): prompts done, tokens, tokens/s; redrawn at most 2x/s."""
-
-    def __init__(self, total: int, label: str = "generate", enabled: bool = True, every_s: float = 0.5):
-        self.total, self.label, self.every_s = total, label, every_s
-        self.enabled = enabled and _is_rank0()
-        self.start = self.last = time.perf_counter()
-        self.done = self.tokens = 0
-
-    def update(self, done: int, tokens: int, force: bool = False) -> None:
-        self.done, self.tokens = done, tokens
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last < self.every_s):
-            return
-        self.last = now
-        rate = tokens / max(now - self.start, 1e-9)
-        sys.stderr.write(f"\r[{self.label}] {done}/{self.total} prompts | {tokens} tokens | {rate:,.0f} tok/s ")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.update(self.done, self.tokens, force=True)
-            sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -379,7 +347,7 @@ def iter_generate_tokens(
     refill_min_free: int | None = None,
     sync_every: int | None = None,
     max_prefill_tokens: int = 16384,
-    progress: bool | ProgressLine | Callable[[int, int, int], None] = False,
+    progress: bool | Progress | Callable[[int, int, int], None] = False,
     stats: dict | None = None,
 ) -> Iterator[tuple[int, GeneratedSequence]]:
     """Yield (position in prompt_ids, GeneratedSequence) as each prompt finishes (in finishing order).
@@ -413,11 +381,12 @@ def iter_generate_tokens(
         raise ValueError("stop_strings need `decode` (token ids -> text), e.g. tokenizer.decode")
     stop_token_ids = _model_eos_ids(model) if stop_token_ids is None else list(stop_token_ids)
 
-    if callable(progress) and not isinstance(progress, ProgressLine):
+    if callable(progress) and not isinstance(progress, Progress):
         callback, progress = progress, False
     else:
         callback = None
-    bar = progress if isinstance(progress, ProgressLine) else ProgressLine(n, enabled=bool(progress))
+    bar = progress if isinstance(progress, Progress) else Progress(n, "generate", enabled=bool(progress),
+                                                                    unit="prompts", every=max(1, n // 10))
     if max_new_tokens == 0 or n == 0:
         for i in range(n):
             yield i, GeneratedSequence([], "length")
@@ -502,13 +471,13 @@ def iter_generate_tokens(
             seq = _finish(toks[:count], stop_token_ids, stop_strings, decode, max_new_tokens)
             done_count += 1
             tokens_out += len(seq.token_ids)
-            bar.update(done_count, tokens_out)
+            bar.update(done_count, tokens=tokens_out)
             if callback is not None:
                 callback(done_count, n, tokens_out)
             yield i, seq
     if stats is not None:
         stats.update(row_steps=row_steps, tokens=tokens_out, slots=slots, max_len=max_len)
-    if not isinstance(progress, ProgressLine):
+    if not isinstance(progress, Progress):
         bar.close()
 
 

@@ -132,7 +132,7 @@ def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrup
 
     state = killed("reference:batch=1")
     assert state["phase"] == "reference" and (out / "iter0" / "generated.jsonl").exists()
-    assert len(list((out / "iter0" / "reference_logps.jsonl.parts").glob("*.jsonl"))) == 1
+    assert len(list((out / "iter0").glob("reference_logps.jsonl.part-*"))) == 1
 
     state = killed("train:step=3")
     assert state["phase"] == "train"

@@ -41,6 +41,7 @@ from ..driver import SpinConfig, spin
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
 from ..methods import JudgeConfig
+from ..runs import check_manifest, describe_changes, write_manifest
 from . import run as demo_run
 from . import task as demo_task
 
@@ -292,14 +293,10 @@ _say = functools.partial(print0, prefix="methods-demo")  # status lines, rank 0
 def _check_settings(out: Path, config: MethodsDemoConfig) -> None:
     """Refuse to continue a run made with other settings (the method list may grow)."""
     path = out / "methods_demo_config.json"
-    current = asdict(config)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = [k for k in current if k != "methods" and old.get(k) != current[k]]
-        if changed:
-            raise SystemExit(f"{out} holds a run with other settings ({', '.join(changed)}); use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, current)
+    changed = check_manifest(path, asdict(config), allowed=("methods",))
+    if changed:
+        raise SystemExit(f"{out} holds a run with other settings ({describe_changes(changed)}); use another --out")
+    write_manifest(path, asdict(config))  # the method list may grow
 
 
 # ----------------------------------------------------------------------------- command line

@@ -50,6 +50,7 @@ from ..generation_job import GenerationConfig
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
 from ..model import ModelConfig, Transformer
+from ..runs import check_manifest, describe_changes
 from ..tokenizer import load_tokenizer
 from ..training import TrainConfig
 from . import task as demo_task
@@ -100,17 +101,10 @@ def _paths(out: Path) -> dict[str, Path]:
 
 def _check_settings(out: Path, config: DemoConfig) -> str | None:
     """Rank 0: record the demo's settings; an error message when `out` holds a run made with other ones."""
-    path = out / "demo_config.json"
-    current = asdict(config)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        changed = {k: (old.get(k), v) for k, v in current.items() if old.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            return f"{out} holds a demo run with other settings ({detail}); use another --out or the same options"
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, current)
+    changed = check_manifest(out / "demo_config.json", asdict(config))
+    if changed:
+        return (f"{out} holds a demo run with other settings ({describe_changes(changed)}); use another --out "
+                "or the same options")
     return None
 
 

@@ -20,8 +20,11 @@ import torch
 from .. import distributed as dist
 from ..collate import Pair
 from ..io import ChunkedJsonlWriter, read_jsonl_part
+from ..runs import part_files, part_path
 from .counts import FLIPPED, KEPT, SAMPLE_SCORES
 from .spin import spin_pair
+
+SCORES_FILE = "scores.jsonl"  # the cache's part files are <cache_dir>/scores.jsonl.part-RRRRR-of-WWWWW.jsonl
 
 @dataclass
 class JudgeConfig:
@@ -184,7 +187,7 @@ def score_prompts(items: Sequence[tuple[int, list[dict[str, str]], list[str]]], 
     """{index: scores} of every (index, prompt, responses) item, computed by the judge.
 
     With cache_dir: each rank scores its share (items at positions p % world == rank) in chunks of
-    judge.prompts_per_call, appending them to its own part file <cache_dir>/rankR-of-W.jsonl (fsynced); rows
+    judge.prompts_per_call, appending them to its own part file <cache_dir>/scores.jsonl.part-RRRRR-of-WWWWW.jsonl (fsynced); rows
     already in any part file are not scored again (resume after a kill; any world size). Every rank then
     reads all parts. A cached row whose prompt/responses differ from the item is refused (stale cache).
     Call on every rank under torchrun.
@@ -203,7 +206,7 @@ def score_prompts(items: Sequence[tuple[int, list[dict[str, str]], list[str]]], 
 
     def read_cache() -> dict[int, list[float]]:
         found: dict[int, list[float]] = {}
-        for part in sorted(cache_dir.glob("*.jsonl")) if cache_dir.is_dir() else []:
+        for part in part_files(cache_dir / SCORES_FILE):
             for row in read_jsonl_part(part):
                 i = row["index"]
                 if i in digests and row.get("digest") != digests[i]:
@@ -219,7 +222,7 @@ def score_prompts(items: Sequence[tuple[int, list[dict[str, str]], list[str]]], 
     if mine:
         if log:
             log(f"judge ({judge.spec}): scoring {len(mine)} prompt(s) on rank {rank}")
-        with ChunkedJsonlWriter(cache_dir / f"rank{rank:05d}-of-{world:05d}.jsonl") as writer:
+        with ChunkedJsonlWriter(part_path(cache_dir / SCORES_FILE, rank, world)) as writer:
             for start in range(0, len(mine), judge.prompts_per_call):
                 chunk = mine[start: start + judge.prompts_per_call]
                 scores = scorer(chunk)

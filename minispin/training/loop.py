@@ -42,6 +42,7 @@ from ..collate import Pair, TokenizedPair, collate_pairs, epoch_permutation, pla
 from ..io import atomic_write_text
 from ..log import Progress
 from ..model import Transformer
+from ..runs import changed_settings, describe_changes
 from .config import RESUME_FREE, TrainConfig, TrainResult
 from .optim import build_optimizer, lr_at, optimizer_step
 from .policy import prepare_policy
@@ -188,14 +189,10 @@ def _resume(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, run: _Run
                          "same data and config are needed to resume (or delete the folder)")
     if meta["data_order"] != orders:
         raise ValueError(f"{run.state}: the saved data order differs from this run's (seed/epochs changed?)")
-    now = json.loads(json.dumps(asdict(config)))
-    changed = sorted(k for k in set(now) | set(meta["config"])
-                     if k not in RESUME_FREE and now.get(k) != meta["config"].get(k))
+    changed = changed_settings(meta["config"], asdict(config), allowed=RESUME_FREE)
     if changed:
-        saved_cfg = meta["config"]
-        detail = ", ".join(f"{k}: {saved_cfg.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise ValueError(f"{run.state}: saved by a run with other settings ({detail}); resume with the "
-                         "same config (or delete the folder to start over)")
+        raise ValueError(f"{run.state}: saved by a run with other settings ({describe_changes(changed)}); resume "
+                         "with the same config (or delete the folder to start over)")
     if dist.is_main():
         _truncate_metrics(run.metrics, meta["step"])
     return meta["step"]

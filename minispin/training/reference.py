@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import distributed as dist
 from ..io import ChunkedJsonlWriter, merge_parts, read_jsonl_part
 from ..log import Progress
+from ..runs import part_files, part_path, remove_parts
 from ..collate import TokenizedPair, collate_pairs, split_step
 from ..model import Transformer
 from .config import TrainConfig
@@ -53,14 +54,12 @@ def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pa
     plan = _micro_plan(order, lengths, micro, world)
 
     done: dict[int, tuple[float, float]] = {}
-    parts_dir = out_path.with_name(out_path.name + ".parts") if out_path is not None else None
-    if parts_dir is not None:
-        if parts_dir.is_dir():
-            for part in sorted(parts_dir.glob("*.jsonl")):
-                for row in read_jsonl_part(part):
-                    done[row["index"]] = (row["chosen"], row["rejected"])
+    if out_path is not None:
+        for part in part_files(out_path):
+            for row in read_jsonl_part(part):
+                done[row["index"]] = (row["chosen"], row["rejected"])
         dist.barrier()  # everyone has read the parts before anyone appends
-    writer = ChunkedJsonlWriter(parts_dir / f"rank{rank:05d}-of-{world:05d}.jsonl") if parts_dir else None
+    writer = ChunkedJsonlWriter(part_path(out_path, rank, world)) if out_path is not None else None
     results: dict[int, tuple[float, float]] = dict(done)
     was_training = policy.training
     policy.eval()
@@ -96,10 +95,8 @@ def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pa
         return {i: (c, r) for per_rank in gathered for i, c, r in per_rank}
     dist.barrier()
     if rank == 0:
-        merge_parts(sorted(parts_dir.glob("*.jsonl")), out_path, expected_keys={t.index for t in by_pos})
-        for part in parts_dir.glob("*.jsonl"):
-            part.unlink()
-        parts_dir.rmdir()
+        merge_parts(part_files(out_path), out_path, expected_keys={t.index for t in by_pos})
+        remove_parts(out_path)
     dist.barrier()
     return _read_reference_file(out_path, tokenized)
 
