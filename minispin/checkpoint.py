@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from .io import atomic_replace_dir, recover_replaced_dir
 from .model import ModelConfig, Transformer, hf_key, our_key
@@ -139,11 +140,28 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
 
 
+def _local_piece(full: torch.Tensor, param: DTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's slice of `full`, the local tensor to copy it into) for a sharded (DTensor) parameter."""
+    local = param.to_local()
+    mesh = param.device_mesh
+    piece = full
+    for dim_mesh, placement in enumerate(param.placements):
+        if placement.is_shard():
+            n, r = mesh.size(dim_mesh), mesh.get_local_rank(dim_mesh)
+            chunks = torch.chunk(piece, n, dim=placement.dim)  # FSDP2 shards like torch.chunk
+            piece = chunks[r] if r < len(chunks) else piece.narrow(placement.dim, 0, 0)
+    return piece, local
+
+
 def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None) -> Transformer:
-    """Stream a checkpoint folder's tensors into `model` (meta or materialised), checking names and shapes."""
+    """Stream a checkpoint folder's tensors into `model`, checking names and shapes: the one loader for
+    plain and sharded models. A meta or materialised model gets each tensor as its parameter (on
+    `device`, in `dtype`); an FSDP2-sharded model (DTensor parameters, already on their device) copies
+    only this rank's shard of every tensor into its local storage (no full copy per rank)."""
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens.weight
     tied = model.config.tie_word_embeddings
+    sharded = any(isinstance(p, DTensor) for p in expected.values())
     device = torch.device(device) if device is not None else torch.device("cpu")
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -156,11 +174,19 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
             if name not in expected:
                 unexpected.append(f"{key} ({file.name})")
                 continue
-            if tuple(tensor.shape) != tuple(expected[name].shape):
-                wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[name].shape)}")
+            param = expected[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
                 continue
-            target_dtype = dtype or expected[name].dtype
-            _assign(model, name, tensor.to(device=device, dtype=target_dtype))
+            if isinstance(param, DTensor):
+                piece, local = _local_piece(tensor, param)
+                if piece.shape != local.shape:
+                    wrong_shape.append(f"{key}: shard {tuple(piece.shape)} vs local {tuple(local.shape)}")
+                    continue
+                with torch.no_grad():
+                    local.copy_(piece.to(dtype=local.dtype))
+            else:
+                _assign(model, name, tensor.to(device=device, dtype=dtype or param.dtype))
             loaded.add(name)
     missing = sorted(hf_key(n) for n in expected if n not in loaded)
     problems = []
@@ -172,8 +198,9 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
         problems.append(f"mis-shaped tensors: {'; '.join(wrong_shape)}")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the model config: " + " | ".join(problems))
-    model.tie_weights()
-    model.reset_buffers(device)
+    if not sharded:  # a sharded model keeps its (FSDP-registered) parameters and buffers
+        model.tie_weights()
+        model.reset_buffers(device)
     return model
 
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 from .. import distributed as dist
-from ..checkpoint import CheckpointError, build_model, checkpoint_files, iter_safetensors, load_config, load_model, save_model
+from ..checkpoint import build_model, load_config, load_model, load_state_dict_into, save_model
 from ..collate import PairBatch
 from ..methods.noise import neftune, row_lengths
-from ..model import Transformer, our_key
+from ..model import Transformer
 from .config import TrainConfig
 
 class PolicyHead(nn.Module):
@@ -94,8 +94,8 @@ def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
         apply_activation_checkpointing(model)
     policy = shard_policy(PolicyHead(model, config.neftune_alpha), config, info)
     if path is not None:
-        policy.to_empty(device=info.device)  # uninitialised shards; load_sharded_weights fills them
-        load_sharded_weights(policy, path)
+        policy.to_empty(device=info.device)  # uninitialised shards; the loader fills each rank's own
+        load_state_dict_into(model, path)
     model.reset_buffers(info.device)
     return policy.train()
 
@@ -117,51 +117,6 @@ def shard_policy(policy: PolicyHead, config: TrainConfig, info: dist.DistInfo) -
 
 def _is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
-
-
-def _local_piece(full: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this rank's slice of `full`, the local tensor to copy it into) for a DTensor or plain param."""
-    from torch.distributed.tensor import DTensor
-
-    if not isinstance(param, DTensor):
-        return full, param.data
-    local = param.to_local()
-    mesh = param.device_mesh
-    piece = full
-    for dim_mesh, placement in enumerate(param.placements):
-        if placement.is_shard():
-            n, r = mesh.size(dim_mesh), mesh.get_local_rank(dim_mesh)
-            chunks = torch.chunk(piece, n, dim=placement.dim)  # FSDP2 shards like torch.chunk
-            piece = chunks[r] if r < len(chunks) else piece.narrow(placement.dim, 0, 0)
-    return piece, local
-
-
-def load_sharded_weights(policy: PolicyHead, path: str | os.PathLike) -> None:
-    """Copy each rank's shard of every tensor of an HF checkpoint folder into the (sharded) model."""
-    model = policy.model
-    params = dict(model.named_parameters())
-    tied = model.config.tie_word_embeddings
-    loaded = set()
-    with torch.no_grad():
-        for file in checkpoint_files(path):
-            for key, tensor in iter_safetensors(file):
-                name = our_key(key)
-                if name is None or (tied and name == "lm_head.weight"):
-                    continue
-                if name not in params:
-                    raise CheckpointError(f"{file}: unexpected tensor {key!r} for this model")
-                p = params[name]
-                if tuple(tensor.shape) != tuple(p.shape):
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                                          f"the model expects {tuple(p.shape)}")
-                piece, local = _local_piece(tensor, p)
-                if piece.shape != local.shape:
-                    raise CheckpointError(f"{key}: shard shape {tuple(piece.shape)} != local {tuple(local.shape)}")
-                local.copy_(piece.to(dtype=local.dtype))
-                loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks tensors: {', '.join(missing)}")
 
 
 def full_state_dict(policy: PolicyHead) -> dict[str, torch.Tensor]:
