@@ -142,10 +142,12 @@ def all_ranks_true(flag: bool) -> bool:
 
 
 def kill_point(phase: str, **counters: int) -> None:
-    """Test hook: SIGKILL this process when MINISPIN_TEST_KILL_AT matches, e.g. "train:step=3",
-    "reference:batch=1", "generate:rows=4", "save" (phase only), optionally "@rank=1" at the end.
-
-    A real kill -9 (no cleanup, no atexit), used by the resume tests; never set it in normal runs.
+    """The one test seam for kill -9 resume tests: SIGKILL this process when MINISPIN_TEST_KILL_AT
+    matches "<phase>[:<counter>=<value>][@rank=<r>]". The points, each right after its work is durable:
+    "generate:rows=N" (generation job chunk), "judge:rows=N" (judge score cache chunk),
+    "reference:batch=B" (reference pass batch), "train:step=S" (optimizer step, after any checkpoint),
+    "save:iteration=T" (iteration model saved). A real kill -9 (no cleanup, no atexit); never set in
+    normal runs.
     """
     spec = os.environ.get(KILL_ENV)
     if not spec:

@@ -356,42 +356,16 @@ def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) ->
 
 def spin(config: SpinConfig) -> SpinResult:
     """Run (or resume) a whole SPIN run; returns the saved models. Call on every rank under torchrun."""
-    if not config.model:
-        raise ValueError("SpinConfig.model is required: the starting model's HF folder")
-    if not config.data:
-        raise ValueError("SpinConfig.data is required: the SFT data file or folder")
-    if not Path(config.model).exists():
-        raise FileNotFoundError(f"model folder {config.model!r} does not exist")
-    if not Path(config.data).exists():
-        raise FileNotFoundError(f"data path {config.data!r} does not exist")
+    _check_inputs(config)
     method = get_method(config.method)
     schedule = iteration_configs(config)
     info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
-                               and (config.train.device or "cuda").startswith("cuda"))
+                                 and (config.train.device or "cuda").startswith("cuda"))
     run = Path(config.output_dir)
     try:
-        if dist.is_main():
-            run.mkdir(parents=True, exist_ok=True)
-        error = None
-        if dist.is_main():
-            try:
-                _check_run_config(run, config)
-            except ValueError as e:
-                error = str(e)
-        error = dist.broadcast_json(error)
-        if error:
-            raise ValueError(error)
-
+        _start_run(run, config)
         tokenizer = load_tokenizer(config.tokenizer or config.model)
-        warn = functools.partial(warn0, prefix="spin")
-        generates = method.needs_generation and config.generate
-        examples = method.read_data(config, warn) if method.read_data is not None else None
-        if examples is None:
-            examples = read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
-                                     on_error=config.on_bad_row, warn=warn,
-                                     require_generated=method.needs_generation and not config.generate)
-        if not examples:
-            raise ValueError(f"{config.data}: no usable rows")
+        examples = _read_data(config, method)
         _log(f"{len(examples)} examples from {config.data}; method {method.name}; "
              f"{config.total_iterations} iteration(s); world size {info.world_size}")
 
@@ -409,45 +383,16 @@ def spin(config: SpinConfig) -> SpinResult:
             if dist.is_main():
                 it.mkdir(parents=True, exist_ok=True)
 
-            if generates:
-                gen_path = it / "generated.jsonl"
-                _write_state(run, iteration=t, phase="generate", model=str(current), models=[str(m) for m in models])
-                if not dist.all_ranks_true(gen_path.is_file()):
-                    _log(f"iteration {t}: generating with {current}")
-                    gen_model = load_model(current, dtype=_generation_dtype(config, info.device), device=info.device)
-                    run_generation_job(gen_model, tokenizer, list(examples), gen_path, gen_cfg)
-                    del gen_model
-                    _free_memory()
-                current_examples = _read_generated(gen_path, config, f"iter{t}")
-            else:
-                current_examples = list(examples)
+            def on_phase(phase: str, _t=t) -> None:
+                _write_state(run, iteration=_t, phase=phase, model=str(current), models=[str(m) for m in models])
 
-            if method.prepare is not None:  # judge scores (cached per iteration, or per run without generation)
-                current_examples = method.prepare(current_examples, config,
-                                                  (it if generates else run) / "judge_scores")
-            pairs = build_pairs(current_examples, config)
-            mix = spin_kw.get("mix_previous", config.mix_previous)
-            if mix and t > 0 and generates:
-                prev = _iter_dir(run, t - 1) / "generated.jsonl"
-                if not prev.is_file():
-                    raise FileNotFoundError(f"iteration {t} mixes in the previous iteration's data, but {prev} "
-                                            "is missing")
-                prev_examples = _read_generated(prev, config, f"iter{t - 1}")
-                if method.prepare is not None:
-                    prev_examples = method.prepare(prev_examples, config, _iter_dir(run, t - 1) / "judge_scores")
-                pairs += build_pairs(prev_examples, config)
-            pairs = [dataclasses.replace(p, index=i) for i, p in enumerate(pairs)]
-            if method.summarize is not None:
-                stats = method.summarize(pairs)
-                _record_pair_stats(run, t, method.name, stats)
-                _log(f"iteration {t}: {describe_counts(stats)}")
+            current_examples = _iteration_examples(run, t, config, method, examples, current, tokenizer, gen_cfg,
+                                                   info.device, on_phase)
+            pairs = _iteration_pairs(run, t, config, method, current_examples, spin_kw)
             noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
                                                                         ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
                  f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}")
-
-            def on_phase(phase: str, _t=t) -> None:
-                _write_state(run, iteration=_t, phase=phase, model=str(current), models=[str(m) for m in models])
 
             result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
             on_phase("save")
@@ -463,6 +408,89 @@ def spin(config: SpinConfig) -> SpinResult:
         return SpinResult(run, models)
     finally:
         dist.shutdown(info)
+
+
+def _check_inputs(config: SpinConfig) -> None:
+    if not config.model:
+        raise ValueError("SpinConfig.model is required: the starting model's HF folder")
+    if not config.data:
+        raise ValueError("SpinConfig.data is required: the SFT data file or folder")
+    if not Path(config.model).exists():
+        raise FileNotFoundError(f"model folder {config.model!r} does not exist")
+    if not Path(config.data).exists():
+        raise FileNotFoundError(f"data path {config.data!r} does not exist")
+
+
+def _start_run(run: Path, config: SpinConfig) -> None:
+    """Every rank: the run folder exists and its config.json is this config's (or the resume is refused)."""
+    error = None
+    if dist.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        try:
+            _check_run_config(run, config)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast_json(error)
+    if error:
+        raise ValueError(error)
+
+
+def _read_data(config: SpinConfig, method: Method) -> list:
+    """The run's records, read the method's way (SFT / SPIN rows by default)."""
+    warn = functools.partial(warn0, prefix="spin")
+    examples = method.read_data(config, warn) if method.read_data is not None else None
+    if examples is None:
+        examples = read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
+                                 on_error=config.on_bad_row, warn=warn,
+                                 require_generated=method.needs_generation and not config.generate)
+    if not examples:
+        raise ValueError(f"{config.data}: no usable rows")
+    return examples
+
+
+def _iteration_examples(run: Path, t: int, config: SpinConfig, method: Method, examples: list, current: str | Path,
+                        tokenizer: Any, gen_cfg: GenerationConfig, device: torch.device,
+                        on_phase: Any) -> list:
+    """Iteration t's records: the model's generated answers (resumable job -> <iter>/generated.jsonl) when
+    the method generates, else the data's records."""
+    if not (method.needs_generation and config.generate):
+        return list(examples)
+    gen_path = _iter_dir(run, t) / "generated.jsonl"
+    on_phase("generate")
+    if not dist.all_ranks_true(gen_path.is_file()):
+        _log(f"iteration {t}: generating with {current}")
+        gen_model = load_model(current, dtype=_generation_dtype(config, device), device=device)
+        run_generation_job(gen_model, tokenizer, list(examples), gen_path, gen_cfg)
+        del gen_model
+        _free_memory()
+    return _read_generated(gen_path, config, f"iter{t}")
+
+
+def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, current_examples: list,
+                     spin_kw: dict[str, Any]) -> list[Pair]:
+    """Iteration t's pairs: judge scores attached (cached), the method's pairs, the previous iteration's
+    pairs mixed in (mix_previous), renumbered; the method's decision counts recorded and printed."""
+    generates = method.needs_generation and config.generate
+    it = _iter_dir(run, t)
+    if method.prepare is not None:  # judge scores (cached per iteration, or per run without generation)
+        current_examples = method.prepare(current_examples, config, (it if generates else run) / "judge_scores")
+    pairs = build_pairs(current_examples, config)
+    mix = spin_kw.get("mix_previous", config.mix_previous)
+    if mix and t > 0 and generates:
+        prev = _iter_dir(run, t - 1) / "generated.jsonl"
+        if not prev.is_file():
+            raise FileNotFoundError(f"iteration {t} mixes in the previous iteration's data, but {prev} "
+                                    "is missing")
+        prev_examples = _read_generated(prev, config, f"iter{t - 1}")
+        if method.prepare is not None:
+            prev_examples = method.prepare(prev_examples, config, _iter_dir(run, t - 1) / "judge_scores")
+        pairs += build_pairs(prev_examples, config)
+    pairs = [dataclasses.replace(p, index=i) for i, p in enumerate(pairs)]
+    if method.summarize is not None:
+        stats = method.summarize(pairs)
+        _record_pair_stats(run, t, method.name, stats)
+        _log(f"iteration {t}: {describe_counts(stats)}")
+    return pairs
 
 
 def _save_dtype(config: SpinConfig):
