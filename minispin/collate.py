@@ -4,11 +4,28 @@ A `Pair` is one training example: a prompt (messages), the chosen answer (SPIN: 
 rejected answer (SPIN: the model's own; None for continued SFT), and optional per-pair extras
 (label smoothing, SPPO targets, precomputed reference log-probs).
 
-Tokenization follows the paper's setup (the public SPIN/TRL collator): the prompt is encoded by
-`minispin.sampler.encode_prompt` - the one function generation uses too, so both see the same ids -
-and each answer separately without special tokens, with one EOS appended. If prompt + longer answer
-exceeds `max_length`, the prompt is cut to its last `max_prompt_length` tokens (keeping a leading
-BOS); if still too long, both answers are cut to `max_length - max_prompt_length` tokens.
+Tokenization (`tokenize_answers`, the ONE place an answer becomes training ids - SFT, SPIN, DPO, judge,
+noise, adaptive, SPPO and `minispin.evaluate` all use it):
+- an answer whose sampled token ids came with it (`Pair.chosen_ids` / `Pair.rejected_ids`, stored by the
+  generation job as "generated_ids") is trained on exactly those ids, after the generation prompt
+  `minispin.sampler.encode_prompt` (the ids the sampler was fed). Re-encoding the decoded text would
+  not give them back in general (decode -> encode does not round-trip);
+- an answer known only as text (the real answer, preference data, rows from older versions) is
+  tokenized IN CONTEXT: the conversation prompt + answer is rendered with the template once (the
+  tokenizer's Jinja chat template, the "spin" one or a Jinja string) and encoded once, and the answer
+  is the slice after the rendered prompt - the ids SFT on that template trains, not encode(answer) on
+  its own (which would start with a "▁" the model never sees after "<|assistant|>\n").
+  Boundary: the prompt's encoding must be a prefix of the joint encoding. When the prompt's last
+  token(s) merge with the answer's first (the "spin" template ends in a space: ":", "▁" + "Hello" ->
+  ":", "▁Hello"), the boundary is the longest common prefix, and that row's prompt is the joint
+  encoding up to it (so that prompt + answer is exactly the joint encoding; the pair's other row may
+  then have a prompt one token longer, `TokenizedPair.rejected_prompt_ids`).
+  End of turn: the answer keeps the template's end-of-turn token (the last EOS / stop id in the slice,
+  zephyr's "</s>") and drops what the template writes after it (zephyr's "\n" between turns); a
+  template without one (the "spin" template) gets EOS appended - the token a sampled answer ends with.
+Truncation (the paper's, as the public SPIN/TRL collator): if prompt + longer answer exceeds
+`max_length`, the prompt is cut to its last `max_prompt_length` tokens (keeping a leading BOS); if
+still too long, both answers are cut to `max_length - max_prompt_length` tokens.
 
 A micro-batch packs P pairs as 2P right-padded rows [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}]
 of length T = longest row; right padding needs no attention mask in our causal model. Instead of
@@ -32,7 +49,9 @@ IGNORE_INDEX = -100
 @dataclass
 class Pair:
     """One training pair. index: its position in the iteration's pair list (the key of reference
-    log-probs). rejected None = continued SFT (only the chosen/real answer is used)."""
+    log-probs). rejected None = continued SFT (only the chosen/real answer is used). chosen_ids /
+    rejected_ids: the answer's token ids as sampled (a generated answer: the ids the model produced,
+    ending with its stop token), used as they are; None = tokenize the text in context."""
     index: int
     prompt: list[dict[str, str]]
     chosen: str
@@ -43,21 +62,34 @@ class Pair:
     ref_rejected: float | None = None
     source: str = ""  # where the pair came from (e.g. "iter0", "iter1"), for logs
     extra: dict[str, Any] = field(default_factory=dict)
+    chosen_ids: list[int] | None = None
+    rejected_ids: list[int] | None = None
 
 
 @dataclass
 class TokenizedPair:
-    """Token ids of a pair after truncation; answers end with EOS unless cut by truncation."""
+    """Token ids of a pair after truncation; answers end with their end of turn unless cut by truncation
+    (or sampled without one). rejected_prompt_ids: the rejected row's prompt when it differs from the
+    chosen row's (a merged boundary, see the module doc); None = prompt_ids."""
     index: int
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int] | None
+    rejected_prompt_ids: list[int] | None = None
+
+    @property
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, answer ids) of the chosen row and, if any, the rejected row."""
+        rows = [(self.prompt_ids, self.chosen_ids)]
+        if self.rejected_ids is not None:
+            rows.append((self.rejected_prompt_ids if self.rejected_prompt_ids is not None else self.prompt_ids,
+                         self.rejected_ids))
+        return rows
 
     @property
     def length(self) -> int:
         """Length of the longer of the two rows (what padding a micro-batch costs)."""
-        longer = max(len(self.chosen_ids), len(self.rejected_ids or ()))
-        return len(self.prompt_ids) + longer
+        return max(len(p) + len(a) for p, a in self.rows)
 
 
 def truncate(prompt_ids: list[int], answers: list[list[int]], max_length: int, max_prompt_length: int,
@@ -74,27 +106,98 @@ def truncate(prompt_ids: list[int], answers: list[list[int]], max_length: int, m
     return prompt_ids, answers
 
 
+def _stop_ids(tokenizer: Any) -> set[int]:
+    """Ids that end an assistant turn: EOS plus the tokenizer's stop ids (generation_config.json)."""
+    ids = set(getattr(tokenizer, "stop_ids", None) or [])
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    return ids
+
+
+def _check_spelling(tokenizer: Any, ids: Sequence[int], text: str, stop: set[int]) -> None:
+    """Given answer ids must spell the answer's text (minus a final stop token): catches rows whose text
+    was edited after generation, which would otherwise train on an answer nobody sees."""
+    body = list(ids[:-1]) if ids and ids[-1] in stop else list(ids)
+    if tokenizer.decode(body, skip_special_tokens=True) != text and \
+            tokenizer.decode(body, skip_special_tokens=False) != text:
+        raise ValueError(f"the answer's token ids decode to {tokenizer.decode(body)[:60]!r}, not to its text "
+                         f"{text[:60]!r} (text edited after generation? drop the ids column to re-encode the text)")
+
+
+def tokenize_answers(tokenizer: Any, prompt: list[dict[str, str]],
+                     answers: Sequence[tuple[str, Sequence[int] | None]], template: str | None = None
+                     ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) of each (text, sampled ids or None) answer to one prompt, untruncated: the
+    sampled ids after the generation prompt, or the text's slice of the jointly encoded conversation
+    (see the module doc). The prompt is rendered and encoded once for all answers."""
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token; answers need one to end")
+    stop = _stop_ids(tokenizer)
+    gen_prompt = encode_prompt(tokenizer, prompt, template)
+    prompt_text = raw_prompt = lead = None
+    out = []
+    for text, ids in answers:
+        if ids is not None:
+            _check_spelling(tokenizer, ids, text, stop)
+            out.append((gen_prompt, [int(t) for t in ids]))
+            continue
+        if prompt_text is None:
+            prompt_text = tokenizer.render_prompt(prompt, template)
+            raw_prompt = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+            # what encode_prompt adds in front of the rendered text (the "spin" template's BOS)
+            lead = gen_prompt[: len(gen_prompt) - len(raw_prompt)]
+            assert lead + raw_prompt == gen_prompt, "encode_prompt must be (lead tokens) + encode(rendered prompt)"
+        full_text = tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": text}],
+                                                  template=template)
+        if not full_text.startswith(prompt_text):
+            raise ValueError(f"the template {template or 'chat'!r} renders the conversation with its answer so that "
+                             "it does not start with the rendered prompt; cannot tell where the answer begins")
+        joint = list(tokenizer.encode(full_text, add_special_tokens=False))
+        k = len(raw_prompt)
+        if joint[:k] != raw_prompt:  # the prompt's last token(s) merge with the answer's first
+            k = next((i for i, (a, b) in enumerate(zip(raw_prompt, joint)) if a != b), min(k, len(joint)))
+        answer = joint[k:]
+        ends = [j for j, t in enumerate(answer) if t in stop]
+        # keep the end of turn and drop the separator after it; no end of turn in the template: append EOS
+        answer = answer[: ends[-1] + 1] if ends else answer + [eos]
+        out.append((gen_prompt if k == len(raw_prompt) else lead + joint[:k], answer))
+    return out
+
+
+def tokenize_answer(tokenizer: Any, prompt: list[dict[str, str]], answer: str, template: str | None = None,
+                    *, answer_ids: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """`tokenize_answers` for one answer: (prompt ids, answer ids)."""
+    return tokenize_answers(tokenizer, prompt, [(answer, answer_ids)], template)[0]
+
+
 def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | None = None,
                    max_length: int = 1024, max_prompt_length: int = 512,
                    vocab_size: int | None = None) -> list[TokenizedPair]:
-    """Tokenize and truncate every pair (see the module doc). vocab_size: refuse token ids the model
-    cannot embed, naming the pair (a tokenizer/model mismatch would otherwise fail deep inside a kernel)."""
-    eos = tokenizer.eos_id
-    if eos is None:
-        raise ValueError("the tokenizer has no EOS token; answers need one appended")
+    """Tokenize (`tokenize_answer`) and truncate every pair (see the module doc). vocab_size: refuse token
+    ids the model cannot embed, naming the pair (a tokenizer/model mismatch would otherwise fail deep
+    inside a kernel)."""
     bos = getattr(tokenizer, "bos_id", None)
     out = []
     for pair in pairs:
-        prompt = encode_prompt(tokenizer, pair.prompt, template)
-        answers = [list(tokenizer.encode(pair.chosen, add_special_tokens=False)) + [eos]]
+        sides = [(pair.chosen, pair.chosen_ids)]
         if pair.rejected is not None:
-            answers.append(list(tokenizer.encode(pair.rejected, add_special_tokens=False)) + [eos])
-        if not prompt:
+            sides.append((pair.rejected, pair.rejected_ids))
+        try:
+            rows = tokenize_answers(tokenizer, pair.prompt, sides, template)
+        except ValueError as err:
+            raise ValueError(f"pair {pair.index} ({pair.source or 'no source'}): {err}") from None
+        if not rows[0][0]:
             raise ValueError(f"pair {pair.index}: the prompt encodes to no tokens")
-        prompt, answers = truncate(prompt, answers, max_length, max_prompt_length, bos)
-        tp = TokenizedPair(pair.index, prompt, answers[0], answers[1] if len(answers) > 1 else None)
+        answers = [a for _, a in rows]
+        cut = [truncate(p, answers, max_length, max_prompt_length, bos) for p, _ in rows]
+        prompts = [c[0] for c in cut]
+        rejected_prompt = prompts[1] if len(rows) > 1 and prompts[1] != prompts[0] else None
+        tp = TokenizedPair(pair.index, prompts[0], cut[0][1][0], cut[1][1][1] if len(rows) > 1 else None,
+                           rejected_prompt)
         if vocab_size is not None:
-            for name, ids in (("prompt", tp.prompt_ids), ("chosen", tp.chosen_ids), ("rejected", tp.rejected_ids)):
+            for name, ids in (("prompt", tp.prompt_ids), ("chosen", tp.chosen_ids), ("rejected", tp.rejected_ids),
+                              ("rejected prompt", tp.rejected_prompt_ids)):
                 if ids and (max(ids) >= vocab_size or min(ids) < 0):
                     raise ValueError(f"pair {pair.index} ({pair.source or 'no source'}): {name} has token id "
                                      f"{max(ids)} outside the model's vocabulary of {vocab_size} "
@@ -140,9 +243,9 @@ def collate_pairs(tokenized: Sequence[TokenizedPair], pad_id: int, *, sft: bool 
         raise ValueError("collate_pairs: empty micro-batch")
     if not sft and any(t.rejected_ids is None for t in tokenized):
         raise ValueError("collate_pairs: a pair without a rejected answer in a pairwise batch")
-    rows = [(t.prompt_ids, t.chosen_ids) for t in tokenized]
+    rows = [t.rows[0] for t in tokenized]
     if not sft:
-        rows += [(t.prompt_ids, t.rejected_ids) for t in tokenized]
+        rows += [t.rows[1] for t in tokenized]
     T = max(len(p) + len(a) for p, a in rows)
     T = int(math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of)
     R = len(rows)

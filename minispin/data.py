@@ -15,6 +15,11 @@ SFT / SPIN (`read_examples`):
                     Careful: an empty generation therefore reads back as None too. The turns before
                     it must match the prompt of `real` (system turns aside: the public generator
                     drops them), else the row is an error - it catches misaligned merges.
+                    Optional "generated_ids" (the sampled token ids of the generated answer, as the
+                    generation job writes them) -> Example.generated_ids, and "samples_ids" (one id
+                    list per entry of "samples") stays in `extra`; training uses these ids as they
+                    are. Rows without them (older versions) are re-encoded from their text, with a
+                    one-line note per file read.
   "ultrachat"       {"messages": [...], "prompt"?, "prompt_id"?} - only the first user turn (with the
                     system turns before it) and the first assistant turn right after it are used.
   "alpaca"          {"instruction", "input"?, "output", "system"?, "history"?} - user content =
@@ -87,6 +92,7 @@ class Example:
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, float] | None = None
+    generated_ids: list[int] | None = None  # the sampled token ids of `generated` (None: text only)
 
     @property
     def prompt_text(self) -> str:
@@ -386,6 +392,14 @@ def _without_system(msgs: list[Message]) -> list[Message]:
     return [m for m in msgs if m["role"] != "system"]
 
 
+def _token_ids(value: Any, key: str) -> list[int]:
+    """A list of token ids (non-negative ints) from a row."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                       for t in value):
+        raise _RowError(key, f"expected a list of token ids (integers >= 0), got {value!r:.80}")
+    return [int(t) for t in value]
+
+
 def _parse_spin(row, require_real):
     real_msgs = _messages(row["real"], "real")
     prompt, real = _split_last_assistant(real_msgs, "real")
@@ -398,7 +412,16 @@ def _parse_spin(row, require_real):
         if gen_msgs and _without_system(gen_prompt) != _without_system(prompt):
             raise _RowError("generated", "the prompt in 'generated' differs from the prompt in 'real'")
         generated = generated or None
-    return prompt, real, generated, {"real", "generated"}
+    if row.get("samples_ids") is not None:
+        ids = row["samples_ids"]
+        if not isinstance(ids, list):
+            raise _RowError("samples_ids", f"expected one token-id list per sample, got {_type(ids)}")
+        for k, sample in enumerate(ids):
+            _token_ids(sample, f"samples_ids[{k}]")
+        samples = row.get("samples")
+        if not isinstance(samples, list) or len(samples) != len(ids):
+            raise _RowError("samples_ids", "needs a 'samples' list of the same length")
+    return prompt, real, generated, {"real", "generated", "generated_ids"}
 
 
 def _parse_ultrachat(row, require_real):
@@ -470,8 +493,10 @@ def parse_example(row: dict, index: int, source: str, *, format: str = "auto",
         prompt, real, generated, used = _EXAMPLE_PARSERS[fmt](row, require_real)
         if require_generated and generated is None:
             raise _RowError("generated", "no generated answer (empty or missing)")
+        ids = row.get("generated_ids") if fmt == "spin" else None
         return Example(index=index, prompt=prompt, real=real, generated=generated, source=source,
-                       extra=_extra(row, used), scores=_scores(row))
+                       extra=_extra(row, used), scores=_scores(row),
+                       generated_ids=_token_ids(ids, "generated_ids") if ids is not None else None)
     except _RowError as e:
         raise DataError(e.reason, source=source, index=index, key=e.key) from None
 
@@ -616,10 +641,17 @@ def read_examples(path: str | Path, *, format: str = "auto", split: str | None =
     """
     if format != "auto" and format not in EXAMPLE_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {EXAMPLE_FORMATS}, got {format!r}")
-    return _read(path, split, limit, on_error, warn,
-                 lambda row, index, source: parse_example(
-                     row, index, source, format=format, require_real=require_real,
-                     require_generated=require_generated))
+    result = _read(path, split, limit, on_error, warn,
+                   lambda row, index, source: parse_example(
+                       row, index, source, format=format, require_real=require_real,
+                       require_generated=require_generated))
+    text_only = sum(1 for e in result if (e.generated is not None and e.generated_ids is None)
+                    or ("samples" in e.extra and "samples_ids" not in e.extra))
+    if text_only:
+        (warn or log.warning)(f"note: {text_only} of {len(result)} rows of {path} hold generated answers as text "
+                              "only (no generated_ids/samples_ids, e.g. written by an older minispin); they are "
+                              "re-encoded from the text, which may differ from the tokens that were sampled")
+    return result
 
 
 def read_preferences(path: str | Path, *, format: str = "auto", split: str | None = None,
@@ -637,13 +669,17 @@ def read_preferences(path: str | Path, *, format: str = "auto", split: str | Non
 
 # ----------------------------------------------------------------------------- writer
 
-def to_spin_row(example: Example, generated: str) -> dict:
-    """A row in the public SPIN layout (real/generated message lists) plus the source `index`."""
+def to_spin_row(example: Example, generated: str, generated_ids: list[int] | None = None) -> dict:
+    """A row in the public SPIN layout (real/generated message lists) plus the source `index` and, when
+    given, the generated answer's sampled token ids ("generated_ids")."""
     if not isinstance(generated, str):
         raise TypeError(f"generated must be a string, got {_type(generated)}")
     prompt = [{"role": m["role"], "content": m["content"]} for m in example.prompt]
-    return {
+    row = {
         "real": prompt + [{"role": "assistant", "content": example.real}],
         "generated": [dict(m) for m in prompt] + [{"role": "assistant", "content": generated}],
         "index": example.index,
     }
+    if generated_ids is not None:
+        row["generated_ids"] = [int(t) for t in generated_ids]
+    return row

@@ -333,7 +333,7 @@ def _generation_dtype(config: SpinConfig, device: torch.device) -> torch.dtype |
 
 def _read_generated(path: Path, config: SpinConfig, source: str) -> list[Example]:
     # require_real=False: the input rows were checked when read; SPPO's prompts may have no answer
-    rows = read_examples(path, format="spin", require_real=False, require_generated=False)
+    rows = read_examples(path, format="spin", require_real=False, require_generated=False, warn=_log)
     return [dataclasses.replace(e, source=source) for e in rows]
 
 

@@ -3,13 +3,16 @@
 - `exact_match`: greedy generation (temperature 0, through `minispin.generate`) of every prompt; a
   prediction counts when its text, stripped of surrounding whitespace, equals the stripped real answer
   (or when `check(example, text)` says so, for tasks with several right spellings).
-- `mean_logprob`: the mean over examples of log p(real answer + EOS | prompt), the SUMMED log-prob of
-  the answer's tokens and its closing EOS - the quantity SPIN's loss moves (REFERENCE.md §1). Summed
-  rather than per token so that it reads as "log-probability of producing exactly this answer";
-  `answer_logprobs` also returns the token counts for a per-token mean.
+- `mean_logprob`: the mean over examples of log p(real answer + end of turn | prompt), the SUMMED
+  log-prob of the answer's tokens and its closing EOS (the template's end of turn) - the quantity
+  SPIN's loss moves (REFERENCE.md §1). Summed rather than per token so that it reads as
+  "log-probability of producing exactly this answer"; `answer_logprobs` also returns the token counts for a per-token mean.
 
-Prompts are encoded by `minispin.sampler.encode_prompt` and answers as encode(answer) + [EOS] - the
-same token ids the generation job and the training loop use, with the same single template.
+Prompts are encoded by `minispin.sampler.encode_prompt` (greedy answers) and real answers by
+`minispin.collate.tokenize_answers` (the answer's slice of the jointly encoded conversation, with its
+end of turn) - the same token ids the generation job and the training loop use, with the same template.
+`exact_match_per_question` gives the per-question correctness that `minispin.stats` needs for
+intervals and paired differences between stages.
 Distributed runs may split the examples over ranks (`distributed=True`, call on every rank); otherwise
 any one process can evaluate alone (the eval sets this is meant for are small).
 """
@@ -20,9 +23,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import distributed as dist
-from .sampler import completion_text, encode_prompt, generate_tokens, tokenizer_stop_ids
+from .collate import tokenize_answers
+from .sampler import completion_text, encode_prompt, generate_tokens, tokenizer_stop_ids, truncate_prompt
 
-__all__ = ["exact_match", "mean_logprob", "greedy_answers", "answer_logprobs", "example_parts"]
+__all__ = ["exact_match", "exact_match_per_question", "mean_logprob", "greedy_answers", "answer_logprobs",
+           "example_parts"]
 
 
 def example_parts(example: Any) -> tuple[list[dict[str, str]], str]:
@@ -93,6 +98,21 @@ def greedy_answers(model: Any, tokenizer: Any, examples: Sequence[Any], template
     return _gather(local, distributed, len(parts))
 
 
+def exact_match_per_question(model: Any, tokenizer: Any, examples: Sequence[Any], template: str | None = None,
+                             max_new_tokens: int | None = None, batch_size: int = 64, *,
+                             check: Callable[[Any, str], bool] | None = None, distributed: bool = False,
+                             max_prompt_length: int | None = None) -> list[bool]:
+    """Per example (in order): is the greedy answer right? (stripped texts equal, or check(example, text)).
+    The input of `minispin.stats.wilson_interval` and of `paired_bootstrap` between two stages."""
+    if not examples:
+        raise ValueError("exact_match: no examples")
+    answers = greedy_answers(model, tokenizer, examples, template, max_new_tokens, batch_size,
+                             distributed=distributed, max_prompt_length=max_prompt_length)
+    if check is None:
+        return [text.strip() == example_parts(e)[1].strip() for e, text in zip(examples, answers)]
+    return [bool(check(e, text)) for e, text in zip(examples, answers)]
+
+
 def exact_match(model: Any, tokenizer: Any, examples: Sequence[Any], template: str | None = None,
                 max_new_tokens: int | None = None, batch_size: int = 64, *,
                 check: Callable[[Any, str], bool] | None = None, distributed: bool = False,
@@ -100,14 +120,8 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[Any], template: s
     """Fraction of examples whose greedy answer equals the real answer (both stripped), in [0, 1].
 
     check(example, generated_text) -> bool replaces the string comparison when given."""
-    if not examples:
-        raise ValueError("exact_match: no examples")
-    answers = greedy_answers(model, tokenizer, examples, template, max_new_tokens, batch_size,
-                             distributed=distributed, max_prompt_length=max_prompt_length)
-    if check is None:
-        hits = [text.strip() == example_parts(e)[1].strip() for e, text in zip(examples, answers)]
-    else:
-        hits = [bool(check(e, text)) for e, text in zip(examples, answers)]
+    hits = exact_match_per_question(model, tokenizer, examples, template, max_new_tokens, batch_size, check=check,
+                                    distributed=distributed, max_prompt_length=max_prompt_length)
     return sum(hits) / len(hits)
 
 
@@ -115,7 +129,8 @@ def exact_match(model: Any, tokenizer: Any, examples: Sequence[Any], template: s
 def answer_logprobs(model: Any, tokenizer: Any, examples: Sequence[Any], template: str | None = None,
                     batch_size: int = 32, *, distributed: bool = False,
                     max_prompt_length: int | None = None) -> list[tuple[float, int]]:
-    """(summed log-prob, token count) of every example's real answer + EOS given its prompt.
+    """(summed log-prob, token count) of every example's real answer + its end of turn given its prompt,
+    tokenized as training tokenizes it (`tokenize_answers`).
 
     Right-padded batches through `model.hidden_states` (causal attention: right padding never touches
     real tokens), then the LM head only at answer positions via `minispin.kernels.linear_logprobs`
@@ -130,8 +145,8 @@ def answer_logprobs(model: Any, tokenizer: Any, examples: Sequence[Any], templat
     rows = []
     for i in mine:
         prompt, real = parts[i]
-        p = encode_prompt(tokenizer, prompt, template, max_prompt_length)
-        rows.append((i, p, list(tokenizer.encode(real, add_special_tokens=False)) + [eos]))
+        [(p, a)] = tokenize_answers(tokenizer, prompt, [(real, None)], template)
+        rows.append((i, truncate_prompt(p, max_prompt_length, getattr(tokenizer, "bos_id", None)), a))
     device = model.embed_tokens.weight.device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else eos
     was_training = model.training
@@ -164,7 +179,7 @@ def answer_logprobs(model: Any, tokenizer: Any, examples: Sequence[Any], templat
 def mean_logprob(model: Any, tokenizer: Any, examples: Sequence[Any], template: str | None = None,
                  batch_size: int = 32, *, per_token: bool = False, distributed: bool = False,
                  max_prompt_length: int | None = None) -> float:
-    """Mean over examples of the summed log-prob of the real answer + EOS (per_token=True: total
+    """Mean over examples of the summed log-prob of the real answer + end of turn (per_token=True: total
     log-prob / total answer tokens instead)."""
     if not examples:
         raise ValueError("mean_logprob: no examples")

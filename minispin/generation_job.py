@@ -17,9 +17,13 @@
   re-run with different settings is refused instead of mixing two generations in one file.
 - Malformed rows (reader errors, prompts the template cannot render, empty prompts) are skipped and
   listed in `<out>.skipped.jsonl` plus a warning (config.on_error="skip"), or raise DataError ("raise").
-- Output rows: {"real": [...msgs, assistant real], "generated": [...msgs, assistant sample], "index"},
-  plus "samples": [K texts] when num_samples > 1 (sample k seeded by (seed, index, k); "generated" is
-  sample 0). Texts are decoded without special tokens, without the stop token, not stripped.
+- Output rows: {"real": [...msgs, assistant real], "generated": [...msgs, assistant sample], "index",
+  "generated_ids"}, plus "samples": [K texts] and "samples_ids": [K id lists] when num_samples > 1
+  (sample k seeded by (seed, index, k); "generated" is sample 0). Texts are decoded without special
+  tokens, without the stop token, not stripped. The ids are the sampled tokens training uses for the
+  generated answer (`sample_answer`): ending with the stop token when the sample stopped at one; as
+  sampled when cut at max_new_tokens; for a stop string, the whole tokens before it plus EOS (the
+  answer ended there, like a real answer ends with its end of turn).
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 from . import distributed as dist
@@ -36,7 +40,7 @@ from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
 from .log import Progress, print0
 from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
-from .sampler import completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
+from .sampler import GeneratedSequence, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
 
 log = logging.getLogger("minispin.generation_job")
 
@@ -238,13 +242,30 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     return out_path
 
 
+def sample_answer(seq: GeneratedSequence, decode: Callable[[list[int]], str], eos_id: int | None
+                  ) -> tuple[str, list[int]]:
+    """(text, token ids) of one sample as stored: the text as `completion_text` gives it, and the ids
+    training uses (see the module doc). A sample cut at a stop string keeps the longest run of whole
+    tokens whose text is a prefix of the text before the stop string (its text is then their decoding,
+    so ids and text always agree), then EOS."""
+    text = completion_text(seq, decode)
+    if seq.finish_reason != "stop_string":
+        return text, list(seq.token_ids)
+    ids = list(seq.token_ids)
+    m = len(ids)
+    while m > 0 and not text.startswith(decode(ids[:m])):
+        m -= 1
+    kept = ids[:m]
+    return decode(kept), kept + ([eos_id] if eos_id is not None else [])
+
+
 def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list[int]]],
                    writer: ChunkedJsonlWriter, config: GenerationConfig, rank: int, world: int) -> None:
     """Sample K continuations of every encoded prompt and append finished rows in chunks."""
     K = config.num_samples
     jobs = [(j, k) for j in range(len(encoded)) for k in range(K)]
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=config.skip_special_tokens)  # noqa: E731
-    texts: dict[int, list[str | None]] = {}
+    texts: dict[int, list[tuple[str, list[int]] | None]] = {}
     pending: list[dict] = []
     label = "generate" if world == 1 else f"generate rank {rank}/{world}"
     bar = Progress(len(encoded), label, enabled=config.progress, unit="prompts", every=max(1, len(encoded) // 10))
@@ -266,14 +287,15 @@ def _generate_rows(model: Any, tokenizer: Any, encoded: list[tuple[Example, list
     for pos, seq in stream:
         j, k = jobs[pos]
         slot = texts.setdefault(j, [None] * K)
-        slot[k] = completion_text(seq, decode)
+        slot[k] = sample_answer(seq, decode, tokenizer.eos_id)
         tokens += len(seq.token_ids)
         if any(t is None for t in slot):
             continue
         example = encoded[j][0]
-        row = to_spin_row(example, slot[0])
+        row = to_spin_row(example, slot[0][0], slot[0][1])
         if K > 1:
-            row["samples"] = list(slot)
+            row["samples"] = [text for text, _ in slot]
+            row["samples_ids"] = [ids for _, ids in slot]
         del texts[j]
         pending.append(row)
         prompts_done += 1

@@ -441,8 +441,8 @@ class Tokenizer:
     def render_prompt(self, messages: list[dict], template: str | None = None) -> str:
         """The prompt text, ending where the assistant's answer begins: apply_chat_template(prompt
         messages, add_generation_prompt=True). A final assistant message, if any, is left out, so a full
-        [user, assistant] row gives its prompt. For training, tokenize this prompt and the answer
-        separately (encode(answer, add_special_tokens=False) + [eos_id]) rather than the joined string."""
+        [user, assistant] row gives its prompt. Training takes the answer's tokens from the jointly
+        encoded conversation instead of encoding the answer on its own (`minispin.collate.tokenize_answers`)."""
         messages = _check_messages(messages)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from minispin.demo import task as demo_task
-from minispin.evaluate import answer_logprobs, exact_match, example_parts, greedy_answers, mean_logprob
+from minispin.evaluate import (answer_logprobs, exact_match, exact_match_per_question, example_parts, greedy_answers,
+                               mean_logprob)
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import load_tokenizer
 
@@ -80,6 +81,9 @@ def test_exact_match_counts_right_answers(model, tokenizer):
     assert exact_match(model, tokenizer, examples, max_new_tokens=6, batch_size=3) == pytest.approx(want)
     # a custom check replaces the string comparison
     assert exact_match(model, tokenizer, examples, max_new_tokens=6, check=lambda e, text: True) == 1.0
+    # per question (the input of minispin.stats): exactly the even ones are right
+    hits = exact_match_per_question(model, tokenizer, examples, max_new_tokens=6, batch_size=3)
+    assert hits == [i % 2 == 0 for i in range(len(QUESTIONS))]
 
 
 def test_mean_logprob_matches_float64_recomputation(model, tokenizer):

@@ -88,7 +88,10 @@ def test_rows_in_source_order_and_spin_format(reference_rows, tokenizer):
     assert [r["index"] for r in rows] == list(range(12))
     source = json.loads(ALPACA.read_text())
     for r in rows:
-        assert set(r) == {"real", "generated", "index"}
+        assert set(r) == {"real", "generated", "index", "generated_ids"}
+        ids = r["generated_ids"]  # the sampled ids, ending with EOS when the sample stopped there
+        body = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
+        assert tokenizer.decode(body, skip_special_tokens=True) == r["generated"][1]["content"]
         assert [m["role"] for m in r["real"]] == ["user", "assistant"] == [m["role"] for m in r["generated"]]
         assert r["real"][0] == r["generated"][0]
         assert r["real"][1]["content"] == source[r["index"]]["output"]
@@ -104,6 +107,7 @@ def test_k_samples_and_parquet_copy(model, tokenizer, reference_rows, tmp_path):
     for r, ref in zip(rows, reference_rows):
         assert len(r["samples"]) == 3 and r["generated"][1]["content"] == r["samples"][0]
         assert r["samples"][0] == ref["generated"][1]["content"]  # sample 0 == the single-sample run
+        assert len(r["samples_ids"]) == 3 and r["samples_ids"][0] == r["generated_ids"] == ref["generated_ids"]
         assert len(set(r["samples"])) > 1
     pq = pytest.importorskip("pyarrow.parquet")
     assert pq.read_table(tmp_path / "k.parquet").to_pylist() == rows

@@ -19,14 +19,17 @@ def spin_pair(example: Any, *, flip: bool = False, label_smoothing: float | None
               decision: str | None = None, scores: tuple[float, float] | None = None) -> Pair:
     """A SPIN pair (chosen = real, rejected = generated), or the flipped pair (chosen = generated)."""
     generated = example.generated if example.generated is not None else ""
+    generated_ids = getattr(example, "generated_ids", None)  # the sampled ids travel with the answer
     chosen, rejected = (generated, example.real) if flip else (example.real, generated)
+    chosen_ids, rejected_ids = (generated_ids, None) if flip else (None, generated_ids)
     extra: dict[str, Any] = {}
     if decision is not None:
         extra["decision"] = decision
     if scores is not None:
         extra["score_real"], extra["score_generated"] = scores
     return Pair(index=example.index, prompt=list(example.prompt), chosen=chosen, rejected=rejected,
-                label_smoothing=label_smoothing, source=example.source, extra=extra)
+                label_smoothing=label_smoothing, source=example.source, extra=extra,
+                chosen_ids=chosen_ids, rejected_ids=rejected_ids)
 
 
 

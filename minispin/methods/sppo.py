@@ -149,7 +149,9 @@ def sppo_pairs(examples: Sequence[Any], judge: JudgeConfig | None = None) -> lis
                              f"judge.command (the preference scorer), or give a {judge.samples_column!r} column")
         scores = _as_scores(scores, len(samples), f"{e.source}: row {e.index}: {judge.samples_column}")
         c = sppo_choice(scores)
+        ids = extra.get("samples_ids") if "samples" in extra else None  # sampled ids, aligned with "samples"
         pairs.append(Pair(index=e.index, prompt=list(e.prompt), chosen=samples[c.winner], rejected=samples[c.loser],
+                          chosen_ids=ids[c.winner] if ids else None, rejected_ids=ids[c.loser] if ids else None,
                           targets=(c.prob_win, c.prob_lose), source=e.source,
                           extra={"decision": SPPO_TIED if c.tied else SPPO_DECISION, "winner": c.winner,
                                  "loser": c.loser, "chosen_probs": c.prob_winner_beats_loser,
