@@ -23,6 +23,12 @@ setup(
         # a reference in tests.
         "chat": ["jinja2>=3.0"],
         "parquet": ["pyarrow>=12"],
-        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40"],
+        # python -m minispin.report (figures); python -m minispin.eval (lm-evaluation-harness, hf models);
+        # TrainConfig.tensorboard (a TensorBoard copy of the metrics)
+        "plot": ["matplotlib>=3.7"],
+        "eval": ["lm-eval[hf]>=0.4.5"],
+        "tensorboard": ["tensorboard>=2.10"],
+        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "matplotlib>=3.7",
+                 "lm-eval[hf]>=0.4.5", "tensorboard>=2.10"],
     },
 )
