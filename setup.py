@@ -26,9 +26,9 @@ setup(
         # python -m minispin.report (figures); python -m minispin.eval (lm-evaluation-harness, hf models);
         # TrainConfig.tensorboard (a TensorBoard copy of the metrics)
         "plot": ["matplotlib>=3.7"],
-        "eval": ["lm-eval[hf]>=0.4.5"],
+        "eval": ["lm-eval[hf]>=0.4.13"],
         "tensorboard": ["tensorboard>=2.10"],
         "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "matplotlib>=3.7",
-                 "lm-eval[hf]>=0.4.5", "tensorboard>=2.10"],
+                 "lm-eval[hf]>=0.4.13", "tensorboard>=2.10"],
     },
 )

@@ -156,13 +156,14 @@ def read_table(path: str | os.PathLike) -> dict[str, Any]:
     return table
 
 
-def table_from_demo(stages: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def table_from_demo(stages: Sequence[dict[str, Any]], skills: Sequence[str] | None = None) -> dict[str, Any]:
     """The demo's per-stage results (minispin.demo's evaluate_stage dicts, with "stage" and
     "exact_match_by_skill") as the seeds' table: rows SFT, continued SFT (a baseline), iter0 ...;
-    columns the task's skills (exact match of greedy answers)."""
-    skills: list[str] = []
+    columns the task's skills (exact match of greedy answers), in the order of `skills` if given."""
+    skills = list(skills or [])
     for s in stages:
         skills += [k for k in s["exact_match_by_skill"] if k not in skills]
+    skills = [k for k in skills if any(k in s["exact_match_by_skill"] for s in stages)]
     rows = []
     for s in stages:
         name = s["stage"]
@@ -315,8 +316,9 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
     known = set(task_manager.all_tasks)
     unknown = [t.name for t in tasks if t.name not in known]
     if unknown:
-        where = f" or in {', '.join(map(str, include_path))}" if include_path else " (local tasks: --include_path DIR)"
-        raise EvalError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)}{where}")
+        where = f"built in or in {', '.join(map(str, include_path))}" if include_path else \
+            "built in; local tasks need --include_path DIR"
+        raise EvalError(f"--tasks: no lm-eval task named {', '.join(unknown)} ({where})")
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
