@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from minispin.demo import task as demo_task
+from minispin.report import write_report
 from minispin.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +135,15 @@ def test_demo_small_two_ranks_end_to_end_and_resume(tmp_path):
     # SPIN generated real samples from the SFT model and trained on them (+ mixing at iteration 1)
     gen0 = [json.loads(line) for line in (out / "spin/iter0/generated.jsonl").read_text().splitlines()]
     assert len(gen0) == 128
+    # the demo's exact match as the seeds' table, and python -m minispin.report on the finished demo run
+    table = json.loads((out / "eval_table.json").read_text())
+    assert [r["name"] for r in table["rows"]] == ["SFT", "continued SFT", "iter0", "iter1"]
+    assert [c["key"] for c in table["columns"]] == list(demo_task.SKILLS)
+    assert [r["scores"] for r in table["rows"]] == [s["exact_match_by_skill"] for s in results["stages"]]
+    report = write_report(out)
+    assert sorted(report.figures) == ["eval.png", "training_continued_sft.png", "training_sft.png",
+                                      "training_spin.png"]
+    assert all((out / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in report.figures)
 
     # re-running with the same --out (here in one process) skips every finished stage, same results
     proc2 = subprocess.run([*cmd, "--nproc", "1"], cwd=tmp_path, env=_env(), capture_output=True, text=True,

@@ -45,6 +45,7 @@ from .. import distributed as dist
 from ..checkpoint import load_model, save_model
 from ..data import read_examples
 from ..driver import SpinConfig, spin
+from ..eval import table_from_demo, write_table
 from ..evaluate import answer_logprobs, greedy_answers
 from ..generation_job import GenerationConfig
 from ..io import atomic_write_json, atomic_write_text
@@ -280,8 +281,9 @@ def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, An
         if dist.is_main():
             atomic_write_json(out / "results.json", results)
             atomic_write_text(out / "results.txt", table + "\n")
+            write_table(out, table_from_demo(stages, demo_task.SKILLS))  # the seeds' table, for minispin.report
             print("\n" + table + "\n", flush=True)
-            _say(f"done in {total:.0f}s; results in {out / 'results.json'}")
+            _say(f"done in {total:.0f}s; results in {out / 'results.json'}; figures: python -m minispin.report {out}")
         dist.barrier()
         return results
     finally:
