@@ -60,7 +60,7 @@ __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_me
 _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
 # options a resumed run may change (num_iterations: a finished run may be extended by more iterations)
 _IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "train.progress", "train.status_every",
-                      "train.device", "generation.progress", "generation.batch_size", "generation.compile",
+                      "train.tensorboard", "train.device", "generation.progress", "generation.batch_size", "generation.compile",
                       "generation.chunk_size", "generation.keep_parts", "train.save_steps",
                       "train.reference_batch_size", "keep_train_state", "judge.timeout_s",
                       "judge.prompts_per_call")

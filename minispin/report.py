@@ -444,8 +444,11 @@ class TensorBoardSink:
 
 def tensorboard_available() -> bool:
     """Whether TensorBoard output can be written (the tensorboard package is importable)."""
-    import importlib.util
-    return importlib.util.find_spec("tensorboard") is not None
+    try:
+        import tensorboard  # noqa: F401  (optional dependency)
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- command line

@@ -212,3 +212,59 @@ def test_tensorboard_sink_mirrors_the_records(run, tmp_path):
     events = acc.Scalars("loss")
     assert [e.step for e in events] == [r["step"] for r in records]
     assert [e.value for e in events] == pytest.approx([r["loss"] for r in records], rel=1e-6)
+
+
+def test_tensorboard_sink_purges_rerun_steps(tmp_path):
+    """A resumed run re-runs the steps after its last checkpoint: TensorBoard shows them once."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sink = TensorBoardSink(tmp_path / "tb", purge_step=1)
+    for step in range(1, 5):
+        sink({"step": step, "loss": float(step)})
+    sink.close()
+    sink = TensorBoardSink(tmp_path / "tb", purge_step=3)  # resumed from step 2
+    for step in range(3, 6):
+        sink({"step": step, "loss": 10.0 * step})
+    sink.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+
+
+def test_training_writes_tensorboard_when_asked(tmp_path):
+    """TrainConfig(tensorboard=True): <run_dir>/tensorboard holds every metrics.jsonl record."""
+    pytest.importorskip("tensorboard")
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from minispin.collate import Pair
+    from minispin.model import Transformer
+    from minispin.tokenizer import load_tokenizer
+    from minispin.train import TrainConfig, train
+    from tiny import tiny_config, write_char_tokenizer
+
+    write_char_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    pairs = [Pair(i, [{"role": "user", "content": f"what is {i}+1?"}], f"it is {i + 1}.", "no") for i in range(6)]
+    config = TrainConfig(lr=1e-3, epochs=1, global_batch_size=2, micro_batch_size=2, max_length=32,
+                         max_prompt_length=16, progress=False, device="cpu", tensorboard=True)
+    train(Transformer(tiny_config()), tok, pairs, config, run_dir=tmp_path / "it")
+    records = [json.loads(line) for line in (tmp_path / "it" / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "it" / "tensorboard"))
+    acc.Reload()
+    assert len(records) == 3
+    for key in ("loss", "margins", "accuracies", "rewards/real", "rewards/generated", "lr", "grad_norm"):
+        assert [(e.step, e.value) for e in acc.Scalars(key)] == [(r["step"], pytest.approx(r[key], rel=1e-6))
+                                                                 for r in records]
+
+
+def test_tensorboard_missing_is_a_clear_error(monkeypatch):
+    from minispin.train import TrainConfig
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
+    with pytest.raises(ValueError, match=r"^tensorboard=True needs the tensorboard package: "
+                                         r"pip install minispin\[tensorboard\]$"):
+        TrainConfig(tensorboard=True)
+    assert TrainConfig().tensorboard is False  # off unless asked for

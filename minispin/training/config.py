@@ -8,11 +8,12 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..model import Transformer
+from ..report import tensorboard_available
 
 LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
 # TrainConfig fields that may change between a run and its resume (they do not change the result)
-RESUME_FREE = ("save_steps", "status_every", "progress", "device", "reference_batch_size")
+RESUME_FREE = ("save_steps", "status_every", "progress", "device", "reference_batch_size", "tensorboard")
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,6 +54,7 @@ class TrainConfig:
     save_steps: int = 100  # training-state checkpoint every N steps (0: only at the end); needs run_dir
     status_every: int = 10  # status line every N steps when stderr is not a terminal
     progress: bool = True
+    tensorboard: bool = False  # also copy the metrics to <run_dir>/tensorboard (pip install minispin[tensorboard])
     device: str | None = None  # None: cuda when available, else cpu
 
     def __post_init__(self) -> None:
@@ -73,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not (self.neftune_alpha >= 0 and math.isfinite(self.neftune_alpha)):
             raise ValueError(f"neftune_alpha must be a finite number >= 0, got {self.neftune_alpha}")
+        if self.tensorboard and not tensorboard_available():
+            raise ValueError("tensorboard=True needs the tensorboard package: pip install minispin[tensorboard]")
 
     @property
     def needs_reference(self) -> bool:

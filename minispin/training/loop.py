@@ -43,6 +43,7 @@ from ..io import atomic_write_text
 from ..log import Progress
 from ..model import Transformer
 from ..runs import changed_settings, describe_changes
+from ..report import TensorBoardSink
 from .config import RESUME_FREE, TrainConfig, TrainResult
 from .optim import build_optimizer, lr_at, optimizer_step
 from .policy import prepare_policy
@@ -126,12 +127,17 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     by_index = {p.index: p for p in pairs}
     status = Progress(len(plan), "train" if config.method == "spin" else "sft", enabled=config.progress,
                       start=start_step, unit="steps", every=config.status_every)
+    # a copy of metrics.jsonl; purge_step: a resumed run's re-run steps replace the old events
+    sink = TensorBoardSink(run.tensorboard, purge_step=start_step + 1) \
+        if config.tensorboard and run is not None and dist.is_main() else None
     try:
         for step in range(start_step, len(plan)):
             record = _train_step(policy, optimizer, plan, step, tokenized, by_index, refs, pad_id, config, info, run)
             history.append(record)
             if run is not None and dist.is_main():
                 run.append_metrics(record)
+                if sink is not None:
+                    sink(record)
             status.update(step + 1, _status_text(record, config.method == "sft"))
             if run is not None and (step + 1 == len(plan) or
                                     (config.save_steps > 0 and (step + 1) % config.save_steps == 0)):
@@ -141,6 +147,8 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
             dist.kill_point("train", step=step + 1)
     finally:
         status.close()
+        if sink is not None:
+            sink.close()
     return TrainResult(model=policy.model, policy=policy, steps=len(plan), history=history,
                        metrics_path=run and run.metrics)
 
@@ -152,6 +160,7 @@ class _RunFiles:
         self.metrics = run_dir / "metrics.jsonl"
         self.reference = run_dir / "reference_logps.jsonl"
         self.state = run_dir / "train_state"
+        self.tensorboard = run_dir / "tensorboard"
 
     def append_metrics(self, record: dict) -> None:
         self.metrics.parent.mkdir(parents=True, exist_ok=True)
