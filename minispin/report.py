@@ -15,8 +15,8 @@ written by `python -m minispin.eval` or by the demo. Writes (atomically):
 - report.md: per-iteration summary, the evaluation table, links to the figures.
 Needs matplotlib (`pip install minispin[plot]`).
 
-Also here: TensorBoardSink, the optional TensorBoard copy of the training metrics (TrainConfig.tensorboard;
-the JSON lines stay the source of truth).
+TensorBoard: TrainConfig.tensorboard (`--tensorboard`) also copies the metrics to <iter>/tensorboard while
+training (minispin.tensorboard); the JSON lines stay the source of truth.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from .eval import TABLE_JSON, EvalError, format_table, read_table
 from .io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["IterationLog", "RunLog", "read_metrics", "read_run", "find_runs", "iteration_summary",
-           "plot_training", "plot_eval", "Report", "write_report", "TensorBoardSink", "main"]
+           "plot_training", "plot_eval", "Report", "write_report", "main"]
 
 # (panel title, [(metrics.jsonl key, series name)]) in drawing order; a panel is drawn when a run has its keys
 PANELS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
@@ -414,41 +414,6 @@ def write_report(directory: str | os.PathLike, out_dir: str | os.PathLike | None
     atomic_write_text(out / "report.md", "\n".join(md))
     files.append(out / "report.md")
     return Report(out, figures, files, summaries, tables)
-
-
-# ----------------------------------------------------------------------------- TensorBoard (optional)
-
-class TensorBoardSink:
-    """Copies each metrics record (the dict written to metrics.jsonl) to TensorBoard event files in
-    `log_dir`, as scalars by step. `purge_step`: on a resumed run, TensorBoard drops the events it
-    already has from that step on, so re-run steps are not shown twice. Needs the tensorboard package."""
-
-    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ReportError("TensorBoard output was asked for but the tensorboard package is not installed: "
-                              "pip install minispin[tensorboard]") from None
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        step = int(record["step"])
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-def tensorboard_available() -> bool:
-    """Whether TensorBoard output can be written (the tensorboard package is importable)."""
-    try:
-        import tensorboard  # noqa: F401  (optional dependency)
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- command line

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from minispin.eval import TABLE_JSON, read_table, table_from_demo, write_table
-from minispin.report import (PANELS, ReportError, TensorBoardSink, _moving_average, find_runs, read_metrics,
-                             write_report)
+from minispin.report import PANELS, ReportError, _moving_average, find_runs, read_metrics, write_report
+from minispin.tensorboard import TensorBoardSink
 from tiny_run import ITERATIONS, STEPS, copy_run, tiny_run
 
 pytest.importorskip("matplotlib")

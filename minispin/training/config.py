@@ -8,7 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..model import Transformer
-from ..report import tensorboard_available
+from ..tensorboard import tensorboard_available
 
 LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers

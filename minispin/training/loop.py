@@ -43,7 +43,7 @@ from ..io import atomic_write_text
 from ..log import Progress
 from ..model import Transformer
 from ..runs import changed_settings, describe_changes
-from ..report import TensorBoardSink
+from ..tensorboard import TensorBoardSink
 from .config import RESUME_FREE, TrainConfig, TrainResult
 from .optim import build_optimizer, lr_at, optimizer_step
 from .policy import prepare_policy
