@@ -355,8 +355,14 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
         for i, (t, settings) in enumerate(todo, 1):
             start = time.perf_counter()
             log(f"{row}: {t.label} ({i}/{len(todo)})" + (f", limit {limit:g}" if limit is not None else ""))
-            out = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=limit,
-                                  task_manager=task_manager, log_samples=False, verbosity="WARNING")
+            try:
+                out = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=limit,
+                                      task_manager=task_manager, log_samples=False, verbosity="WARNING")
+            except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub (OfflineModeIsEnabled)"
+                raise EvalError(f"task {t.name}: its data set is not on this machine ({e}). minispin.eval runs "
+                                "lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1): fill the Hugging Face "
+                                "datasets cache once where the hub is reachable (e.g. run lm-eval on the task "
+                                "there) and use that cache here (HF_HOME / HF_DATASETS_CACHE)") from None
             key, value, stderr = pick_metric(t, out["results"])
             n = out.get("n-samples", {}).get(t.name, {})
             cell = {"row": row, "value": value, "stderr": stderr, "metric": key, "settings": settings,

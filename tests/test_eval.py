@@ -154,3 +154,17 @@ def test_command_line_errors(run, tmp_path):
         evaluate_run(tmp_path / "nowhere", TASKS)
     with pytest.raises(EvalError, match="config.json is missing: not a minispin run directory"):
         evaluate_run(run / "iter0", TASKS)
+
+
+def test_benchmark_data_missing_offline_is_a_clear_error(run, tmp_path, monkeypatch):
+    """Offline, a task whose data set is not in the local cache fails with one line saying what to do."""
+    pytest.importorskip("lm_eval")
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")  # minispin.eval sets them itself (restored after the test)
+    run = copy_run(run, tmp_path / "run")
+    with pytest.raises(EvalError, match=r"task minispin_hub_only: its data set is not on this machine \(.*"
+                                        r"not-on-this-machine.*\)\. minispin.eval runs lm-eval offline"):
+        evaluate_run(run, [EvalTask("minispin_hub_only", 0)], include_path=[TASKS_DIR], device="cpu",
+                     log=lambda m: None)
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert not (run / "eval").exists()  # nothing half-written
