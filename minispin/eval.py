@@ -133,7 +133,10 @@ def write_table(directory: str | os.PathLike, table: dict[str, Any]) -> Path:
     """Write <directory>/eval_table.json and eval_table.md atomically; returns the JSON path."""
     directory = Path(directory)
     atomic_write_json(directory / TABLE_JSON, table)
-    note = f"\nSource: {table['source']}. Average: {table['average']}.\n"
+    note = f"\nSource: {table['source']}. Average: {table['average']}."
+    if table.get("limit") is not None:
+        note += f" Only the first {table['limit']:g} examples of each task (--limit): a quick look, not the benchmark."
+    note += "\n"
     atomic_write_text(directory / TABLE_MD, format_table(table) + note)
     return directory / TABLE_JSON
 

@@ -286,13 +286,17 @@ def plot_eval(table: dict[str, Any], title: str = ""):
     x = list(range(len(rows)))
     first = rows[0] if rows else None
     series = [(c.get("label", c["key"]), [r["scores"].get(c["key"]) for r in rows],
-               first["scores"].get(c["key"]) if first else None, dict(linewidth=1.2, marker="o", markersize=4))
-              for c in cols]
+               first["scores"].get(c["key"]) if first else None, dict(linewidth=1.2, marker="o", markersize=4),
+               [(r.get("stderr") or {}).get(c["key"]) for r in rows]) for c in cols]
     series.append(("Average", [r.get("average") for r in rows], first.get("average") if first else None,
-                   dict(linewidth=2.6, marker="s", markersize=6, color="black")))
-    for label, ys, y0, style in series:
+                   dict(linewidth=2.6, marker="s", markersize=6, color="black"), [None] * len(rows)))
+    for label, ys, y0, style, errs in series:
         pts = [(xi, y) for xi, y in zip(x, ys) if y is not None]
         line, = ax_abs.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
+        band = [(xi, y, e) for xi, y, e in zip(x, ys, errs) if y is not None and isinstance(e, (int, float))]
+        if band:  # lm-eval's standard error, +-1
+            ax_abs.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                                color=line.get_color(), alpha=0.12, linewidth=0)
         diff = [(xi, 100 * (y - y0)) for xi, y in pts if y0 is not None]
         ax_diff.plot([p[0] for p in diff], [p[1] for p in diff], label=label,
                      **dict(style, color=line.get_color()))
@@ -308,7 +312,8 @@ def plot_eval(table: dict[str, Any], title: str = ""):
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=8)
     ax_diff.axhline(0.0, color="0.6", linewidth=0.8)
-    ax_abs.set_title("score", fontsize=9, loc="left")
+    bands = any((r.get("stderr") or {}) for r in rows)
+    ax_abs.set_title("score" + (" (band: +-1 standard error)" if bands else ""), fontsize=9, loc="left")
     ax_diff.set_title(f"change from {first['name'] if first else 'the first row'} (points)", fontsize=9, loc="left")
     fig.legend(*ax_abs.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(f"evaluation{' ' + title if title else ''}: {table.get('source', '')}", fontsize=9)

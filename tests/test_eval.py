@@ -82,6 +82,31 @@ def test_exported_folders_load_in_transformers(run):
             torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
+def _acc_norm_minispin_add(model_dir: Path) -> float:
+    """minispin_add's acc_norm computed here with minispin's model and tokenizer: per test row, the choice
+    with the highest log p(" " + choice | "q: ... a:") per character of the choice is right or not."""
+    import torch
+
+    from minispin.checkpoint import load_model
+    from minispin.tokenizer import load_tokenizer
+
+    model = load_model(model_dir, dtype=torch.float32, device="cpu")
+    tok = load_tokenizer(model_dir)
+    rows = [json.loads(line) for line in (TASKS_DIR / "minispin_add.jsonl").read_text().splitlines()][2:]
+    hits = 0
+    for row in rows:
+        context = tok.encode(f"q: {row['question']} a:", add_special_tokens=False)
+        scores = []
+        for choice in row["choices"]:
+            ids = context + tok.encode(" " + choice, add_special_tokens=False)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([ids])).double(), -1)[0]
+            n = len(ids) - len(context)
+            scores.append(sum(logp[len(context) - 1 + i, ids[len(context) + i]].item() for i in range(n)) / len(choice))
+        hits += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
+    return hits / len(rows)
+
+
 def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     import lm_eval.evaluator
@@ -106,6 +131,9 @@ def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch):
         for task in ("minispin_add", "minispin_letters"):  # the cell files hold the same numbers
             cell = json.loads((run / "eval" / r["name"] / f"{task}.json").read_text())
             assert cell["value"] == r["scores"][task] and cell["n_samples"] == 8
+    for row, path in run_models(run):  # lm-eval's number is the one minispin's own model gives
+        assert saved["rows"][[r["name"] for r in saved["rows"]].index(row)]["scores"]["minispin_add"] == \
+            _acc_norm_minispin_add(path)
     md = (run / TABLE_MD).read_text().splitlines()
     assert md[0] == "| Task | minispin_add(0) | minispin_letters(1) | Average |"
     assert [line.split(" | ")[0] for line in md[2:5]] == ["| SFT", "| iter0", "| iter1"]
