@@ -160,7 +160,7 @@ def read_table(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def table_from_demo(stages: Sequence[dict[str, Any]], skills: Sequence[str] | None = None) -> dict[str, Any]:
-    """The demo's per-stage results (minispin.demo's evaluate_stage dicts, with "stage" and
+    """The demo's per-stage results (minispin.demo.run's evaluate_stage dicts, with "stage" and
     "exact_match_by_skill") as the seeds' table: rows SFT, continued SFT (a baseline), iter0 ...;
     columns the task's skills (exact match of greedy answers), in the order of `skills` if given."""
     skills = list(skills or [])

@@ -241,7 +241,7 @@ def test_training_writes_tensorboard_when_asked(tmp_path):
     from minispin.collate import Pair
     from minispin.model import Transformer
     from minispin.tokenizer import load_tokenizer
-    from minispin.train import TrainConfig, train
+    from minispin.training import TrainConfig, train
     from tiny import tiny_config, write_char_tokenizer
 
     write_char_tokenizer(tmp_path / "tok")
@@ -261,7 +261,7 @@ def test_training_writes_tensorboard_when_asked(tmp_path):
 
 
 def test_tensorboard_missing_is_a_clear_error(monkeypatch):
-    from minispin.train import TrainConfig
+    from minispin.training import TrainConfig
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
     with pytest.raises(ValueError, match=r"^tensorboard=True needs the tensorboard package: "

@@ -12,8 +12,8 @@ import torch
 from minispin.checkpoint import save_model
 from minispin.generation_job import GenerationConfig
 from minispin.model import Transformer
-from minispin.spin import SpinConfig, spin
-from minispin.train import TrainConfig
+from minispin.driver import SpinConfig, spin
+from minispin.training import TrainConfig
 from tiny import tiny_config, write_char_tokenizer
 
 ITERATIONS = 2
