@@ -35,6 +35,7 @@ import functools
 import gc
 import json
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,7 +50,7 @@ from .data import Example, read_examples
 from .generation_job import GenerationConfig, run_generation_job
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
 from .log import print0, warn0
-from .runs import check_manifest, describe_changes, write_manifest
+from .runs import check_manifest, describe_changes, metrics_summary, read_metrics, write_manifest
 from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_counts, get_method, register_method
 from .tokenizer import load_tokenizer
 from .training import TrainConfig, save_trained_model, train
@@ -371,6 +372,7 @@ def spin(config: SpinConfig) -> SpinResult:
 
         current: str | Path = config.model
         models: list[Path] = []
+        summaries: list[dict[str, Any] | None] = []
         for t, (train_cfg, gen_cfg, spin_kw) in enumerate(schedule):
             it = _iter_dir(run, t)
             final = it / "model"
@@ -379,7 +381,9 @@ def spin(config: SpinConfig) -> SpinResult:
                 _cleanup_train_state(it, config)
                 models.append(final)
                 current = final
+                summaries.append(_read_summary(it))
                 continue
+            t0 = time.perf_counter()
             if dist.is_main():
                 it.mkdir(parents=True, exist_ok=True)
 
@@ -404,10 +408,62 @@ def spin(config: SpinConfig) -> SpinResult:
             models.append(final)
             current = final
             _log(f"iteration {t}: saved {final}")
+            summaries.append(_write_summary(it, t, method.name, len(pairs), time.perf_counter() - t0, final))
         _write_state(run, iteration=len(schedule), phase="done", models=[str(m) for m in models])
+        _write_run_summary(run, summaries)
         return SpinResult(run, models)
     finally:
         dist.shutdown(info)
+
+
+# ----------------------------------------------------------------------------- summaries
+
+_SUMMARY_COLUMNS = (("iter", "iteration", "{}"), ("pairs", "pairs", "{}"), ("steps", "steps", "{}"),
+                    ("train s", "train_seconds", "{:.1f}"), ("loss", "loss", "{:.4f}"), ("margin", "margins", "{:.4f}"),
+                    ("accuracy", "accuracies", "{:.3f}"), ("reward real", "rewards/real", "{:.4f}"),
+                    ("reward gen", "rewards/generated", "{:.4f}"))
+
+
+def _write_summary(it: Path, t: int, method: str, n_pairs: int, wall_seconds: float, final: Path) -> dict[str, Any]:
+    """Rank 0: <iter>/summary.json (pairs, steps, time, last-10%-of-steps means of loss, margin, accuracy,
+    rewards, where the model is) and its one-line version; returns it (every rank)."""
+    records, _ = read_metrics(it / "metrics.jsonl") if dist.is_main() else ([], False)
+    summary = {"iteration": t, "method": method, "pairs": n_pairs, **metrics_summary(records),
+               "wall_seconds_this_call": round(wall_seconds, 1), "model": str(final)}
+    if dist.is_main():
+        atomic_write_json(it / "summary.json", summary)
+    fmt = lambda key, spec: "?" if summary.get(key) is None else spec.format(summary[key])  # noqa: E731
+    _log(f"iteration {t} summary: {n_pairs} pairs, {summary['steps']} steps, {wall_seconds:.0f}s; final loss "
+         f"{fmt('loss', '{:.4f}')}" + ("" if summary["margins"] is None else
+                                      f", margin {fmt('margins', '{:.4f}')}, accuracy {fmt('accuracies', '{:.3f}')}, "
+                                      f"rewards real {fmt('rewards/real', '{:.4f}')} / generated "
+                                      f"{fmt('rewards/generated', '{:.4f}')}") + f"; model {final}")
+    return summary
+
+
+def _read_summary(it: Path) -> dict[str, Any] | None:
+    """An iteration's summary.json written earlier (None when absent, e.g. a run from an older version)."""
+    path = it / "summary.json"
+    if not dist.is_main() or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def _write_run_summary(run: Path, summaries: list[dict[str, Any] | None]) -> None:
+    """Rank 0: <run>/summary.json (every iteration's summary) and a table of all iterations on stderr."""
+    if not dist.is_main():
+        return
+    atomic_write_json(run / "summary.json", {"iterations": summaries})
+    rows = [[("" if s is None or s.get(key) is None else spec.format(s[key])) if key != "iteration" else str(t)
+             for _, key, spec in _SUMMARY_COLUMNS] for t, s in enumerate(summaries)]
+    head = [name for name, _, _ in _SUMMARY_COLUMNS]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    for cells in [head, ["-" * w for w in widths]] + rows:
+        _log("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
+    _log(f"summary: {run / 'summary.json'}")
 
 
 def _check_inputs(config: SpinConfig) -> None:

@@ -20,6 +20,7 @@ evaluation feeds the same table and plot.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .io import atomic_write_json, atomic_write_text
+from .log import Progress, print0
 
 __all__ = ["EvalTask", "SEED_TASKS", "TABLE_JSON", "TABLE_MD", "parse_task", "make_table", "write_table",
            "read_table", "format_table", "table_from_demo", "run_models", "evaluate_run", "main"]
@@ -301,7 +303,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
     """Evaluate every saved model of the run on `tasks` (missing cells only) and write the table.
 
     Returns the table dict, with "computed": the (row, task) cells computed by this call."""
-    log = log or (lambda m: print(f"[eval] {m}", file=sys.stderr, flush=True))
+    log = log or functools.partial(print0, prefix="eval")
     if not tasks:
         raise EvalError("--tasks: no tasks given")
     if len({t.name for t in tasks}) != len(tasks):
@@ -341,6 +343,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
                 c["metric"] = picked.pop()
         return make_table(columns, rows, source=f"lm-evaluation-harness {version}", limit=limit)
 
+    todo_by_row = []
     for row, path in models:
         todo = []
         for t in tasks:
@@ -350,6 +353,9 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
                 todo.append((t, settings))
             else:
                 cells[(row, t.name)] = cell
+        todo_by_row.append(todo)
+    bar = Progress(len(models) * len(tasks), "eval", start=len(cells), unit="cells", every=1)
+    for (row, path), todo in zip(models, todo_by_row):
         if not todo:
             log(f"{row}: every task done earlier")
             continue
@@ -376,7 +382,9 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
             computed.append((row, t.name))
             write_table(run, table())
             log(f"{row}: {t.label} {key} = {value:.4f} ({cell['seconds']:.0f}s)")
+            bar.update(len(cells), f"{row} {t.label}")
         del lm
+    bar.close()
     result = table()
     write_table(run, result)
     return dict(result, computed=computed)

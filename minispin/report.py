@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import runs
 from .eval import TABLE_JSON, EvalError, format_table, read_table
 from .io import atomic_write_bytes, atomic_write_text
 
@@ -86,28 +87,11 @@ class RunLog:
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], bool]:
-    """The step records of a metrics.jsonl, and whether its last line was torn (skipped). A bad line
-    before the last one is an error naming the file and the 1-based line."""
-    path = Path(path)
-    if not path.is_file():
-        return [], False
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    records, torn = [], False
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-                raise ValueError("no integer 'step'")
-        except ValueError as e:
-            if all(not rest.strip() for rest in lines[n:]):  # the last line: a write in progress
-                torn = True
-                break
-            raise ReportError(f"{path}: line {n} is not a metrics record ({e}); training rewrites this file "
-                              "when it resumes, or delete the line") from None
-        records.append(rec)
-    return records, torn
+    """runs.read_metrics, with its error as a ReportError."""
+    try:
+        return runs.read_metrics(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -168,28 +152,11 @@ def find_runs(directory: str | os.PathLike) -> list[RunLog]:
     return sorted(runs, key=lambda r: (order.get(r.name, 2), r.name))
 
 
-def _tail_mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-    if not values:
-        return None
-    k = max(1, len(values) // 10)
-    return sum(values[-k:]) / k
-
-
 def iteration_summary(run: RunLog, it: IterationLog) -> dict[str, Any]:
     """One iteration's numbers: steps, pairs seen, time, and the last-10%-of-steps means of the metrics."""
-    m = it.metrics
-    out: dict[str, Any] = {"run": run.name, "iteration": it.index, "status": run.status(it), "steps": len(m),
-                           "last_step": m[-1]["step"] if m else 0,
-                           "pairs_seen": sum(int(r.get("pairs", 0)) for r in m),
-                           "train_seconds": sum(float(r.get("step_time_s", 0.0)) for r in m)}
-    for key in ("loss", "margins", "accuracies", "rewards/real", "rewards/generated", "logps/real",
-                "logps/generated", "tokens_per_s"):
-        out[key] = _tail_mean(m, key)
-    out["model"] = str(it.path / "model") if it.model_saved else None
-    out["pair_stats"] = it.pair_stats
-    out["torn_line"] = it.torn_line
-    return out
+    return {"run": run.name, "iteration": it.index, "status": run.status(it), **runs.metrics_summary(it.metrics),
+            "model": str(it.path / "model") if it.model_saved else None, "pair_stats": it.pair_stats,
+            "torn_line": it.torn_line}
 
 
 # ----------------------------------------------------------------------------- figures

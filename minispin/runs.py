@@ -6,6 +6,10 @@ compares the settings it is given with the recorded ones and is refused with the
 
 Part files: a resumable job over ranks appends its finished rows to one part file per rank next to
 the final file, `<final>.part-RRRRR-of-WWWWW.jsonl`, and the parts are merged into `<final>` at the end.
+
+Metrics: an iteration's metrics.jsonl (one JSON record per optimizer step, appended while training) read
+back, also while it is being written (`read_metrics`), and summarised (`metrics_summary`) for the
+driver's per-iteration summary and `python -m minispin.report`.
 """
 from __future__ import annotations
 
@@ -94,3 +98,47 @@ def part_files(final: str | os.PathLike) -> list[Path]:
 def remove_parts(final: str | os.PathLike) -> None:
     for part in part_files(final):
         part.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict[str, Any]], bool]:
+    """The step records of a metrics.jsonl (none when it does not exist yet), and whether its last line
+    was torn (a write in progress: skipped). A bad line before the last one is a ValueError naming the
+    file and the 1-based line."""
+    path = Path(path)
+    if not path.is_file():
+        return [], False
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    records: list[dict[str, Any]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:
+            if all(not rest.strip() for rest in lines[n:]):  # the last line
+                return records, True
+            raise ValueError(f"{path}: line {n} is not a metrics record ({e}); training rewrites this file "
+                             "when it resumes, or delete the line") from None
+        records.append(rec)
+    return records, False
+
+
+SUMMARY_METRICS = ("loss", "margins", "accuracies", "rewards/real", "rewards/generated", "logps/real",
+                   "logps/generated", "tokens_per_s")
+
+
+def metrics_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steps, pairs seen and training seconds of an iteration's records, and each metric's mean over the
+    last 10% of the steps (at least one; None when the records have no such metric)."""
+    out: dict[str, Any] = {"steps": len(records), "last_step": records[-1]["step"] if records else 0,
+                           "pairs_seen": sum(int(r.get("pairs", 0)) for r in records),
+                           "train_seconds": sum(float(r.get("step_time_s", 0.0)) for r in records)}
+    k = max(1, len(records) // 10)
+    for key in SUMMARY_METRICS:
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        out[key] = sum(values[-k:]) / len(values[-k:]) if values else None
+    return out

@@ -107,7 +107,7 @@ def _acc_norm_minispin_add(model_dir: Path) -> float:
     return hits / len(rows)
 
 
-def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch):
+def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch, capfd):
     pytest.importorskip("lm_eval")
     import lm_eval.evaluator
     # test speed only: lm-eval's environment report (a `pip list` per call, ~2 s) is not what is tested
@@ -118,6 +118,9 @@ def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch):
     table = evaluate_run(run, TASKS, **kwargs)
     cells = [(row, task) for row in ("SFT", "iter0", "iter1") for task in ("minispin_add", "minispin_letters")]
     assert table["computed"] == cells
+    progress = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[eval] ")]
+    assert progress[0].startswith("[eval] 1/6 cells | ") and " cells/s | ETA " in progress[0]
+    assert progress[-1].startswith("[eval] 6/6 cells | ") and "iter1 minispin_letters(1)" in progress[-1]
 
     saved = json.loads((run / TABLE_JSON).read_text())
     assert [r["name"] for r in saved["rows"]] == ["SFT", "iter0", "iter1"]
@@ -154,6 +157,8 @@ def test_eval_table_rows_columns_and_resume(run, tmp_path, monkeypatch):
     messages.clear()
     third = evaluate_run(run, TASKS, **kwargs)
     assert third["computed"] == [("iter0", "minispin_letters"), ("iter1", "minispin_add")]
+    progress = [line for line in capfd.readouterr().err.splitlines() if line.startswith("[eval] ")]
+    assert progress[0].startswith("[eval] 5/6 cells | ") and "ETA" in progress[0] and "resumed from 4" in progress[0]
     assert any("made with other settings (model_fingerprint: '0000000000000000' ->" in m for m in messages)
     assert [r["scores"] for r in third["rows"]] == [r["scores"] for r in saved["rows"]]  # deterministic
 

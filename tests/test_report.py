@@ -268,3 +268,34 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch):
                                          r"pip install minispin\[tensorboard\]$"):
         TrainConfig(tensorboard=True)
     assert TrainConfig().tensorboard is False  # off unless asked for
+
+
+def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
+    """Each iteration ends with summary.json (pairs, steps, time, last-10%-of-steps means, model); the run
+    ends with <run>/summary.json and a table of all iterations, also when every iteration was done earlier."""
+    from minispin.driver import SpinConfig, spin
+    from minispin.runs import metrics_summary, read_metrics
+
+    total = json.loads((run / "summary.json").read_text())["iterations"]
+    assert [s["iteration"] for s in total] == list(range(ITERATIONS))
+    for t, s in enumerate(total):
+        assert s == json.loads((run / f"iter{t}" / "summary.json").read_text())
+        records, torn = read_metrics(run / f"iter{t}" / "metrics.jsonl")
+        assert not torn and s["pairs"] == 8 * (t + 1) and s["steps"] == STEPS[t] == len(records)
+        last = records[-max(1, len(records) // 10):]
+        assert s["loss"] == pytest.approx(sum(r["loss"] for r in last) / len(last))
+        assert s["margins"] == pytest.approx(sum(r["margins"] for r in last) / len(last))
+        assert {k: v for k, v in s.items() if k in metrics_summary(records)} == metrics_summary(records)
+        assert s["model"] == str(run / f"iter{t}" / "model") and s["wall_seconds_this_call"] > 0
+
+    resumed = copy_run(run, tmp_path / "run")
+    config = json.loads((resumed / "config.json").read_text())
+    config["output_dir"] = str(resumed)
+    capfd.readouterr()
+    spin(SpinConfig(**config))  # every iteration done earlier: the table again, from the summaries on disk
+    err = capfd.readouterr().err.splitlines()
+    head = err.index(next(line for line in err if line.startswith("[spin] iter  pairs  steps")))
+    rows = [line.split()[1:] for line in err[head + 2: head + 2 + ITERATIONS]]
+    assert [r[:3] for r in rows] == [[str(t), str(8 * (t + 1)), str(STEPS[t])] for t in range(ITERATIONS)]
+    assert [float(r[4]) for r in rows] == [pytest.approx(s["loss"], abs=6e-5) for s in total]
+    assert err[head + 2 + ITERATIONS] == f"[spin] summary: {resumed / 'summary.json'}"
