@@ -11,12 +11,14 @@ log-prob kernels it exposes `hidden_states(...)` (final normed hidden states) an
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -251,6 +253,54 @@ class KVCache:
         self.positions[rows] = -1
 
 
+def _sdpa_has_enable_gqa() -> bool:
+    """torch's scaled_dot_product_attention takes `enable_gqa` (torch >= 2.5)."""
+    kv = torch.zeros(1, 1, 1, 8)
+    try:
+        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 8), kv, kv, enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+SDPA_HAS_ENABLE_GQA = _sdpa_has_enable_gqa()
+_FUSED_GQA: dict[tuple, bool] = {}  # (device type, dtype, head_dim, masked) -> a fused kernel takes enable_gqa
+
+
+def sdpa_gqa_without_copies(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether grouped-query attention can go through SDPA's `enable_gqa` instead of repeated k/v.
+
+    CPU: whenever torch has `enable_gqa` (its kernels share k/v heads or repeat them internally, never
+    worse than our repeat). CUDA: when one of the fused kernels (flash, memory-efficient, cuDNN) accepts
+    `enable_gqa` for this dtype, head size and mask kind - which of them do depends on the torch
+    version, and the math fallback would materialise the [T, T] scores - probed once with a tiny call.
+    """
+    if not SDPA_HAS_ENABLE_GQA:
+        return False
+    if q.device.type != "cuda":
+        return True
+    key = (q.device.type, q.dtype, q.shape[-1], mask is not None)
+    if key not in _FUSED_GQA:
+        if torch.compiler.is_compiling():
+            return False  # no probing inside a trace; the eager path fills the table
+        _FUSED_GQA[key] = _probe_fused_gqa(q.device, q.dtype, q.shape[-1], mask is not None)
+    return _FUSED_GQA[key]
+
+
+def _probe_fused_gqa(device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool) -> bool:
+    q = torch.randn(1, 4, 16, head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype)
+    mask = torch.ones(1, 1, 16, 16, dtype=torch.bool, device=device).tril() if masked else None
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with warnings.catch_warnings(), sdpa_kernel(fused):
+        warnings.simplefilter("ignore")  # "kernel not used because ..." for each refusing backend
+        try:
+            F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, is_causal=not masked, enable_gqa=True)
+        except RuntimeError:
+            return False
+    return True
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -286,14 +336,18 @@ class Attention(nn.Module):
                 # kernels return a [B, rep*T, kv, D] memory layout, which cannot be viewed as [B, heads, T, D].
                 y = y.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4)
                 return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        gqa = {}
         if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if sdpa_gqa_without_copies(q, mask):
+                gqa = {"enable_gqa": True}
+            else:
+                rep = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

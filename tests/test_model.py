@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from minispin import load_model
+import minispin.model as model_mod
 from minispin.model import ConfigError, ModelConfig, Transformer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -17,15 +18,33 @@ def expected(name):
     return load_file(str(FIXTURES / name / "expected_logits.safetensors"))
 
 
+@pytest.mark.parametrize("gqa", ["enable_gqa", "repeat_kv"])
 @pytest.mark.parametrize("name", TINY)
-def test_logits_match_transformers_fixture_fp32(name):
+def test_logits_match_transformers_fixture_fp32(name, gqa, monkeypatch):
+    """CPU. Both grouped-query attention paths: SDPA's enable_gqa (where the torch has it) and
+    materialised k/v repeats; both with the padding mask and on the mask-free causal path."""
+    if gqa == "enable_gqa" and not model_mod.SDPA_HAS_ENABLE_GQA:
+        pytest.skip(f"torch {torch.__version__} has no enable_gqa in scaled_dot_product_attention")
+    monkeypatch.setattr(model_mod, "SDPA_HAS_ENABLE_GQA", gqa == "enable_gqa")
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(model_mod.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: calls.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+                        or sdpa(q, k, v, **kw))
     e = expected(name)
-    model = load_model(FIXTURES / name, dtype=torch.float32)
+    model = load_model(FIXTURES / name, dtype=torch.float32, device="cpu")
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the fixtures are GQA
     with torch.no_grad():
         logits = model(e["input_ids"], e["attention_mask"], e["position_ids"])
+        full = e["attention_mask"].bool().all(dim=1)  # rows without padding: the mask-free causal path
+        causal = model(e["input_ids"][full], None, e["position_ids"][full])
     mask = e["attention_mask"].bool()
     assert torch.isfinite(logits).all()
     assert (logits - e["logits"])[mask].abs().max().item() <= 1e-4
+    assert full.any() and (causal - e["logits"][full]).abs().max().item() <= 1e-4
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    expect = (heads, kv_heads, True) if gqa == "enable_gqa" else (heads, heads, False)
+    assert calls and all(c == expect for c in calls), calls
 
 
 @pytest.mark.parametrize("name", TINY)
