@@ -41,6 +41,7 @@ backward) keeps memory at O(chunk x V). `backend="triton" | "torch"` forces a pa
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 import triton
@@ -211,33 +212,76 @@ def _logprobs_backward_kernel(
     tl.store(d_ptrs, dlogits.to(dlogits_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _even_h(args):
-    return args["H"] % args["BLOCK_H"] == 0
-
-
-# Hopper-oriented configs (bf16 tiles, wgmma needs BLOCK_N % 64 == 0 and 4 or 8 warps). The last
-# config of each list is small enough for fp32 inputs (shared memory).
-# The forward's per-tile partials are laid out in BLOCK_V-wide vocabulary tiles, so all forward
-# configs share one BLOCK_V (_FORWARD_BLOCK_V).
+# Kernel configs: chosen by a fixed rule, not by Triton's autotuner. The autotuner times candidates in
+# each new process and may pick another config (another reduction order) in a resumed run, which would
+# break the bit-identical resume of a reference pass on GPU. The rule (`kernel_config`) is a pure
+# function of (kernel, dtype, row class):
+#   16-bit inputs, N > 64 rows   128 x 128 tiles, BLOCK_H 64, 8 warps, 4 stages (wgmma on Hopper; the
+#                                plain GEMM tile; benchmarks/gpu_check.sh records its registers/spills)
+#   16-bit inputs, N <= 64 rows  64 x 128 tiles, BLOCK_H 64, 4 warps, 3 stages (no wasted row half)
+#   fp32 inputs                  64 x 128 tiles, BLOCK_H 32, 4 warps, 3 stages (fits shared memory)
+# The forward's per-tile partials are laid out in BLOCK_V-wide vocabulary tiles, so every forward
+# config has BLOCK_V = _FORWARD_BLOCK_V. MINISPIN_AUTOTUNE=1 (read at launch) lets Triton's autotuner
+# choose among _TUNING_CONFIGS instead: for benchmarking candidate rules only, never for runs that resume.
 _FORWARD_BLOCK_V = 128
-_FORWARD_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 128, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
-]
-_BACKWARD_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 128, "GROUP_N": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=3),
-]
-_forward_tuned = triton.autotune(_FORWARD_CONFIGS, key=["n_bucket", "V", "H"])(
-    triton.heuristics({"EVEN_H": _even_h})(_logprobs_forward_kernel))
-_backward_tuned = triton.autotune(_BACKWARD_CONFIGS, key=["n_bucket", "H"])(
-    triton.heuristics({"EVEN_H": _even_h})(_logprobs_backward_kernel))
+_LARGE_16BIT = triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=4)
+_SMALL_16BIT = triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=4, num_stages=3)
+_FP32 = triton.Config({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_H": 32, "GROUP_N": 8}, num_warps=4, num_stages=3)
+_TUNING_CONFIGS = {
+    "forward": [
+        _LARGE_16BIT, _SMALL_16BIT, _FP32,
+        triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 128, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+    ],
+    "backward": [
+        _LARGE_16BIT, _SMALL_16BIT, _FP32,
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_H": 64, "GROUP_N": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 128, "GROUP_N": 8}, num_warps=8, num_stages=3),
+    ],
+}
+_AUTOTUNERS: dict[str, object] = {}
+
+
+def kernel_config(kernel: str, n_rows: int, dtype: torch.dtype) -> triton.Config:
+    """The config the `kernel` ("forward" | "backward") launches with for n_rows rows of `dtype` inputs
+    (the fixed rule above): a pure function of its arguments, so every process picks the same one."""
+    if kernel not in ("forward", "backward"):
+        raise ValueError(f"kernel_config: kernel must be 'forward' or 'backward', got {kernel!r}")
+    if dtype == torch.float32:
+        return _FP32
+    return _SMALL_16BIT if n_rows <= 64 else _LARGE_16BIT
+
+
+def _autotune_requested() -> bool:
+    return os.environ.get("MINISPIN_AUTOTUNE", "0") not in ("", "0")
+
+
+def _autotuned(kernel: str):
+    """Triton's autotuner over _TUNING_CONFIGS (MINISPIN_AUTOTUNE=1 only; created on first use)."""
+    if kernel not in _AUTOTUNERS:
+        fn = _logprobs_forward_kernel if kernel == "forward" else _logprobs_backward_kernel
+        configs = [c for c in _TUNING_CONFIGS[kernel]
+                   if kernel == "backward" or c.kwargs["BLOCK_V"] == _FORWARD_BLOCK_V]
+        key = ["n_bucket", "V", "H"] if kernel == "forward" else ["n_bucket", "H"]
+        _AUTOTUNERS[kernel] = triton.autotune(configs, key=key)(
+            triton.heuristics({"EVEN_H": lambda args: args["H"] % args["BLOCK_H"] == 0})(fn))
+    return _AUTOTUNERS[kernel]
+
+
+def _launch_compiled(kernel: str, grid_of, args, N: int, H: int, dtype: torch.dtype, precision: str):
+    """Launch the compiled forward/backward kernel with the rule's config (or the autotuner's, on request);
+    returns what Triton's launch returns (the compiled kernel: registers, spills)."""
+    if _autotune_requested():
+        return _autotuned(kernel)[lambda meta: grid_of(meta["BLOCK_N"], meta["BLOCK_V"])](
+            *args, DOT_PRECISION=precision)
+    cfg = kernel_config(kernel, N, dtype)
+    fn = _logprobs_forward_kernel if kernel == "forward" else _logprobs_backward_kernel
+    meta = cfg.kwargs
+    return fn[grid_of(meta["BLOCK_N"], meta["BLOCK_V"])](
+        *args, **meta, EVEN_H=H % meta["BLOCK_H"] == 0, DOT_PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +337,8 @@ def _forward_triton(hidden, weight, labels, ignore_index):
             *args, BLOCK_N=_INTERP_BLOCK_N, BLOCK_V=block_v, BLOCK_H=_INTERP_BLOCK_H, GROUP_N=2,
             EVEN_H=H % _INTERP_BLOCK_H == 0, DOT_PRECISION=precision, UPCAST_DOT=True)
     else:
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * num_tiles,)  # noqa: E731
-        _forward_tuned[grid](*args, DOT_PRECISION=precision)
+        _launch_compiled("forward", lambda block_n, block_v: (triton.cdiv(N, block_n) * num_tiles,),
+                         args, N, H, hidden.dtype, precision)
     logps = _empty((N,), dtype=torch.float32, device=device)
     lse = _empty((N,), dtype=torch.float32, device=device)
     block = 64 if interp else 512
@@ -337,8 +381,8 @@ def _backward_triton(hidden, weight, labels, lse, grad_out, ignore_index, need_d
                 *args, BLOCK_N=_INTERP_BLOCK_N, BLOCK_V=_INTERP_BLOCK_V, BLOCK_H=_INTERP_BLOCK_H, GROUP_N=4,
                 EVEN_H=H % _INTERP_BLOCK_H == 0, DOT_PRECISION=precision, UPCAST_DOT=True)
         else:
-            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(w, meta["BLOCK_V"]),)  # noqa: E731
-            _backward_tuned[grid](*args, DOT_PRECISION=precision)
+            grid_of = lambda block_n, block_v, w=w: (triton.cdiv(N, block_n) * triton.cdiv(w, block_v),)  # noqa: E731
+            _launch_compiled("backward", grid_of, args, N, H, hidden.dtype, precision)
         dlogits = dlogits_buf[:, :w]
         if need_dw:
             torch.mm(dlogits.t(), hidden_mm, out=d_weight[v_start:v_start + w])

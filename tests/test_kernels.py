@@ -37,8 +37,8 @@ def test_rerun_in_fresh_interpreter_process():
 
 
 COMPILED_CHECK = r"""
-import json, sys, torch
-import minispin.kernels.linear_logprobs as llp
+import importlib, json, sys, torch
+llp = importlib.import_module("minispin.kernels.linear_logprobs")  # (the package attribute is the function)
 from minispin.kernels import linear_logprobs, pair_loss, pair_loss_reference
 device, cases = sys.argv[1], json.loads(sys.argv[2])
 if device == "cuda":
@@ -245,6 +245,60 @@ def test_linear_logprobs_default_chunk_sizes_bound_memory():
         width = llp_mod._gpu_chunk_width(n, v)
         assert 256 <= width < v and n * width <= max(llp_mod._GPU_CHUNK_ELEMS, 256 * n)
     assert llp_mod._torch_chunk_rows(100000, 128256, None) * 128256 <= llp_mod._CPU_CHUNK_ELEMS
+
+
+KERNEL_RULE_CASES = [(k, n, d) for k in ("forward", "backward") for n in (1, 64, 65, 1003, 16384, 1 << 20)
+                     for d in ("bfloat16", "float16", "float32")]
+KERNEL_RULE_SCRIPT = r"""
+import importlib, json, sys, torch
+llp = importlib.import_module("minispin.kernels.linear_logprobs")
+print(json.dumps([str(llp.kernel_config(k, n, getattr(torch, d))) for k, n, d in json.loads(sys.argv[1])]))
+"""
+
+
+def test_kernel_config_is_a_fixed_rule_of_shape_and_dtype(monkeypatch):
+    """CPU. Deterministic kernel choice: the compiled kernels launch with the config of a fixed rule (a pure
+    function of kernel, row count class and dtype; no autotuner timing), so a resumed run on GPU picks the
+    same config (the same reduction order) as the uninterrupted one - also in another process."""
+    import triton
+
+    got = [llp_mod.kernel_config(k, n, getattr(torch, d)) for k, n, d in KERNEL_RULE_CASES]
+    for (kernel, n, dtype), cfg in zip(KERNEL_RULE_CASES, got):
+        want = llp_mod._FP32 if dtype == "float32" else (llp_mod._SMALL_16BIT if n <= 64 else llp_mod._LARGE_16BIT)
+        assert cfg is want, (kernel, n, dtype)
+        if kernel == "forward":
+            assert cfg.kwargs["BLOCK_V"] == llp_mod._FORWARD_BLOCK_V  # the partials' tile layout
+    assert got == [llp_mod.kernel_config(k, n, getattr(torch, d)) for k, n, d in KERNEL_RULE_CASES]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_AUTOTUNE")}
+    other = subprocess.run([sys.executable, "-c", KERNEL_RULE_SCRIPT, json.dumps(KERNEL_RULE_CASES)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert json.loads(other.stdout) == [str(c) for c in got]
+    assert not any(isinstance(v, triton.runtime.Autotuner) for v in vars(llp_mod).values())
+    with pytest.raises(ValueError, match="'forward' or 'backward'"):
+        llp_mod.kernel_config("sideways", 8, torch.bfloat16)
+
+    # The launch takes the rule's config (stand-in kernels record what they were launched with).
+    launched = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.name, grid, meta))
+
+    monkeypatch.setattr(llp_mod, "_logprobs_forward_kernel", Recorder("forward"))
+    monkeypatch.setattr(llp_mod, "_logprobs_backward_kernel", Recorder("backward"))
+    monkeypatch.delenv("MINISPIN_AUTOTUNE", raising=False)
+    for kernel, n, h in (("forward", 1003, 4096), ("backward", 40, 4100), ("backward", 5000, 96)):
+        for dtype in (torch.bfloat16, torch.float32):
+            llp_mod._launch_compiled(kernel, lambda bn, bv: (bn, bv), (), n, h, dtype, "ieee")
+            cfg = llp_mod.kernel_config(kernel, n, dtype)
+            name, grid, meta = launched[-1]
+            assert name == kernel and grid == (cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_V"])
+            assert meta == {**cfg.kwargs, "EVEN_H": h % cfg.kwargs["BLOCK_H"] == 0, "DOT_PRECISION": "ieee",
+                            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def test_linear_logprobs_bad_inputs():
