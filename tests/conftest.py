@@ -1,5 +1,25 @@
-"""Test-wide settings: one intra-op thread per process (CI has 2 cores and several tests start
-2-rank torchrun jobs, which oversubscribe the machine with torch's default thread count)."""
+"""Test-wide settings.
+
+- One intra-op thread per process (CI has 2 cores and several tests start 2-rank torchrun jobs, which
+  oversubscribe the machine with torch's default thread count).
+- No TRITON_INTERPRET in the test process: Triton reads it once, at import, for the whole process, and
+  it would reach other tests' subprocesses and torch.compile's inductor. The kernel tests that need the
+  interpreter are marked `interpreter` and run in a child process of their own (tests/interpreter.py),
+  which is the one place the variable is set.
+- Tests say which device they mean: CPU tests pass device="cpu" (or --device cpu), so on a CUDA machine
+  they still run on the CPU; CUDA tests are skipped without a GPU and compare with a CPU reference.
+"""
 import os
 
+from interpreter import in_child
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if in_child():
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs the Triton kernels in Triton's CPU interpreter "
+                                       "(in its own child process; see tests/interpreter.py)")

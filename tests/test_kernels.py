@@ -1,110 +1,84 @@
 """minispin.kernels: Triton kernels (run by Triton's CPU interpreter here) against float64 references.
 
-Triton picks interpreter-or-compiled when `triton` is imported, so TRITON_INTERPRET=1 is set before
-any import. If another module imported triton first without it (whole-suite runs), the Triton tests
-here are skipped in-process and re-run by test_rerun_in_fresh_interpreter_process instead.
+The tests marked `interpreter` run the Triton kernels on CPU tensors through Triton's interpreter.
+Triton picks interpreter-or-compiled once per process (at import), so they run in a child process of
+their own with TRITON_INTERPRET=1 (tests/interpreter.py; test_interpreter_tests_in_their_own_process
+starts it); in the test process itself they skip. Where the installed Triton/numpy pair cannot run the
+interpreter they skip with a reason naming the versions. The other tests run on CPU in the test process;
+test_compiled_kernels_on_cuda checks the compiled kernels on a GPU against CPU references.
 """
 import importlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from minispin.kernels import linear_logprobs, linear_logprobs_reference, pair_loss, pair_loss_reference  # noqa: E402
+import interpreter
+from minispin.kernels import linear_logprobs, linear_logprobs_reference, pair_loss, pair_loss_reference
+from minispin.kernels.interpreter import CLASH_PREFIX, interpreter_clash, kernels_interpreted
 
 llp_mod = importlib.import_module("minispin.kernels.linear_logprobs")
 pl_mod = importlib.import_module("minispin.kernels.pair_loss")
-INTERPRETED = llp_mod._kernels_interpreted() and pl_mod._kernels_interpreted()
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED,
-    reason="triton was imported before TRITON_INTERPRET=1; see test_rerun_in_fresh_interpreter_process")
+INTERPRETED = kernels_interpreted()
+CLASH = interpreter_clash() if INTERPRETED else None
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this process already runs the Triton kernels in the interpreter")
-def test_rerun_in_fresh_interpreter_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                             "-k", "not test_compiled_kernels_on_cuda"],  # runs in its own process anyway
-                            env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+def needs_interpreter(test):
+    """Mark a test as an interpreter test: run in the interpreter child, skipped elsewhere."""
+    reason = CLASH or "runs in the interpreter's own process (test_interpreter_tests_in_their_own_process)"
+    return pytest.mark.interpreter(pytest.mark.skipif(not INTERPRETED or CLASH is not None, reason=reason)(test))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process is the interpreter run itself")
+def test_interpreter_tests_in_their_own_process():
+    result = interpreter.run_interpreter_tests(__file__)
+    output = result.stdout + result.stderr
+    if CLASH_PREFIX in output and " passed" not in result.stdout.strip().splitlines()[-1]:
+        reason = next(line for line in output.splitlines() if CLASH_PREFIX in line)
+        pytest.skip(reason.split(": ", 1)[-1] if reason.startswith("SKIPPED") else reason)
+    assert result.returncode == 0, output[-6000:]
     summary = result.stdout.strip().splitlines()[-1]
-    assert "passed, 1 skipped" in summary, summary  # only this test itself is skipped there
+    assert " passed" in summary and "skipped" not in summary and "failed" not in summary, summary
 
 
-COMPILED_CHECK = r"""
-import importlib, json, sys, torch
-llp = importlib.import_module("minispin.kernels.linear_logprobs")  # (the package attribute is the function)
-from minispin.kernels import linear_logprobs, pair_loss, pair_loss_reference
-device, cases = sys.argv[1], json.loads(sys.argv[2])
-if device == "cuda":
-    assert not llp._kernels_interpreted(), "TRITON_INTERPRET leaked into the compiled-kernel check"
-    device = f"cuda:{torch.cuda.device_count() - 1}"  # with 2+ GPUs not the current one: launch on the data's
-g = torch.Generator(device=device).manual_seed(0)
-
-def rel(a, b):  # max |a - b| / max |b|, in fp32 pieces (the large cases hold 2**31 elements)
-    assert bool(torch.isfinite(a).all())
-    pieces = list(zip(a.reshape(-1).split(1 << 24), b.reshape(-1).split(1 << 24)))
-    num = max((x.float() - y.float()).abs().max().item() for x, y in pieces)
-    return num / max(max(y.float().abs().max().item() for _, y in pieces), 1e-30)
-
-for N, H, V, dtype_name, tol in cases["logprobs"]:
-    dtype = getattr(torch, dtype_name)
-    hidden = torch.randn(N, H, device=device, generator=g).to(dtype)
-    weight = (torch.randn(V, H, device=device, generator=g) * H ** -0.5).to(dtype)
-    labels = torch.randint(0, V, (N,), device=device, generator=g)
-    labels[0], labels[-1], labels[1::7] = 0, V - 1, -100
-    grad = torch.randn(N, device=device, generator=g)
-    got = {}
-    for backend in ("torch", "triton"):  # the torch backend (fp32 math) is checked against float64 on CPU
-        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-        out = linear_logprobs(h, w, labels, backend=backend)
-        got[backend] = (out, *torch.autograd.grad(out, (h, w), grad))
-        del h, w, out
-    errs = [rel(a, b) for a, b in zip(got["triton"], got["torch"])]
-    assert got["triton"][1].dtype == got["triton"][2].dtype == dtype
-    assert (got["triton"][0][1::7] == 0).all() and (got["triton"][1][1::7] == 0).all()
-    assert max(errs) <= tol, (N, H, V, dtype_name, errs)
-    print("logprobs", N, H, V, dtype_name, errs, flush=True)
-    del hidden, weight, got
-
-for P, N in cases["pair_loss"]:
-    tok = -torch.rand(N, device=device, generator=g) * 3
-    seq = torch.randint(-1, 2 * P, (N,), device=device, generator=g)
-    ref = torch.randn(2 * P, device=device, generator=g) * 5 - 20
-    for loss in ("sigmoid", "hinge", "exponential", "correlation"):
-        x = tok.clone().requires_grad_()
-        l1, s1 = pair_loss(x, seq, ref, 0.1, loss, backend="triton")
-        (g1,) = torch.autograd.grad(l1, x)
-        x64 = tok.double().requires_grad_()
-        l2, s2 = pair_loss_reference(x64, seq, ref.double(), 0.1, loss)
-        (g2,) = torch.autograd.grad(l2, x64)
-        errs = [rel(l1, l2), rel(s1, s2), rel(g1, g2)]
-        assert max(errs) <= 1e-5, (P, N, loss, errs)
-print("ok")
-"""
+CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_kernels.py"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernels_on_cuda():
-    """The compiled (not interpreted) kernels on the GPU agree with the torch backend and float64:
-    odd shapes, bf16/fp16/fp32, and sizes whose element offsets pass 2**31 (N*H for hidden and d_hidden,
-    V*H for weight and d_weight), which 32-bit index arithmetic would corrupt. Runs in a fresh process
-    without TRITON_INTERPRET, with the tensors on the last GPU (not the current one when there are two)."""
-    cases = {"logprobs": [[1003, 4096, 32003, "bfloat16", 2e-2], [257, 1000, 5003, "float16", 2e-2],
-                          [67, 96, 1003, "float32", 1e-5], [1, 64, 300, "bfloat16", 2e-2],
-                          [(1 << 17) + 3, 16400, 256, "bfloat16", 2e-2],   # N * H > 2**31
-                          [69, 16400, (1 << 17) + 17, "bfloat16", 2e-2]],  # V * H > 2**31
-             "pair_loss": [[1, 40], [3, 1000], [40, 20000]]}
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILED_CHECK, "cuda", json.dumps(cases)], env=env,
+    """CUDA. The compiled (not interpreted) kernels on the GPU agree with CPU references (float64, or
+    float32 for the 2**31-element cases): odd shapes, bf16/fp16/fp32, and sizes whose element offsets
+    pass 2**31 (N*H for hidden and d_hidden, V*H for weight and d_weight), which 32-bit index arithmetic
+    would corrupt (benchmarks/check_kernels.py). Runs in a fresh process without TRITON_INTERPRET, with
+    the tensors on the last GPU (not the current one when there are two)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_AUTOTUNE")}
+    result = subprocess.run([sys.executable, str(CHECK_SCRIPT), "--device", "cuda"], env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert result.stdout.strip().endswith("ok")
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert records[-1] == {"check": "summary", "status": "ok", "failed": 0}
+    assert sum(r["check"] == "linear_logprobs" for r in records) == 6
+    assert all(r["reference"].startswith("cpu") for r in records if "reference" in r)
+
+
+def test_kernel_check_script_on_cpu_interpreter():
+    """CPU. The GPU check script's smoke cases through Triton's interpreter (its own process), so the
+    script that benchmarks/gpu_check.sh runs first on the GPU is known to work before a GPU is there."""
+    env = {k: v for k, v in os.environ.items() if k != "MINISPIN_AUTOTUNE"}
+    env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, str(CHECK_SCRIPT), "--device", "cpu", "--smoke"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    if records[0].get("status") == "skipped":
+        pytest.skip(records[0]["reason"])
+    assert records[-1] == {"check": "summary", "status": "ok", "failed": 0}
+    cases = [r for r in records if r["check"] == "linear_logprobs"]
+    assert len(cases) == 2 and all(r["triton"]["err_logps"] <= r["tol"] for r in cases)
 
 
 def _poisoned_empty(*args, **kwargs):

@@ -10,8 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton (see tests/test_kernels.py)
-
 import pytest
 import torch
 
@@ -534,7 +532,8 @@ def _spin_cli(root: Path, model_dir: Path, out: str, *extra: str, data: str = "s
     argv = ["--model", str(model_dir), "--data", str(root / data), "--output_dir", str(root / out),
             "--epochs", "1", "--global_batch_size", "4", "--micro_batch_size", "2", "--max_length", "48",
             "--max_prompt_length", "24", "--max_new_tokens", "4", "--generation.batch_size", "8",
-            "--save_steps", "0", "--progress", "false", "--optimizer", "adamw", *extra]
+            "--save_steps", "0", "--progress", "false", "--optimizer", "adamw", "--device", "cpu",
+            *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if kill_at:
@@ -652,7 +651,8 @@ def test_judge_method_without_judge_or_columns_fails_clearly(e2e):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "minispin.driver", "--model", str(model_dir), "--data",
                           str(root / "sft.jsonl"), "--output_dir", str(root / "nojudge"), "--method", "judge_spin",
-                          "--max_new_tokens", "2", "--progress", "false", "--num_iterations", "1"],
+                          "--max_new_tokens", "2", "--progress", "false", "--num_iterations", "1",
+                          "--device", "cpu"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "row 0: no judge score score_real / score_generated; configure judge.function" in res.stderr

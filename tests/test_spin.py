@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from minispin import TrainConfig
 from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer
@@ -44,7 +45,7 @@ def _argv(model_dir: Path, data: Path, out: Path) -> list[str]:
             "--epochs", "1", "--global_batch_size", "2", "--micro_batch_size", "1", "--reference_batch_size", "2",
             "--max_length", "48", "--max_prompt_length", "24", "--max_new_tokens", "8",
             "--generation.batch_size", "4", "--generation.chunk_size", "2", "--save_steps", "2",
-            "--progress", "false"]
+            "--progress", "false", "--device", "cpu"]
 
 
 def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
@@ -177,7 +178,7 @@ def test_continued_sft_method(base, tmp_path):
     _, model_dir, data = base
     cfg = SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "sft"), method="sft",
                      iterations=[{"lr": 1e-3, "epochs": 1}])
-    cfg.train.global_batch_size, cfg.train.progress = 5, False
+    cfg.train.global_batch_size, cfg.train.progress, cfg.train.device = 5, False, "cpu"
     result = spin(cfg)
     assert result.models == [tmp_path / "sft" / "iter0" / "model"]
     assert not (tmp_path / "sft" / "iter0" / "generated.jsonl").exists()
@@ -259,13 +260,15 @@ def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_p
 
 def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     _, model_dir, data = base
+    cpu = TrainConfig(device="cpu")
     with pytest.raises(FileNotFoundError, match="model folder .*nope.* does not exist"):
-        spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a")))
+        spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a"), train=cpu))
     with pytest.raises(FileNotFoundError, match="data path .*missing.jsonl.* does not exist"):
-        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b")))
+        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"), train=cpu))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: key 'response'"):
-        spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c")))
+        spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
     with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
-        spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic"))
+        spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
+                        train=cpu))

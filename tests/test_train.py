@@ -156,7 +156,7 @@ def test_loss_rewards_and_grads_match_float64(setup, loss_type):
     pairs = make_pairs(4, seed=1)
     refs = [-20.0, -15.5, -30.25, -12.0, -25.0, -18.0, -9.5, -40.0]
     beta = 0.7
-    cfg = TrainConfig(beta=beta, loss=loss_type)
+    cfg = TrainConfig(beta=beta, loss=loss_type, device="cpu")
     tps = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
     batch = collate_pairs(tps, tok.pad_id, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
     policy = PolicyHead(model)
@@ -189,7 +189,7 @@ def test_sft_loss_is_mean_token_nll(setup):
         nll -= logp[len(prompt) - 1: len(ids) - 1].gather(1, torch.tensor(ids[len(prompt):])[:, None]).sum().item()
         count += len(ids) - len(prompt)
     result = train(model, tok, pairs, TrainConfig(method="sft", lr=1e-4, max_steps=1, global_batch_size=3,
-                                                   micro_batch_size=1, progress=False))
+                                                   micro_batch_size=1, progress=False, device="cpu"))
     assert result.history[0]["loss"] == pytest.approx(nll / count, rel=1e-5)
 
 
@@ -208,7 +208,7 @@ def test_accumulation_and_metrics_match_float64(setup):
         if micro == 1:
             loss64, _, _, r_real64, r_gen64, grads64 = _float64_stats(model, tok, pairs, flat_refs, 0.1, "sigmoid")
         cfg = TrainConfig(lr=1e-4, max_steps=1, global_batch_size=4, micro_batch_size=micro, progress=False,
-                          max_grad_norm=0.0)
+                          max_grad_norm=0.0, device="cpu")
         records.append(train(model, tok, pairs, cfg, ref_logps=refs).history[0])
     norm64 = math.sqrt(sum((g ** 2).sum().item() for g in grads64.values()))
     for rec in records:
@@ -263,7 +263,7 @@ def test_two_rank_fsdp_equals_one_rank_and_resumes_after_kill(setup, tmp_path):
     pairs_file = tmp_path / "pairs.json"
     pairs_file.write_text(json.dumps([p.__dict__ for p in pairs]))
     cfg = dict(lr=1e-3, epochs=2, global_batch_size=4, micro_batch_size=1, save_steps=2, max_length=64,
-               max_prompt_length=32, progress=False)
+               max_prompt_length=32, progress=False, device="cpu")
 
     one = train(str(model_dir), tok, pairs, TrainConfig(**cfg), run_dir=tmp_path / "run1")
     save_trained_model(one.policy, tmp_path / "out1", dtype=None)
@@ -315,7 +315,8 @@ GPU_WORKER = textwrap.dedent('''
     params = list(result.policy.parameters())
     print(json.dumps({"backend": torch.distributed.get_backend() if dist.is_initialized() else None,
                       "world": dist.get_world_size(), "fsdp": all(isinstance(p, DTensor) for p in params),
-                      "dtypes": sorted({str(p.dtype) for p in params})}))
+                      "dtypes": sorted({str(p.dtype) for p in params}),
+                      "devices": sorted({p.device.type for p in params})}))
     del result, params
     dist.shutdown(dist.DistInfo(0, 1, 0, torch.device(device), "nccl", True))
 ''')
@@ -327,7 +328,8 @@ def _fsdp_facts(policy) -> dict:
 
     return {"backend": torch.distributed.get_backend(), "world": torch.distributed.get_world_size(),
             "fsdp": all(isinstance(p, DTensor) for p in policy.parameters()),
-            "dtypes": sorted({str(p.dtype) for p in policy.parameters()})}
+            "dtypes": sorted({str(p.dtype) for p in policy.parameters()}),
+            "devices": sorted({p.device.type for p in policy.parameters()})}
 
 
 def _tied_plain_run(tmp_path: Path, lr: float):
@@ -337,7 +339,8 @@ def _tied_plain_run(tmp_path: Path, lr: float):
     pairs = make_pairs(6, seed=5)
     cfg = dict(lr=lr, epochs=1, global_batch_size=4, micro_batch_size=2, max_length=64, max_prompt_length=32,
                progress=False)
-    plain = train(str(model_dir), tok, pairs, TrainConfig(**cfg), run_dir=tmp_path / "run1")
+    plain = train(str(model_dir), tok, pairs, TrainConfig(**cfg, device="cpu"), run_dir=tmp_path / "run1")
+    assert all(p.device.type == "cpu" for p in plain.policy.parameters())  # a real CPU reference, also on GPU hosts
     save_trained_model(plain.policy, tmp_path / "out1", dtype=None)
     return model_dir, tok, pairs, cfg
 
@@ -352,7 +355,19 @@ def _compare_runs(tmp_path: Path, info: dict):
     return m1, m2, w1, w2
 
 
-def test_one_rank_process_group_equals_plain_run(tmp_path):
+@pytest.fixture
+def no_process_group():
+    """Start without a process group (destroying one an earlier test left behind) and end without one."""
+    import minispin.distributed as dist
+
+    if dist.is_initialized():
+        torch.distributed.destroy_process_group()
+    yield
+    if dist.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_one_rank_process_group_equals_plain_run(tmp_path, no_process_group):
     """The single-GPU path (a one-rank group on an in-memory store, no torchrun or env vars, + FSDP2),
     here over gloo, trains exactly like the plain single process, tied embeddings included."""
     import minispin.distributed as dist
@@ -361,13 +376,13 @@ def test_one_rank_process_group_equals_plain_run(tmp_path):
     assert not dist.is_initialized()
     group = dist.init_distributed("cpu", single_process_group=True)
     try:
-        result = train(str(model_dir), tok, pairs, TrainConfig(**cfg), run_dir=tmp_path / "run2")
+        result = train(str(model_dir), tok, pairs, TrainConfig(**cfg, device="cpu"), run_dir=tmp_path / "run2")
         save_trained_model(result.policy, tmp_path / "out2", dtype=None)
         info = _fsdp_facts(result.policy)
         del result
     finally:
         dist.shutdown(group)
-    assert not dist.is_initialized() and info["backend"] == "gloo"
+    assert not dist.is_initialized() and info["backend"] == "gloo" and info["devices"] == ["cpu"]
     m1, m2, w1, w2 = _compare_runs(tmp_path, info)
     for a, b in zip(m1, m2):
         for key in ("loss", "logps/real", "logps/generated", "grad_norm"):
@@ -389,7 +404,7 @@ def test_single_gpu_bf16_training_matches_fp32_cpu(tmp_path):
                          env=_clean_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout.strip().splitlines()[-1])
-    assert info["backend"] == "nccl"
+    assert info["backend"] == "nccl" and info["devices"] == ["cuda"]
     m1, m2, w1, w2 = _compare_runs(tmp_path, info)
     assert all(math.isfinite(b["loss"]) and math.isfinite(b["grad_norm"]) for b in m2)
     a, b = m1[0], m2[0]  # step 1: same weights, so bf16 compute vs fp32 is all that differs
@@ -410,7 +425,8 @@ def test_trainer_state_is_safetensors_and_json(setup, tmp_path):
     from minispin.checkpoint import load_model
 
     model = load_model(model_dir, dtype=torch.float32)
-    cfg = TrainConfig(lr=1e-4, epochs=1, global_batch_size=2, micro_batch_size=2, save_steps=1, progress=False)
+    cfg = TrainConfig(lr=1e-4, epochs=1, global_batch_size=2, micro_batch_size=2, save_steps=1, progress=False,
+                      device="cpu")
     train(model, tok, make_pairs(4), cfg, run_dir=tmp_path)
     state_dir = tmp_path / "train_state"
     assert sorted(p.name for p in state_dir.iterdir()) == ["model.safetensors", "optimizer.safetensors",
@@ -439,7 +455,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_pa
         return (loss * float("nan") if calls["n"] == 3 else loss), seq, logps
 
     monkeypatch.setattr(train_mod, "batch_loss", poisoned)
-    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False)
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False,
+                      device="cpu")
     with pytest.raises(TrainingDiverged, match=r"step 3/4: loss nan .* not finite"):
         train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
     state = json.loads((tmp_path / "train_state" / "trainer_state.json").read_text())
@@ -456,14 +473,14 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
     _, model_dir, tok = setup
     with pytest.raises(ValueError, match="pair 1 has no rejected"):
         train(str(model_dir), tok, [make_pairs(2)[0], Pair(1, [{"role": "user", "content": "hi"}], "a")],
-              TrainConfig(progress=False))
+              TrainConfig(progress=False, device="cpu"))
     with pytest.raises(ValueError, match="two pairs have index 0"):
-        train(str(model_dir), tok, [make_pairs(1)[0], make_pairs(1)[0]], TrainConfig(progress=False))
+        train(str(model_dir), tok, [make_pairs(1)[0], make_pairs(1)[0]], TrainConfig(progress=False, device="cpu"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        train(str(tmp_path / "nowhere"), tok, make_pairs(2), TrainConfig(progress=False))
+        train(str(tmp_path / "nowhere"), tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
     small = Transformer(tiny_config(10))  # the tokenizer's ids do not fit this model's vocabulary
     with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
-        train(small, tok, make_pairs(2), TrainConfig(progress=False))
+        train(small, tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="ipo")
 
