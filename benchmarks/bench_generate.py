@@ -146,6 +146,7 @@ def throughput(args) -> None:
                                      ours.embed_tokens.weight.numel() * ours.embed_tokens.weight.element_size())
     emit(bench="generate", device=str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
          torch=torch.__version__, params=sum(p.numel() for p in ours.parameters()), dtype=str(dtype),
+         layers=config.num_hidden_layers, full_model_layers=None if args.smoke else 32,
          prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
          logits_rel_diff_vs_hf=round(check_same_logits(hf, ours, device, config.vocab_size), 5))
     bandwidth = copy_bandwidth(device, min(4 << 30, 4 * weight_bytes))

@@ -23,3 +23,5 @@ else:
 def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs the Triton kernels in Triton's CPU interpreter "
                                        "(in its own child process; see tests/interpreter.py)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); compares with a CPU reference "
+                                       "(benchmarks/run_cuda_tests.py runs these)")

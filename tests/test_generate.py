@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minispin import load_model
 from minispin.sampler import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
@@ -341,9 +342,17 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
             [o.token_ids for o in generate_tokens(model, prompts, **kw)]
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_decode_matches_eager_on_cuda():
+    """CUDA. The model on the GPU gives transformers' CPU fp32 logits (the fixture); the CUDA-graph decode
+    gives the eager decode's tokens; the counter-based sampler noise equals the CPU's."""
     model = load_model(FIXTURES / "hf-tiny-mistral", dtype=torch.float32, device="cuda")
+    e = load_file(str(FIXTURES / "hf-tiny-mistral" / "expected_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(e["input_ids"].cuda(), e["attention_mask"].cuda(), e["position_ids"].cuda()).cpu()
+    mask = e["attention_mask"].bool()
+    assert (logits - e["logits"])[mask].abs().max().item() <= 1e-4
     prompts = random_prompts([5, 9, 3, 12, 1], seed=8)
     for kw in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=5)):
         kw.update(max_new_tokens=12, batch_size=3, stop_token_ids=[])

@@ -48,6 +48,7 @@ def test_interpreter_tests_in_their_own_process():
 CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_kernels.py"
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernels_on_cuda():
     """CUDA. The compiled (not interpreted) kernels on the GPU agree with CPU references (float64, or

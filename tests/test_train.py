@@ -391,6 +391,7 @@ def test_one_rank_process_group_equals_plain_run(tmp_path, no_process_group):
         assert torch.allclose(w1[k], w2[k], atol=1e-6, rtol=0), k
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_single_gpu_bf16_training_matches_fp32_cpu(tmp_path):
     """One GPU without torchrun: train() starts a one-rank nccl group itself, FSDP2 computes in bf16 over
