@@ -1,4 +1,5 @@
-"""The kernel benchmarks run end to end in --smoke mode (tiny fp32 shapes, CPU) and agree with naive."""
+"""The kernel benchmarks run end to end in --smoke mode (tiny fp32 shapes, on the CPU also on a GPU host) and
+agree with naive."""
 import importlib.util
 import json
 from pathlib import Path
@@ -21,7 +22,7 @@ def _json_lines(text):
 
 def test_bench_logprobs_smoke(capsys):
     bench = _load("bench_logprobs")
-    results = bench.main(["--smoke", "--warmup", "0", "--repeats", "1"])
+    results = bench.main(["--smoke", "--device", "cpu", "--warmup", "0", "--repeats", "1"])
     lines = _json_lines(capsys.readouterr().out)
     by_method = {r["method"]: r for r in results}
     assert {"naive", "compiled", "minispin"} <= set(by_method)
@@ -37,7 +38,7 @@ def test_bench_logprobs_smoke(capsys):
 
 def test_bench_pair_loss_smoke(capsys):
     bench = _load("bench_pair_loss")
-    results = bench.main(["--smoke", "--warmup", "0", "--repeats", "1"])
+    results = bench.main(["--smoke", "--device", "cpu", "--warmup", "0", "--repeats", "1"])
     lines = _json_lines(capsys.readouterr().out)
     assert {(r["part"], r["method"]) for r in results} == {
         ("loss", "naive"), ("loss", "minispin"), ("e2e", "naive"), ("e2e", "minispin")}
