@@ -8,7 +8,8 @@
 #   bash benchmarks/gpu_check.sh                       # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run --out DIR   # every step at smoke size on CPU (~2 min)
 #
-# Options: --dry-run, --out DIR (default $OUT), --budget SECONDS (default 540).
+# Options: --dry-run, --out DIR (default $OUT), --budget SECONDS (default 540), --steps A,B (only the
+# steps whose names start with one of these, e.g. after a first run: --steps generate,cuda_tests).
 # Environment: PYTHON (default python3). A liger-kernel wheel in .whl/ is installed to a scratch
 # folder and used as a baseline (benchmarks/README.md says how to carry it).
 set -uo pipefail
@@ -16,12 +17,14 @@ set -uo pipefail
 DRY=0
 BUDGET=540
 OUT_DIR="${OUT:-}"
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --budget) BUDGET="$2"; shift ;;
-    *) echo "gpu_check.sh: unknown option $1 (use --dry-run, --out DIR, --budget SECONDS)" >&2; exit 2 ;;
+    --steps) ONLY="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown option $1 (use --dry-run, --out DIR, --budget SECONDS, --steps A,B)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -48,7 +51,12 @@ left() { echo $(( BUDGET - $(date +%s) + START )); }
 step() {
   local name="$1" base="$2" file="$OUT_DIR/$2" min="$3" cap="$4"; shift 4
   local remain=$(( $(left) - 15 ))
-  local status rc t0 t1
+  local status rc t0 t1 want
+  if [ -n "$ONLY" ]; then
+    want=0
+    for prefix in ${ONLY//,/ }; do [[ "$name" == "$prefix"* ]] && want=1; done
+    [ "$want" -eq 0 ] && return 0
+  fi
   if [ "$remain" -lt "$min" ]; then
     status="skipped: ${remain}s left, needs ${min}s"
     echo "{\"step\": \"$name\", \"status\": \"skipped\", \"reason\": \"${remain}s left, needs ${min}s\"}" >>"$file"
@@ -118,21 +126,21 @@ else
   # 1. compiled kernels vs CPU references: odd shapes, offsets past 2**31 (and registers / spills)
   step kernels kernels.jsonl 60 150 "$PY" benchmarks/check_kernels.py --device cuda
   # 2. fused log-probs at the target shape with every baseline there is, then the 128k vocabulary
-  step logprobs_32k logprobs.jsonl 60 120 "$PY" benchmarks/bench_logprobs.py --shapes 16384x4096x32000
-  step logprobs_128k logprobs.jsonl 45 90 "$PY" benchmarks/bench_logprobs.py --shapes 16384x4096x128256
-  # the autotuner's pick over the candidate configs, to compare with the fixed rule's (minispin) line
-  step logprobs_autotuned logprobs.jsonl 40 60 env MINISPIN_AUTOTUNE=1 "$PY" benchmarks/bench_logprobs.py \
-    --shapes 16384x4096x32000 --methods minispin
+  step logprobs_32k logprobs.jsonl 60 130 "$PY" benchmarks/bench_logprobs.py --shapes 16384x4096x32000
+  step logprobs_128k logprobs.jsonl 45 100 "$PY" benchmarks/bench_logprobs.py --shapes 16384x4096x128256
   # 3. the SPIN training step, minispin vs the naive recipe, with peak memory: 1B, then 7B
   step train_1b train.jsonl 60 100 "$PY" benchmarks/bench_train.py --shapes 1b --steps 3 --warmup 1
   step train_7b train.jsonl 90 150 "$PY" benchmarks/bench_train.py --shapes 7b --steps 2 --warmup 1
   # 4. sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
-  step generate generate.jsonl 60 110 "$PY" benchmarks/bench_generate.py --batches 1,64 --layers 8 \
+  step generate generate.jsonl 60 150 "$PY" benchmarks/bench_generate.py --batches 1,64 --layers 8 \
     --prompt-len 256 --new-tokens 128
   # 5. the CUDA tests (the kernel check itself ran in step 1)
   step cuda_tests cuda_tests.jsonl 45 120 "$PY" benchmarks/run_cuda_tests.py --skip-kernel-check
   # 6. the pair loss alone and the whole head step
   step pair_loss pair_loss.jsonl 30 60 "$PY" benchmarks/bench_pair_loss.py
+  # extra: the autotuner's pick over the candidate configs, to compare with the fixed rule's minispin line
+  step logprobs_autotuned logprobs.jsonl 40 60 env MINISPIN_AUTOTUNE=1 "$PY" benchmarks/bench_logprobs.py \
+    --shapes 16384x4096x32000 --methods minispin
 fi
 
 # ---------------------------------------------------------------- one-page summary

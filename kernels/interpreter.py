@@ -40,6 +40,6 @@ def interpreter_clash() -> str | None:
         words = next((w for w in _NUMPY_SCALAR_ERRORS if w in text), None)
         if words is None:
             raise
-        return (f"{CLASH_PREFIX}: triton {triton.__version__} + numpy {numpy.__version__} (TypeError: {words} "
+        return (f"{CLASH_PREFIX}: triton {triton.__version__} + numpy {numpy.__version__} (TypeError: {words} to "
                 "Python scalars); Triton >= 3.9, or numpy < 2.4, runs it")
     return None

@@ -1,9 +1,10 @@
 """Hugging Face safetensors checkpoints: load into our `Transformer`, save loadable by transformers.
 
-Loading builds the model on the meta device and takes each tensor from the mapped file (copy-on-write,
-a view of the file's pages: no second copy), shard by shard; a tensor converted to another dtype or
-moved to a GPU gives its pages back once copied, so peak memory stays close to what the model holds. Saving writes config.json (transformers 4.x layout) and safetensors shards with an
-index into a temporary folder that is renamed into place: a crash never leaves a half-written checkpoint.
+Loading builds the model on the meta device and takes each tensor as a view of its mapped bytes of the
+file (copy-on-write: no second copy), shard by shard; a tensor converted to another dtype or moved to a
+GPU gives its pages back once copied, so peak memory stays close to what the model holds. Saving
+writes config.json (transformers 4.x layout) and safetensors shards with an index into a temporary
+folder that is renamed into place: a crash never leaves a half-written checkpoint.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import os
 import shutil
 import struct
 import tempfile
-import weakref
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,56 +105,33 @@ def _read_tensor(f, info: dict[str, Any], data_start: int, path: Path) -> torch.
     return t
 
 
-def _page_range(begin: int, end: int) -> tuple[int, int]:
-    """The whole pages inside bytes [begin, end) of a mapping: (start, length), length 0 if none."""
-    start = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
-    stop = end // mmap.PAGESIZE * mmap.PAGESIZE
-    return start, max(0, stop - start)
+def _map_tensor(f, info: dict[str, Any], data_start: int) -> torch.Tensor:
+    """One tensor as a view of its own copy-on-write mapping of the file's bytes (no copy; pages come in,
+    with read-ahead, as they are used). The mapping lives exactly as long as some tensor uses its memory:
+    a tensor converted to another dtype or moved to a GPU unmaps (gives back) its pages when dropped."""
+    begin, end = (data_start + o for o in info["data_offsets"])
+    first = begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    mapped = mmap.mmap(f.fileno(), end - first, offset=first, access=mmap.ACCESS_COPY)
+    mapped.madvise(mmap.MADV_WILLNEED)  # start reading ahead now
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - first)
+    return flat.view(SAFETENSORS_DTYPES[info["dtype"]]).view(info["shape"])
 
 
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, CPU tensor) from one safetensors file, in file order.
-
-    The file is mapped copy-on-write (as transformers does) and each tensor is a view of its mapped bytes:
-    no read into a second buffer, and pages come in (with read-ahead) only as they are used. A tensor the
-    caller keeps stays a view (writing to it copies just the pages written; the file never changes); the
-    pages of a tensor the caller has let go by the next step (converted to another dtype, moved to a GPU,
-    sharded) are given back at once, so resident memory stays at what the caller holds plus about one tensor.
-    """
+    """Yield (name, CPU tensor) from one safetensors file, in file order, one tensor's pages at a time
+    unless the caller keeps them: each tensor maps its own bytes of the file (copy-on-write, as transformers
+    does; writing to a tensor copies just the pages written, the file never changes). Tensors whose data
+    offset is not a multiple of their element size (no view can start there) are read into fresh memory."""
     path = Path(path)
     header, data_start = _read_header(path)
-    order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    if not order:
-        return
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # the mapping outlives the file handle
-        pending: list[tuple[weakref.ref, int, int]] = []  # yielded views not yet known to be dropped
-        for name, info in order:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            begin, end = (data_start + o for o in info["data_offsets"])
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if end == begin:
-                tensor = torch.empty(info["shape"], dtype=dtype)
-            elif begin % itemsize:
-                tensor = _read_tensor(f, info, data_start, path)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+            if end == begin or (data_start + begin) % itemsize:
+                yield name, _read_tensor(f, info, data_start, path)
             else:
-                start, length = _page_range(begin, end)
-                if length:
-                    mapped.madvise(mmap.MADV_WILLNEED, start, length)  # start reading ahead now
-                tensor = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
-                tensor = tensor.view(dtype).view(info["shape"])
-                pending.append((weakref.ref(tensor), begin, end))
-            yield name, tensor
-            del tensor
-            still = []
-            for ref, b, e in pending:
-                if ref() is None:
-                    start, length = _page_range(b, e)
-                    if length:
-                        mapped.madvise(mmap.MADV_DONTNEED, start, length)  # dropped: give its pages back
-                else:
-                    still.append((ref, b, e))
-            pending = still
+                yield name, _map_tensor(f, info, data_start)
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
