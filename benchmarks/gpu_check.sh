@@ -34,6 +34,7 @@ fi
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
+if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi  # steps may cd
 START=$(date +%s)
 LOG="$OUT_DIR/log.txt"
 SUMMARY="$OUT_DIR/summary.md"
@@ -76,39 +77,42 @@ step() {
 }
 
 # ---------------------------------------------------------------- install (offline) and versions
-INSTALL="pip install --no-deps --no-build-isolation --no-index -e ."
+# --use-pep517: without a pyproject.toml an older pip would run `setup.py develop`, whose path entry does
+# not map minispin.kernels onto kernels/; the import check below catches any other such layout problem.
+INSTALL="pip install --no-deps --no-build-isolation --no-index --use-pep517 -e ."
 if [ "$DRY" -eq 1 ]; then
   INSTALL="$INSTALL --dry-run"
-  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --dry-run -e . >>"$LOG" 2>&1 \
+  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 --dry-run -e . >>"$LOG" 2>&1 \
     || INSTALL="$INSTALL: FAILED (see log.txt)"
-elif ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$LOG" 2>&1; then
+elif ! { "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --use-pep517 -e . >>"$LOG" 2>&1 \
+         && (cd /tmp && "$PY" -c "import minispin.kernels, minispin" >>"$LOG" 2>&1); }; then
   # no lost GPU minutes over packaging: the same sources, laid out as installed, on PYTHONPATH
-  rm -rf /tmp/gpu_check_src && mkdir -p /tmp/gpu_check_src && cp -r minispin /tmp/gpu_check_src/ \
-    && cp -r kernels /tmp/gpu_check_src/minispin/kernels
-  export PYTHONPATH="/tmp/gpu_check_src${PYTHONPATH:+:$PYTHONPATH}"
+  SRC=$(mktemp -d) && cp -r minispin "$SRC/" && cp -r kernels "$SRC/minispin/kernels"
+  export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
   INSTALL="$INSTALL FAILED (see log.txt); ran from a source copy on PYTHONPATH"
 fi
 echo "install: $INSTALL" | tee -a "$LOG" >&2
 LIGER="absent"
 if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu_check_site .whl/liger_kernel-*.whl \
+  SITE=$(mktemp -d)
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/liger_kernel-*.whl \
       >>"$LOG" 2>&1; then
-    export PYTHONPATH="/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}"; LIGER="installed from .whl/"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; LIGER="installed from .whl/"
   else
     LIGER="wheel in .whl/ failed to install (see log.txt)"
   fi
 fi
 VERSIONS=$("$PY" - <<'EOF' 2>>"$LOG"
-import platform, torch, torch.nn.functional as F
+import importlib.metadata, platform, torch, torch.nn.functional as F
 def version(name):
     try:
-        return __import__(name).__version__
-    except Exception as err:  # noqa: BLE001
-        return f"absent ({type(err).__name__})"
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
 print(f"- GPU: {gpu}; CUDA runtime {torch.version.cuda}; python {platform.python_version()}")
 print(f"- torch {torch.__version__}, triton {version('triton')}, numpy {version('numpy')}, "
-      f"transformers {version('transformers')}, liger_kernel {version('liger_kernel')}")
+      f"transformers {version('transformers')}, liger_kernel {version('liger-kernel')}")
 print(f"- torch has linear_cross_entropy: {hasattr(F, 'linear_cross_entropy')}")
 EOF
 )
