@@ -92,7 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny model, seconds")
     ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", help="the checkpoint's dtype")
+    ap.add_argument("--load-dtype", default=None, help="the loaded model's dtype (default: the checkpoint's; "
+                                                       "float32 is the training path: converted while loading)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=None, help="fresh processes per loader and case (default 3; smoke 1)")
     ap.add_argument("--no-transformers", action="store_true", help="minispin only")
@@ -117,7 +119,8 @@ def main() -> None:
     repeats = args.repeats or (1 if args.smoke else 3)
     loaders = ["minispin"] + ([] if args.no_transformers or not _has_transformers() else ["transformers"])
     try:
-        run_cases(cfg, dtype, shard, root, args.dtype, repeats, loaders, ("cold",) if args.smoke else ("warm", "cold"))
+        run_cases(cfg, dtype, shard, root, args.load_dtype or args.dtype, repeats, loaders,
+                  ("cold",) if args.smoke else ("warm", "cold"))
     finally:
         if args.dir is None:  # the 7B-shaped checkpoints are tens of GB: do not leave them in /tmp
             shutil.rmtree(root, ignore_errors=True)
@@ -169,7 +172,8 @@ def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int,
                     runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
             sums = {name: r[0]["touch_sum"] for name, r in runs.items()}
             assert len({round(v, 2) for v in sums.values()}) == 1, f"the loaders read different weights: {sums}"
-            record = {"bench": "load", "layout": layout, "cache": cache, "checkpoint_bytes": size, "repeats": repeats}
+            record = {"bench": "load", "layout": layout, "cache": cache, "checkpoint_bytes": size,
+                      "checkpoint_dtype": str(dtype).replace("torch.", ""), "load_dtype": dtype_name, "repeats": repeats}
             for name, r in runs.items():
                 ready = [x["ready_s"] for x in r]
                 record[name] = {"ready_s_best": round(min(ready), 3), "ready_s_median": round(statistics.median(ready), 3),
@@ -177,6 +181,7 @@ def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int,
                                 "cpu_s_median": round(statistics.median(x["cpu_s"] for x in r), 3),
                                 "GB_per_s_best": round(size / min(ready) / 1e9, 2),
                                 "peak_rss_over_checkpoint": round(max(x["peak_rss_kib"] for x in r) * 1024 / size, 3),
+                                "peak_rss_over_model": round(max(x["peak_rss_kib"] for x in r) * 1024 / r[0]["param_bytes"], 3),
                                 "loading_rss_over_checkpoint": round(
                                     max(x["peak_rss_kib"] - x["base_rss_kib"] for x in r) * 1024 / size, 3)}
             if "transformers" in runs:

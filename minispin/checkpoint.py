@@ -120,8 +120,10 @@ def _map_tensor(f, info: dict[str, Any], data_start: int) -> torch.Tensor:
 def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, CPU tensor) from one safetensors file, in file order, one tensor's pages at a time
     unless the caller keeps them: each tensor maps its own bytes of the file (copy-on-write, as transformers
-    does; writing to a tensor copies just the pages written, the file never changes). Tensors whose data
-    offset is not a multiple of their element size (no view can start there) are read into fresh memory."""
+    does; writing to a tensor copies just the pages written, the file never changes). As with transformers,
+    a file overwritten in place while its tensors are in use would show through (minispin's own saves
+    replace folders atomically, never in place). Tensors whose data offset is not a multiple of their
+    element size (no view can start there) are read into fresh memory."""
     path = Path(path)
     header, data_start = _read_header(path)
     with open(path, "rb") as f:
