@@ -264,7 +264,8 @@ def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder .*nope.* does not exist"):
         spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a"), train=cpu))
     with pytest.raises(FileNotFoundError, match="data path .*missing.jsonl.* does not exist"):
-        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"), train=cpu))
+        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"),
+                        train=cpu))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: key 'response'"):
