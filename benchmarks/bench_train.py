@@ -39,7 +39,8 @@ from minispin import distributed as dist  # noqa: E402
 from minispin.collate import TokenizedPair, collate_pairs  # noqa: E402
 from minispin.model import ModelConfig, Transformer  # noqa: E402
 from minispin.training import (PolicyHead, TrainConfig, apply_activation_checkpointing,  # noqa: E402
-                            build_optimizer, optimizer_step, shard_policy)
+                            batch_loss, build_optimizer, optimizer_step, shard_policy)
+from minispin.training.optim import memory_estimate  # noqa: E402
 
 SHAPES = {
     # TinyLlama-1.1B layout with the Mistral/Llama-2 32000 vocabulary (the SPIN models' tokenizer)
@@ -127,10 +128,15 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> list
 
 # ----------------------------------------------------------------------------- minispin
 
+def train_config(args, device: str) -> TrainConfig:
+    return TrainConfig(lr=5e-7, beta=0.1, micro_batch_size=args.micro_batch, progress=False,
+                       activation_checkpointing=args.ac, device=device, optimizer=args.optimizer,
+                       max_length=args.prompt_len + args.response_len, max_prompt_length=args.prompt_len)
+
+
 def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict:
     device = info.device
-    tcfg = TrainConfig(lr=5e-7, beta=0.1, micro_batch_size=args.micro_batch, progress=False,
-                       activation_checkpointing=args.ac, device=device.type)
+    tcfg = train_config(args, device.type)
     with torch.device("meta"):
         model = Transformer(cfg)
     if tcfg.activation_checkpointing:
@@ -147,10 +153,16 @@ def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict
     def run_step():
         optimizer_step(policy, optimizer, ((b, weight) for b in batches), tcfg, device=device)
 
+    def reference_forward():  # what the reference pass costs for these pairs: a no-grad forward of each
+        with torch.no_grad():
+            for b in batches:
+                batch_loss(policy, b.to(device, non_blocking=True), tcfg)
+
     times = _time_steps(run_step, args.steps, args.warmup, device)
+    ref_times = _time_steps(reference_forward, max(1, args.steps), 1, device)
     result = {"impl": "minispin", "params": sum(p.numel() for p in policy.parameters()),  # DTensor: global
-              "activation_checkpointing": tcfg.activation_checkpointing,
-              "fsdp": info.backend is not None}
+              "activation_checkpointing": tcfg.activation_checkpointing, "optimizer": tcfg.optimizer,
+              "fsdp": info.backend is not None, "reference_forward_s": statistics.median(ref_times)}
     del policy, optimizer, model
     return result | {"times": times}
 
@@ -186,7 +198,10 @@ def _naive_models(cfg: ModelConfig, device: torch.device, ac: bool):
 
 def bench_naive(cfg: ModelConfig, args, device: torch.device, batches) -> dict:
     policy, reference, forward, kind = _naive_models(cfg, device, args.ac)
-    optimizer = torch.optim.RMSprop(policy.parameters(), lr=5e-7, alpha=0.99, eps=1e-8, weight_decay=0.0)
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-7, eps=1e-8, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.RMSprop(policy.parameters(), lr=5e-7, alpha=0.99, eps=1e-8, weight_decay=0.0)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     beta = 0.1
 
@@ -254,6 +269,17 @@ def run_one(impl: str, shape: str, args, info: dist.DistInfo, hardware: dict) ->
     tokens = rows * T
     flops = step_flops(cfg, rows, T, args.response_len)
     record.update(out)
+    if impl == "minispin":  # the reference pass runs once per iteration, over `epochs` passes of training
+        ref_s = record.pop("reference_forward_s")
+        record.update(reference_forward_s=ref_s, step_with_reference_1_epoch_s=step_time + ref_s,
+                      step_per_iteration_s=step_time + ref_s / args.epochs, epochs=args.epochs,
+                      memory_model_gib={k: round(v, 2) for k, v in memory_estimate(
+                          cfg, train_config(args, device.type), world_size=info.world_size, seq_len=T,
+                          response_len=args.response_len).items()})
+    if impl == "minispin" and dist.is_main():
+        print(f"# {shape} memory model {record['memory_model_gib']['total']:.1f} GiB "
+              f"({', '.join(f'{k} {v}' for k, v in record['memory_model_gib'].items() if k != 'total')}); "
+              f"measured peak {peak_memory_gb(device)} GiB", file=sys.stderr, flush=True)
     record.update(status="ok", seq_len=T, response_len=args.response_len, pairs_per_step=rows // 2,
                   micro_batch_pairs=args.micro_batch, accumulation=args.accum, world_size=info.world_size,
                   step_time_s=step_time, step_times_s=times, tokens_per_s=tokens / step_time,
@@ -280,6 +306,9 @@ def main(argv=None) -> None:
     p.add_argument("--ac", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="activation checkpointing (both implementations; the public SPIN recipe uses it)")
     p.add_argument("--peak-flops", type=float, default=989e12, help="peak dense bf16 FLOP/s per GPU (H200: 989e12)")
+    p.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adamw"), help="both implementations")
+    p.add_argument("--epochs", type=float, default=2, help="epochs per iteration, to amortise the reference pass "
+                                                            "(the paper: 2)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
@@ -316,7 +345,12 @@ def main(argv=None) -> None:
         if a and b:
             ratio = {"bench": "train_step_ratio", "shape": shape, "device": hardware["device"]}
             if a["status"] == b["status"] == "ok":
+                # the step alone gives minispin its reference log-probs for free (the naive step runs a
+                # reference model every micro-step): also the step with the reference pass counted, for one
+                # epoch and amortised over the configured epochs (the whole job, per step)
                 ratio.update(tokens_per_s_ratio=a["tokens_per_s"] / b["tokens_per_s"],
+                             speedup_with_reference_1_epoch=b["step_time_s"] / a["step_with_reference_1_epoch_s"],
+                             speedup_per_iteration=b["step_time_s"] / a["step_per_iteration_s"], epochs=args.epochs,
                              peak_mem_ratio=(b["peak_mem_gb"] / a["peak_mem_gb"]) if a["peak_mem_gb"] else None)
             else:
                 ratio.update(minispin=a["status"], naive=b["status"])

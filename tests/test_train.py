@@ -501,3 +501,31 @@ def test_cli_parses_nested_flat_and_json_options():
     assert cfg.train.activation_checkpointing is True
     with pytest.raises(SystemExit):
         parse_config(SpinConfig, ["--no_such_option", "1"])
+
+
+def test_memory_model_fits_7b_on_one_h200():
+    """CPU. The step's memory model (printed by bench_train next to the measured peak) for Mistral-7B on one
+    H200 (139 GiB) at the default micro batch and length: RMSProp and AdamW fit, with activation
+    checkpointing on or off; the optimizer updates one tensor at a time (no full-size temporaries)."""
+    from minispin.model import ModelConfig
+    from minispin.training.optim import build_optimizer, memory_estimate
+
+    mistral_7b = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                             torch_dtype="bfloat16", architecture="MistralForCausalLM")
+    figures = {}
+    for optimizer in ("rmsprop", "adamw"):
+        for ac in (False, True):
+            m = memory_estimate(mistral_7b, TrainConfig(optimizer=optimizer, activation_checkpointing=ac))
+            assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
+            assert m["total"] < 139, (optimizer, ac, m)
+            figures[optimizer, ac] = m
+    params = 7.24e9  # Mistral-7B
+    assert figures["rmsprop", False]["weights_fp32"] == pytest.approx(4 * params / 2**30, rel=0.01)
+    assert figures["adamw", False]["optimizer_state"] == pytest.approx(2 * figures["rmsprop", False]["optimizer_state"])
+    assert figures["adamw", True]["activations"] < figures["adamw", False]["activations"] / 10
+    assert figures["adamw", True]["total"] < 139 - 20  # headroom with checkpointing
+    assert figures["rmsprop", False]["optimizer_temp"] < 1  # one tensor's temporary, not a model's
+    for optimizer in ("rmsprop", "adamw"):
+        opt = build_optimizer(torch.nn.Linear(3, 3), TrainConfig(optimizer=optimizer, device="cpu"))
+        assert opt.defaults["foreach"] is False, optimizer

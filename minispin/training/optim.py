@@ -16,12 +16,15 @@ from .policy import batch_loss
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 def build_optimizer(policy: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """RMSProp or AdamW updating one tensor at a time (foreach=False): torch's default multi-tensor path
+    allocates temporaries for all parameters at once (+1 full fp32 copy of the model per step: 27 GiB at
+    7B), the per-tensor path only one tensor's worth, which is what lets AdamW fit 7B on one H200."""
     params = [p for p in policy.parameters() if p.requires_grad]
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr, alpha=config.rmsprop_alpha, eps=config.eps,
-                                   weight_decay=config.weight_decay)
+                                   weight_decay=config.weight_decay, foreach=False)
     return torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                             eps=config.eps, weight_decay=config.weight_decay)
+                             eps=config.eps, weight_decay=config.weight_decay, foreach=False)
 
 
 def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
@@ -118,3 +121,55 @@ def _accumulate(sums: StepSums, weighted_loss: torch.Tensor, seq: torch.Tensor, 
     sums.add("correct", (r_real > r_gen).double().sum())
     sums.add("logps_real", real.sum())
     sums.add("logps_generated", gen.sum())
+
+
+# ----------------------------------------------------------------------------- memory model
+
+GIB = 2 ** 30
+# bf16 bytes saved for the backward per token and layer, without activation checkpointing, in units of
+# the hidden size H and the MLP width I: the two RMSNorms (bf16 input + fp32 upcast + bf16 output, ~8H
+# each), the q/k/v projections' input, rotated q and k, v, the attention output and o_proj's input (~8H),
+# gate, up, silu(gate) and their product (8I). An estimate: bench_train prints it next to the measured peak.
+ACTIVATION_H_BYTES, ACTIVATION_I_BYTES = 24, 8
+
+
+def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, seq_len: int | None = None,
+                    response_len: int | None = None) -> dict[str, float]:
+    """Peak GPU memory of one training step per rank, in GiB, term by term: fp32 master weights, fp32
+    gradients, optimizer state (RMSProp 1, AdamW 2 fp32 tensors per weight) and the per-tensor update's
+    temporary, FSDP2's bf16 all-gathered layers (current + prefetched) and reduce-scatter buffer,
+    activations (all layers' saved tensors; with checkpointing only each layer's input plus one layer
+    recomputed), and the fused LM head's scratch (response tokens' hidden states and their fp32 gradient
+    accumulator, one d_logits chunk). Micro batch = config.micro_batch_size pairs of seq_len tokens."""
+    H, I, L, V = (model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers,
+                  model_config.vocab_size)
+    kv = model_config.num_key_value_heads * model_config.head_dim
+    q = model_config.num_attention_heads * model_config.head_dim
+    layer_params = H * (q + 2 * kv) + q * H + 3 * H * I + 2 * H
+    embed = V * H * (1 if model_config.tie_word_embeddings else 2)
+    params = L * layer_params + embed + H
+    shard = params / world_size
+    T = seq_len or config.max_length
+    R = response_len if response_len is not None else T - config.max_prompt_length // 2
+    tokens = 2 * config.micro_batch_size * T  # chosen + rejected rows
+    per_token_layer = ACTIVATION_H_BYTES * H + ACTIVATION_I_BYTES * I
+    if config.activation_checkpointing:
+        activations = tokens * L * 2 * H + tokens * per_token_layer
+    else:
+        activations = tokens * L * per_token_layer
+    resp = 2 * config.micro_batch_size * R
+    lm_head = resp * H * (2 + 4) + (1 << 27)  # bf16 hidden + fp32 d_hidden accumulator + 128 MiB chunk
+    states = 2 if config.optimizer == "adamw" else 1
+    largest = max(V * H, H * I, H * q)  # the biggest single tensor: the per-tensor update's temporary
+    terms = {
+        "weights_fp32": 4 * shard,
+        "grads_fp32": 4 * shard,
+        "optimizer_state": 4 * states * shard,
+        "optimizer_temp": 4 * largest / world_size,
+        "fsdp_buffers": 2 * 2 * layer_params + 4 * layer_params,  # bf16 gathered x2, fp32 reduce-scatter
+        "activations": activations,
+        "lm_head": lm_head,
+    }
+    out = {k: v / GIB for k, v in terms.items()}
+    out["total"] = sum(out.values())
+    return out
