@@ -136,6 +136,43 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tenso
                 yield name, _map_tensor(f, info, data_start)
 
 
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, so that no more than one tensor need be in memory:
+    the names, dtypes and shapes are fixed up front (they make the header), then `write` takes the tensors
+    in that order. Readable by safetensors.load_file and by `iter_safetensors`."""
+
+    def __init__(self, path: str | os.PathLike, layout: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        codes = {dt: code for code, dt in SAFETENSORS_DTYPES.items()}
+        header, offset = {}, 0
+        self.order = []
+        for name, dtype, shape in layout:
+            numel = 1
+            for d in shape:
+                numel *= d
+            size = numel * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": codes[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.order.append((name, dtype, tuple(shape)))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+        self.next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want, dtype, shape = self.order[self.next]
+        assert (name, tensor.dtype, tuple(tensor.shape)) == (want, dtype, shape), (name, want)
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        self.file.write(memoryview(data.numpy()))
+        self.next += 1
+
+    def close(self) -> None:
+        assert self.next == len(self.order), f"{self.next} of {len(self.order)} tensors written"
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint folder (via the index when sharded), checked to exist."""
     path = Path(path)

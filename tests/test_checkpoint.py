@@ -164,3 +164,27 @@ def test_load_benchmark_smoke_runs():
     assert all(r["minispin"]["loading_rss_over_checkpoint"] > 0 for r in rows)
     assert all(r["minispin"]["ready_s_best"] >= r["minispin"]["load_s_best"] > 0 for r in rows)
     assert all(r["speed_vs_transformers_best"] > 0 for r in rows)  # transformers is a test dependency
+
+
+def test_streaming_safetensors_writer_round_trips(tmp_path):
+    """SafetensorsWriter (train-state saving, one tensor in memory at a time) writes what safetensors and
+    iter_safetensors read back: several dtypes, a 0-dim and an empty tensor, odd byte sizes."""
+    from safetensors.torch import load_file as st_load
+
+    from minispin.checkpoint import SafetensorsWriter, iter_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5, generator=g), "b.bf16": torch.randn(7, generator=g).bfloat16(),
+               "c.step": torch.tensor(4.0), "d.empty": torch.zeros(0, 3), "e.int": torch.arange(5, dtype=torch.int64),
+               "f.half": torch.randn(1, 3, generator=g).half(), "g.flag": torch.tensor([True, False, True])}
+    writer = SafetensorsWriter(tmp_path / "s.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()])
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.close()
+    for got in (st_load(str(tmp_path / "s.safetensors")), dict(iter_safetensors(tmp_path / "s.safetensors"))):
+        assert got.keys() == tensors.keys()
+        for k, v in tensors.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    writer = SafetensorsWriter(tmp_path / "t.safetensors", [("x", torch.float32, (2,))])
+    with pytest.raises(AssertionError):
+        writer.write("y", torch.zeros(2))  # out of the announced order: refused, never a wrong header
