@@ -10,7 +10,7 @@ Reported per case: best and median seconds of both, CPU seconds, the ratio trans
 One JSON line per case.
 
     python benchmarks/bench_load.py                   # ~2 GB bf16 checkpoint (Mistral-7B layer shapes, 3 layers)
-    python benchmarks/bench_load.py --smoke           # seconds, for CI (cold cache only)
+    python benchmarks/bench_load.py --smoke           # seconds, for CI (single file, cold cache only)
     python benchmarks/bench_load.py --layers 32       # the whole 7B shape (~14.5 GB bf16)
 """
 from __future__ import annotations
@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--load-dtype", default=None, help="the loaded model's dtype (default: the checkpoint's; "
                                                        "float32 is the training path: converted while loading)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp dir)")
-    ap.add_argument("--repeats", type=int, default=None, help="fresh processes per loader and case (default 3; smoke 1)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="fresh processes per loader and case (default 3; smoke 1)")
     ap.add_argument("--no-transformers", action="store_true", help="minispin only")
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -119,8 +120,8 @@ def main() -> None:
     repeats = args.repeats or (1 if args.smoke else 3)
     loaders = ["minispin"] + ([] if args.no_transformers or not _has_transformers() else ["transformers"])
     try:
-        run_cases(cfg, dtype, shard, root, args.load_dtype or args.dtype, repeats, loaders,
-                  ("cold",) if args.smoke else ("warm", "cold"))
+        caches, layouts = (("cold",), ("single",)) if args.smoke else (("warm", "cold"), ("single", "sharded"))
+        run_cases(cfg, dtype, shard, root, args.load_dtype or args.dtype, repeats, loaders, caches, layouts)
     finally:
         if args.dir is None:  # the 7B-shaped checkpoints are tens of GB: do not leave them in /tmp
             shutil.rmtree(root, ignore_errors=True)
@@ -135,7 +136,7 @@ def _has_transformers() -> bool:
 
 
 def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int, loaders: list[str],
-              caches: tuple[str, ...] = ("warm", "cold")) -> None:
+              caches: tuple[str, ...] = ("warm", "cold"), layouts: tuple[str, ...] = ("single", "sharded")) -> None:
     import statistics
 
     import torch
@@ -153,7 +154,7 @@ def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int,
         del model
     print(f"# checkpoints in {root}; torch {torch.__version__}; {os.cpu_count()} CPUs; loaders {loaders}",
           file=sys.stderr)
-    for layout in ("single", "sharded"):
+    for layout in layouts:
         folder = root / layout
         size = checkpoint_bytes(folder)
         for cache in caches:
@@ -173,15 +174,18 @@ def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int,
             sums = {name: r[0]["touch_sum"] for name, r in runs.items()}
             assert len({round(v, 2) for v in sums.values()}) == 1, f"the loaders read different weights: {sums}"
             record = {"bench": "load", "layout": layout, "cache": cache, "checkpoint_bytes": size,
-                      "checkpoint_dtype": str(dtype).replace("torch.", ""), "load_dtype": dtype_name, "repeats": repeats}
+                      "checkpoint_dtype": str(dtype).replace("torch.", ""), "load_dtype": dtype_name,
+                      "repeats": repeats}
             for name, r in runs.items():
                 ready = [x["ready_s"] for x in r]
-                record[name] = {"ready_s_best": round(min(ready), 3), "ready_s_median": round(statistics.median(ready), 3),
+                peak = max(x["peak_rss_kib"] for x in r) * 1024
+                record[name] = {"ready_s_best": round(min(ready), 3),
+                                "ready_s_median": round(statistics.median(ready), 3),
                                 "load_s_best": round(min(x["load_s"] for x in r), 3),
                                 "cpu_s_median": round(statistics.median(x["cpu_s"] for x in r), 3),
                                 "GB_per_s_best": round(size / min(ready) / 1e9, 2),
-                                "peak_rss_over_checkpoint": round(max(x["peak_rss_kib"] for x in r) * 1024 / size, 3),
-                                "peak_rss_over_model": round(max(x["peak_rss_kib"] for x in r) * 1024 / r[0]["param_bytes"], 3),
+                                "peak_rss_over_checkpoint": round(peak / size, 3),
+                                "peak_rss_over_model": round(peak / r[0]["param_bytes"], 3),
                                 "loading_rss_over_checkpoint": round(
                                     max(x["peak_rss_kib"] - x["base_rss_kib"] for x in r) * 1024 / size, 3)}
             if "transformers" in runs:
