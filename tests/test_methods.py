@@ -539,7 +539,7 @@ def _spin_cli(root: Path, model_dir: Path, out: str, *extra: str, data: str = "s
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    res = subprocess.run([sys.executable, "-m", "minispin.driver", *argv], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True, text=True,
                          timeout=300)
     if kill_at:
         assert res.returncode == -9, res.stderr[-3000:]  # killed where asked
@@ -650,7 +650,7 @@ def test_judge_method_without_judge_or_columns_fails_clearly(e2e):
 
     root, model_dir = e2e
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "minispin.driver", "--model", str(model_dir), "--data",
+    res = subprocess.run([sys.executable, "-m", "minispin", "--model", str(model_dir), "--data",
                           str(root / "sft.jsonl"), "--output_dir", str(root / "nojudge"), "--method", "judge_spin",
                           "--max_new_tokens", "2", "--progress", "false", "--num_iterations", "1"],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -168,8 +168,8 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
     kw: dict[str, Any] = dict(
         model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
-        save_dtype="float32", mix_previous=True, train=demo_run.train_config(d, device, epochs=d.spin_epochs),
-        generation=demo_run.generation_config(d))
+        save_dtype="float32", mix_previous=True, **demo_run.run_settings(d),
+        train=demo_run.train_config(d, device, epochs=d.spin_epochs), generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
         return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..model import Transformer
+from ..config import records_given
 
 LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
@@ -19,6 +20,7 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; training stopped before applying that step."""
 
 
+@records_given
 @dataclass
 class TrainConfig:
     """Training hyperparameters; defaults are the SPIN paper's (zephyr-7b, iteration 0)."""
