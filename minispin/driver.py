@@ -217,7 +217,9 @@ def iteration_configs(config: SpinConfig, iteration: int | None = None, *, recip
                     for name, s in sections.items()}
     train_kw = {k[6:]: v for k, v in values.items() if k.startswith("train.")}
     gen_kw = {k[11:]: v for k, v in values.items() if k.startswith("generation.")}
-    spin_kw = {k: v for k, v in values.items() if k in _SPIN_LEVEL_OVERRIDES}
+    fields = {f.name: f.default for f in dataclasses.fields(SpinConfig)}
+    spin_kw = {k: values.get(k, fields[k] if recipe_only and k in given_names(config) else getattr(config, k))
+               for k in _SPIN_LEVEL_OVERRIDES}
     method = get_method(config.method)
     if method.loss is not None:
         wanted = train_kw.get("loss", method.loss)
@@ -276,8 +278,7 @@ def run_record(config: SpinConfig) -> dict[str, Any]:
     nested = set(SpinConfig.SET_BY_RUN)
     iterations = []
     for t, (train_cfg, gen_cfg, spin_kw) in enumerate(iteration_configs(config)):
-        iterations.append({"train": to_dict(train_cfg), "generation": to_dict(gen_cfg),
-                           "mix_previous": spin_kw.get("mix_previous", config.mix_previous)})
+        iterations.append({"train": to_dict(train_cfg), "generation": to_dict(gen_cfg), **spin_kw})
     return {"settings": to_dict(config, leave_out=nested.__contains__), "given": given_names(config),
             "iterations": iterations}
 

@@ -167,9 +167,9 @@ def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrup
 
 def test_resume_with_another_config_is_refused(base, uninterrupted):
     root, model_dir, data = base
-    argv = _argv(model_dir, data, uninterrupted) + ["--beta", "0.3"]
+    argv = _argv(model_dir, data, uninterrupted) + ["--generation.temperature", "0.5"]
     from minispin.cli import parse_config
-    with pytest.raises(ValueError, match="different config.*train.beta"):
+    with pytest.raises(ValueError, match="different config.*generation.temperature"):
         spin(parse_config(SpinConfig, argv))
     # the same config: everything is done, returns at once
     result = spin(parse_config(SpinConfig, _argv(model_dir, data, uninterrupted)))

@@ -38,7 +38,7 @@ class TrainConfig:
     micro_batch_size: int = 2  # pairs per forward per rank (2 rows each: chosen + rejected)
     reference_batch_size: int | None = None  # pairs per forward in the reference pass (default 2x micro)
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: half of max_length (the paper: 512 of 1024)
     template: str | None = None  # prompt template, the same one the generation job used
     optimizer: str = "rmsprop"  # rmsprop | adamw
     weight_decay: float = 0.0
@@ -64,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
         for name in ("global_batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
