@@ -13,14 +13,17 @@ as in examples/judge_spin.py. Recipe otherwise the SPIN paper's.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from minispin.cli import run_recipe
+from minispin.demo import methods as demo_methods
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+# the split only applies to a folder of several splits (UltraChat200k's train_sft); a file is read whole
+RECIPE = {"method": "adaptive", "limit": 50000, "split": "train_sft", "num_iterations": 4, "judge.tau": 5.0,
+          "judge.smoothing": 0.1, "output_dir": "runs/adaptive"}
 
-RECIPE = ["--method", "adaptive", "--limit", "50000", "--split", "train_sft", "--num_iterations", "4",
-          "--judge.tau", "5", "--judge.smoothing", "0.1", "--output_dir", "runs/adaptive"]
+
+def demo(argv: list[str]):
+    return demo_methods.main(["--methods", "adaptive", "--out", "runs/demo_adaptive", *argv])
+
 
 if __name__ == "__main__":
-    run(RECIPE, "adaptive", needs_judge=True, description=__doc__)
+    run_recipe(RECIPE, description=__doc__, demo=demo)

@@ -13,15 +13,18 @@ warmup 0.1 then linear decay (SpinConfig's defaults otherwise).
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from minispin.cli import run_recipe
+from minispin.demo import methods as demo_methods
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+# the method's schedule is the recipe (one iteration, lr 5e-7, beta 0.1, 1 epoch; --lr, --beta, --epochs, ...
+# override it; --iterations '[{...}, ...]' for several). The split only applies to a folder of several
+# splits (ultrafeedback_binarized's train_prefs); a single file is read whole.
+RECIPE = {"method": "dpo", "split": "train_prefs", "output_dir": "runs/dpo"}
 
-# the method's default schedule is the recipe: one iteration, lr 5e-7, beta 0.1, 1 epoch (--lr, --beta,
-# --epochs, ... override it; --iterations '[{...}, ...]' for several iterations)
-RECIPE = ["--method", "dpo", "--split", "train_prefs", "--output_dir", "runs/dpo"]
+
+def demo(argv: list[str]):
+    return demo_methods.main(["--methods", "dpo", "--out", "runs/demo_dpo", *argv])
+
 
 if __name__ == "__main__":
-    run(RECIPE, "dpo", description=__doc__)
+    run_recipe(RECIPE, description=__doc__, demo=demo)

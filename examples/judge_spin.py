@@ -19,14 +19,17 @@ Recipe: the SPIN paper's (50k UltraChat200k prompts, iterations 0-3, lr 5e-7/5e-
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from minispin.cli import run_recipe
+from minispin.demo import methods as demo_methods
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+# the split only applies to a folder of several splits (UltraChat200k's train_sft); a file is read whole
+RECIPE = {"method": "judge_spin", "limit": 50000, "split": "train_sft", "num_iterations": 4,
+          "output_dir": "runs/judge-spin"}
 
-RECIPE = ["--method", "judge_spin", "--limit", "50000", "--split", "train_sft", "--num_iterations", "4",
-          "--output_dir", "runs/judge-spin"]
+
+def demo(argv: list[str]):
+    return demo_methods.main(["--methods", "judge_spin", "--out", "runs/demo_judge_spin", *argv])
+
 
 if __name__ == "__main__":
-    run(RECIPE, "judge_spin", needs_judge=True, description=__doc__)
+    run_recipe(RECIPE, description=__doc__, demo=demo)

@@ -16,14 +16,17 @@ too), not a separate loop.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from minispin.cli import run_recipe
+from minispin.demo import methods as demo_methods
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+# the method's schedule: the paper's, with label smoothing 0.1 and NEFTune alpha 5 on every iteration; the
+# split only applies to a folder of several splits (UltraChat200k's train_sft), a single file is read whole
+RECIPE = {"method": "noise_spin", "limit": 50000, "split": "train_sft", "output_dir": "runs/noise-spin"}
 
-# the method's default schedule: the paper's, with label smoothing 0.1 and NEFTune alpha 5 on every iteration
-RECIPE = ["--method", "noise_spin", "--limit", "50000", "--split", "train_sft", "--output_dir", "runs/noise-spin"]
+
+def demo(argv: list[str]):
+    return demo_methods.main(["--methods", "noise_spin", "--out", "runs/demo_noise_spin", *argv])
+
 
 if __name__ == "__main__":
-    run(RECIPE, "noise_spin", description=__doc__)
+    run_recipe(RECIPE, description=__doc__, demo=demo)

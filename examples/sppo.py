@@ -18,13 +18,15 @@ trained on as it is with --generate false.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from minispin.cli import run_recipe
+from minispin.demo import methods as demo_methods
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run  # noqa: E402
+RECIPE = {"method": "sppo", "output_dir": "runs/sppo"}  # the method's schedule is SPPO's recipe
 
-RECIPE = ["--method", "sppo", "--output_dir", "runs/sppo"]  # the method's default schedule is SPPO's recipe
+
+def demo(argv: list[str]):
+    return demo_methods.main(["--methods", "sppo", "--out", "runs/demo_sppo", *argv])
+
 
 if __name__ == "__main__":
-    run(RECIPE, "sppo", needs_judge=True, description=__doc__)
+    run_recipe(RECIPE, description=__doc__, demo=demo)

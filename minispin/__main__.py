@@ -1,7 +1,7 @@
-"""`python -m minispin ...`: the SPIN iteration driver's command line (same as minispin.driver.main)."""
+"""`python -m minispin ...`: the SPIN iteration driver's command line (minispin.cli.main)."""
 import sys
 
-from .driver import main
+from .cli import main
 
 sys.argv[0] = "python -m minispin"  # for the usage line
 main()

@@ -1,24 +1,54 @@
-"""Dataclass configs on the command line: every field becomes an option, nested ones dotted.
+"""One command-line surface for `python -m minispin` and every example: dataclass configs as options.
 
-    parse_config(SpinConfig, ["--model", "m", "--train.lr", "5e-7", "--beta", "0.1",
-                              "--iterations", '[{"lr": 5e-7}, {"beta": 5.0}]'])
+    python -m minispin --model m --data d --out runs/x --lr 5e-7 --beta 0.1
+    python examples/dpo.py --model m --data prefs.json --out runs/dpo      # run_recipe(RECIPE, ...)
 
-- Nested dataclass fields are `--<field>.<sub>` (e.g. `--train.lr`); a leaf name that occurs once in
-  the whole tree may also be given flat (`--lr`). Underscores and dashes are interchangeable.
+- Every field is an option, nested ones dotted (`--train.lr`); a leaf name that occurs once in the whole
+  tree may also be given flat (`--lr`). Underscores and dashes are interchangeable. `--out` = `--output_dir`.
 - bool: `--flag` (true), `--flag false`/`--no-flag`; None for optional fields: `none`/`null`;
-  lists and dicts: JSON. `--config file.json` loads a (nested) JSON object first; options override it.
+  lists and dicts: JSON. `--config file.json` loads a (nested) JSON object, or a run's config.json.
+- Settings resolve by one rule (minispin.config): recipe < --config file < command line.
+- A mistake is one line "error: ..." and exit code 2 (1 for bad data / paths), no traceback (`--debug`
+  or MINISPIN_DEBUG=1 shows it); an unknown option gets the nearest one suggested.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import inspect
 import json
+import re
+import shlex
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
+from .config import FILE, GIVEN, RECIPE, ConfigError, flat_names, from_dict, to_dict
+from .driver import SpinConfig, SpinResult, spin
+from .driver import __doc__ as DRIVER_DOC
+from .log import print_result, run_main
+
+__all__ = ["parse_value", "build_parser", "parse_config", "parse_args", "main", "run_recipe", "nearest_option",
+           "from_dict", "to_dict", "ALIASES", "PRECEDENCE"]
+
 T = TypeVar("T")
+
+ALIASES = {"--out": "--output_dir"}  # the same extra names in every entry point
+PRECEDENCE = """Settings: a method's recipe (its per-iteration schedule, e.g. the SPIN paper's 4 iterations, and
+this command's defaults) < a --config FILE < the options given on this command line. An option given
+here applies to every iteration (e.g. --beta 0.1 keeps 0.1 also where the recipe says 5.0); --iterations
+'[{...}, ...]' replaces the recipe's schedule. <out>/config.json records the effective settings of every
+iteration; the status line at each iteration start shows the ones that differ from the recipe.
+Errors: one line, exit code 2 (usage) or 1; --debug (or MINISPIN_DEBUG=1) shows the traceback."""
+# names users bring from Hugging Face's Trainer / TRL, for "did you mean" only (they are not aliases)
+_FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
+             "train_batch_size": "global_batch_size", "batch_size": "global_batch_size",
+             "model_name_or_path": "model", "dataset": "data", "dataset_name": "data", "output": "output_dir",
+             "out_dir": "output_dir", "gradient_checkpointing": "activation_checkpointing", "bf16": "mixed_precision",
+             "max_seq_length": "max_length", "warmup": "warmup_ratio", "num_epochs": "epochs"}
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -89,7 +119,7 @@ def parse_value(text: str, tp: Any, name: str = "value") -> Any:
             raise ValueError(f"none of {typing.get_args(inner)} fits")
         return json.loads(text)
     except (ValueError, argparse.ArgumentTypeError) as e:
-        raise argparse.ArgumentTypeError(f"--{name}: cannot read {text!r} as {tp}: {e}") from None
+        raise argparse.ArgumentTypeError(f"cannot read {text!r} as {_metavar(tp)}: {e}") from None
 
 
 def _set_nested(data: dict, dotted: str, value: Any) -> None:
@@ -99,38 +129,10 @@ def _set_nested(data: dict, dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build a (nested) dataclass from a dict, refusing unknown keys by name."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
-    hints = _hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {', '.join(unknown)} for {cls.__name__} "
-                         f"(known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in data.items():
-        tp, _ = _strip_optional(hints[key])
-        if _is_dataclass_type(tp) and isinstance(value, dict):
-            kwargs[key] = from_dict(tp, value, f"{where}.{key}")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    """A dataclass config as a JSON-ready nested dict."""
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))
-
-
 def _field_notes(cls: type) -> dict[str, str]:
     """{field: its comment in the class source} ("name: type = default  # comment", continued on
     comment-only lines below it; a comment block right above a field without its own comment is that
     field's). Best effort: {} when the source is unavailable."""
-    import inspect
-    import re
-
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
@@ -138,7 +140,8 @@ def _field_notes(cls: type) -> dict[str, str]:
     notes: dict[str, str] = {}
     pending: list[str] = []  # comment-only lines since the last field
     last: str | None = None
-    for line in lines[1:]:
+    header = next((i for i, line in enumerate(lines) if line.lstrip().startswith("class ")), 0)
+    for line in lines[header + 1:]:
         field_match = re.match(r"^\s{4}(\w+)\s*:[^#]*?(?:#\s?(.*))?$", line)
         comment = re.match(r"^\s+#\s?(.*)$", line)
         if comment:
@@ -195,15 +198,18 @@ def build_parser(cls: type, description: str | None = None,
     train.method, which the driver derives from it). aliases: extra option names, e.g.
     {"--out": "--output_dir"}. Help lists each field's comment and default, grouped by section.
     """
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False, usage="%(prog)s [--config FILE] [--OPTION VALUE ...]")
+    parser = _Parser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PRECEDENCE,
+                     allow_abbrev=False, usage="%(prog)s [--config FILE] [--OPTION VALUE ...]")
     parser.add_argument("--config", metavar="FILE",
-                        help="JSON file with (nested) option values; command-line options win")
+                        help="JSON file with (nested) option values, or a run's config.json; options given "
+                             "on the command line win over it, it wins over the recipe")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     extra_flags: dict[str, list[str]] = {}
-    for alias, target in (aliases or {}).items():
+    for alias, target in {**ALIASES, **(aliases or {})}.items():
         extra_flags.setdefault(target, []).append(alias)
-    leaves = _leaves(cls)
+    hidden = set(getattr(cls, "SET_BY_RUN", ()))  # nested copies of run-level settings: not options
+    leaves = [(d, tp) for d, tp in _leaves(cls) if d not in hidden]
     groups: dict[str, list[tuple[str, Any]]] = {}
     for dotted, tp in leaves:
         groups.setdefault(dotted.rsplit(".", 1)[-1], []).append((dotted, tp))
@@ -216,6 +222,8 @@ def build_parser(cls: type, description: str | None = None,
             sections[name] = parser.add_argument_group(title)
         return sections[name]
 
+    known = {f"--{d}" for d, _ in leaves} | {f"--{d.rsplit('.', 1)[-1]}" for d, _ in leaves}
+    extra_flags = {t: a for t, a in extra_flags.items() if t in known}
     for dotted, tp in leaves:  # top-level fields first, then each nested section in field order
         if "." not in dotted and dotted != "config":
             flags = [f"--{dotted}"] + extra_flags.get(f"--{dotted}", [])
@@ -241,6 +249,41 @@ def build_parser(cls: type, description: str | None = None,
 
 
 _FLAT = "flat:"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is a ConfigError (one line, printed once by `run_main`) with the nearest
+    option suggested for an unknown one."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            hints = [f"{flag} (did you mean {near}?)" if near else flag
+                     for flag in shlex.split(unknown.group(1)) if flag.startswith("--")
+                     for near in [nearest_option(flag, options)]]
+            message = "unknown option(s) " + ", ".join(hints)
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def nearest_option(flag: str, options: Sequence[str]) -> str | None:
+    """The option a mistyped `flag` most likely means: a familiar Hugging Face name's counterpart
+    (--learning_rate -> --lr), the initials of a multi-word name (--learning_rate -> --lr), or the closest
+    spelling (difflib) among all option names and aliases; None when nothing is close."""
+    def norm(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+    names = {norm(o): o for o in sorted(options, key=len)}
+    name = norm(flag)
+    words = [w for w in name.split("_") if w]
+    for candidate in (_FAMILIAR.get(name), "".join(w[0] for w in words) if len(words) > 1 else None):
+        if candidate in names:
+            return "--" + candidate
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    if not close:  # the leaf of a dotted option: --train.lrate -> --train.lr
+        leaf = name.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.6)
+    return "--" + close[0] if close else None
 
 
 def _add_option(parser: Any, flags: list[str], dest: str, tp: Any, help: str | None = None) -> None:
@@ -269,41 +312,118 @@ def _metavar(tp: Any) -> str:
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None, *,
-                 prepare: Callable[[dict[str, Any], set[str]], dict[str, Any]] | None = None,
-                 aliases: dict[str, str] | None = None) -> T:
-    """Parse command-line options (and an optional --config JSON file) into a `cls` instance.
-
-    prepare(data, on_command_line) -> data: adjusts the nested dict of the options given (file +
-    command line) before the dataclass is built, knowing which dotted options came from the command
-    line (e.g. `minispin.driver.pin_given_options`); a ValueError is a usage error."""
+                 recipe: dict[str, Any] | None = None, aliases: dict[str, str] | None = None) -> T:
+    """Command-line options (and an optional --config file) as a `cls` instance, by the one rule:
+    `recipe` (dotted names -> values: defaults, not given) < the --config file < the command line.
+    A mistake raises ConfigError (one line)."""
     parser = build_parser(cls, description, aliases)
-    ns = vars(parser.parse_args(argv))
+    ns = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
+    ns.pop("debug", None)
     data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    _merge(data, sources, {k: v for k, v in (recipe or {}).items()}, RECIPE)
     config_file = ns.pop("config", None)
     if config_file:
-        path = Path(config_file)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            parser.error(f"--config: no such file {path}")
-        except json.JSONDecodeError as e:
-            parser.error(f"--config {path}: invalid JSON ({e})")
+        for values, source in _read_config_file(Path(config_file)):
+            _merge(data, sources, values, source)
     leaves = [d for d, _ in _leaves(cls)]
-    on_command_line: set[str] = set()
+    given: dict[str, Any] = {}
     for dest, value in sorted(ns.items(), key=lambda kv: not kv[0].startswith(_FLAT)):  # flat ones first
         if dest.startswith(_FLAT):
             leaf = dest[len(_FLAT):]
-            for dotted in leaves:
-                if dotted.rsplit(".", 1)[-1] == leaf:
-                    _set_nested(data, dotted, value)
-                    on_command_line.add(dotted)
+            given.update({d: value for d in leaves if d.rsplit(".", 1)[-1] == leaf and d in _option_dests(parser)})
         else:
-            _set_nested(data, dest, value)
-            on_command_line.add(dest)
+            given[dest] = value
+    _merge(data, sources, given, GIVEN)
     try:
-        if prepare is not None:
-            data = prepare(data, on_command_line)
-        return from_dict(cls, data)
+        return from_dict(cls, data, sources)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
-        parser.error(str(e))
-        raise  # unreachable
+        raise ConfigError(str(e)) from None
+
+
+def _option_dests(parser: argparse.ArgumentParser) -> set[str]:
+    return {a.dest for a in parser._actions}
+
+
+def _merge(data: dict[str, Any], sources: dict[str, str], values: dict[str, Any], source: str) -> None:
+    """Merge `values` (nested, or with dotted keys) into `data`, recording each name's source."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key != "iterations":
+            inner: dict[str, str] = {}
+            _merge(data.setdefault(key, {}) if isinstance(data.get(key), dict) else data.setdefault(key, {}),
+                   inner, value, source)
+            sources.update({f"{key}.{k}": s for k, s in inner.items()})
+            continue
+        *parents, leaf = key.split(".")
+        target = data
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+        sources[key] = source
+
+
+def _read_config_file(path: Path) -> list[tuple[dict[str, Any], str]]:
+    """A --config file as (values, source) layers: a plain JSON object is all FILE; a run's config.json
+    ({"settings", "given", "iterations"}) gives its settings as defaults and its given names as FILE."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object, got {type(data).__name__}")
+    if isinstance(data.get("settings"), dict) and isinstance(data.get("given"), dict):
+        settings = data["settings"]
+        values = {name: _lookup(settings, name) for name in data["given"] if _has(settings, name)}
+        return [(settings, RECIPE), (values, FILE)]
+    return [(data, FILE)]
+
+
+def _has(data: dict[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def parse_args(argv: Sequence[str] | None = None, description: str | None = None, *,
+               recipe: dict[str, Any] | None = None) -> SpinConfig:
+    """A SpinConfig from command-line options (recipe < --config file < command line)."""
+    return parse_config(SpinConfig, argv, description=description, recipe=recipe)
+
+
+def run_recipe(recipe: dict[str, Any], argv: Sequence[str] | None = None, *, description: str | None = None,
+               demo: Callable[[list[str]], Any] | None = None) -> SpinResult | None:
+    """An example's (or `python -m minispin`'s) whole command line: `recipe` (dotted SpinConfig names ->
+    default values) + the user's options -> `minispin.spin`, with the one error printing (`run_main`) and the
+    result line {"run_dir", "models"} on rank 0. `--demo [options]` first: `demo(options)` instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--demo"] and demo is not None:
+        return demo(argv[1:])
+    if recipe and description is not None:
+        shown = " ".join(f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in recipe.items())
+        description += f"\nRecipe (defaults; your options win): {shown}"
+
+    def run() -> SpinResult:
+        result = spin(parse_args(argv, description=description, recipe=recipe))
+        print_result({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]})
+        return result
+
+    return run_main(run, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> SpinResult | None:
+    """`python -m minispin`: every SpinConfig field is an option."""
+    return run_recipe({}, argv, description=DRIVER_DOC)

@@ -50,9 +50,12 @@ keeps the files whose name contains "train" as a whole word, e.g. train_prefs-00
 train-*.jsonl, my_train.json, but not pretrain.json. Note "train" matches train_sft AND train_gen
 (UltraChat200k): pass the full split name ("train_sft") there.
 
-Bad rows raise `DataError` (naming file, row index and key), or with ``on_error="skip"`` are left
+Bad rows raise `DataError` (a `minispin.log.UserError` naming the file, the 1-based line of a .jsonl
+file or the 1-based row of a .json/.parquet file, and the key), or with ``on_error="skip"`` are left
 out and listed in the result's ``skipped`` (and summarised in one logged warning) - never dropped
-silently. Unreadable files (invalid JSON, not parquet) always raise.
+silently. With format "auto" a file's format is the one its first row shows, so a later row that lacks
+that format's key is reported as missing THAT key. Unreadable files (invalid JSON, not UTF-8, not
+parquet) always raise, naming the line.
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from .errors import UserError
 
 log = logging.getLogger("minispin.data")
 
@@ -129,15 +134,17 @@ class ReadResult(list):
         self.n_rows = n_rows  # source rows looked at (after `limit`)
 
 
-class DataError(ValueError):
-    """A data file or row is unusable. The message names the file, the row index and the key."""
+class DataError(UserError):
+    """A data file or row is unusable. The message names the file, where in it (`where`: "line 15" of a
+    .jsonl file, "row 15 (1-based)"; default: the row of `index`, which is 0-based) and the key."""
 
     def __init__(self, reason: str, *, source: str | None = None, index: int | None = None,
-                 key: str | None = None):
+                 key: str | None = None, where: str | None = None):
         self.reason, self.source, self.index, self.key = reason, source, index, key
+        self.where = where if where is not None else (f"row {index + 1} (1-based)" if index is not None else None)
         parts = [str(source)] if source is not None else []
-        if index is not None:
-            parts.append(f"row {index}")
+        if self.where is not None:
+            parts.append(self.where)
         if key is not None:
             parts.append(f"key {key!r}")
         super().__init__(": ".join(parts + [reason]))
@@ -166,22 +173,25 @@ def data_files(path: str | Path, split: str | None = None) -> list[Path]:
         if split is not None:
             matching = [p for p in files if _name_has_split(p.name, split)]
             if not matching:
+                splits = sorted({s for s in map(_split_of_name, (p.name for p in files)) if s is not None})
+                fix = f"set --split to one of {', '.join(splits)}" if splits else "leave out --split"
                 raise DataError(f"no file name contains split {split!r} (files: "
-                                f"{', '.join(p.name for p in files)})", source=str(path))
+                                f"{', '.join(p.name for p in files)}); {fix}", source=str(path))
             files = matching
         else:
             splits = sorted({s for s in map(_split_of_name, (p.name for p in files)) if s is not None})
             if len(splits) > 1:  # never mix e.g. test_sft rows into training silently
                 raise DataError(f"the directory holds several splits ({', '.join(splits)}); choose one with "
-                                f"split=... (--split {splits[-1]})", source=str(path))
+                                f"--split (split=...), e.g. --split {splits[-1]}", source=str(path))
         return files
     if not path.exists():
         raise DataError("no such file or directory", source=str(path))
     if path.suffix not in DATA_SUFFIXES:
         raise DataError(f"unsupported file type {path.suffix!r} (expected one of {DATA_SUFFIXES})",
                         source=str(path))
-    if split is not None and not _name_has_split(path.name, split):
-        raise DataError(f"file name does not contain split {split!r}", source=str(path))
+    if split is not None:
+        raise DataError(f"a split ({split!r}) only chooses among the files of a folder, and this is one file: "
+                        "leave out --split (split=None), or point --data at the folder", source=str(path))
     return [path]
 
 
@@ -201,10 +211,16 @@ def _name_has_split(name: str, split: str) -> bool:
 
 def iter_rows(path: str | Path, split: str | None = None) -> Iterator[tuple[int, str, dict]]:
     """Yield (index, file, row) for every row of `path`; index counts across files in read order."""
+    for index, file, _, row in _located_rows(path, split):
+        yield index, file, row
+
+
+def _located_rows(path: str | Path, split: str | None) -> Iterator[tuple[int, str, str, dict]]:
+    """(index, file, where in the file: "line 7" / "row 7 (1-based)", row) for every row of `path`."""
     index = 0
     for file in data_files(path, split):
-        for row in _iter_file_rows(file, index):
-            yield index, str(file), row
+        for where, row in _iter_file_rows(file):
+            yield index, str(file), where, row
             index += 1
 
 
@@ -213,26 +229,33 @@ def load_rows(path: str | Path, split: str | None = None) -> list[dict]:
     return [row for _, _, row in iter_rows(path, split)]
 
 
-def _iter_file_rows(file: Path, first_index: int) -> Iterator[dict]:
-    if file.suffix == ".parquet":
-        rows: Iterator[Any] = _iter_parquet(file)
-    elif file.suffix == ".jsonl":
-        rows = _iter_jsonl(file)
+def _iter_file_rows(file: Path) -> Iterator[tuple[str, dict]]:
+    if file.suffix == ".jsonl":
+        rows: Iterator[tuple[str, Any]] = _iter_jsonl(file)
     else:
-        rows = iter(_load_json_array(file))
-    for offset, row in enumerate(rows):
+        source = _iter_parquet(file) if file.suffix == ".parquet" else _load_json_array(file)
+        rows = ((f"row {k} (1-based)", row) for k, row in enumerate(source, 1))
+    for where, row in rows:
         if not isinstance(row, dict):
-            raise DataError(f"expected a JSON object per row, got {type(row).__name__}",
-                            source=str(file), index=first_index + offset)
-        yield row
+            raise DataError(f"expected a JSON object per row, got {type(row).__name__}", source=str(file),
+                            where=where)
+        yield where, row
+
+
+def _not_utf8(file: Path, data: bytes, e: UnicodeDecodeError, line: int | None = None) -> DataError:
+    """A non-UTF-8 byte, located by its line (and column) rather than a byte offset."""
+    start = data.rfind(b"\n", 0, e.start) + 1
+    line = line if line is not None else data.count(b"\n", 0, e.start) + 1
+    return DataError(f"line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {e.start - start + 1}); "
+                     "save the file as UTF-8", source=str(file))
 
 
 def _load_json_array(file: Path) -> list:
+    data = file.read_bytes()
     try:
-        with open(file, encoding="utf-8") as f:
-            obj = json.load(f)
+        obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e})", source=str(file)) from None
+        raise _not_utf8(file, data, e) from None
     except json.JSONDecodeError as e:
         hint = " (JSON lines? name the file .jsonl)" if e.msg == "Extra data" else ""
         raise DataError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}{hint}",
@@ -243,19 +266,20 @@ def _load_json_array(file: Path) -> list:
     return obj
 
 
-def _iter_jsonl(file: Path) -> Iterator[Any]:
-    try:
-        with open(file, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"line {line_no}: invalid JSON: {e.msg} (column {e.colno})",
-                                    source=str(file)) from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"not UTF-8 text ({e})", source=str(file)) from None
+def _iter_jsonl(file: Path) -> Iterator[tuple[str, Any]]:
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(file, raw, e, line=line_no) from None
+            if not line.strip():
+                continue
+            try:
+                yield f"line {line_no}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"line {line_no}: invalid JSON: {e.msg} (column {e.colno})",
+                                source=str(file)) from None
 
 
 def import_pyarrow_parquet():
@@ -604,27 +628,53 @@ def parse_preference(row: dict, index: int, source: str, *, format: str = "auto"
 
 # ----------------------------------------------------------------------------- readers
 
-def _read(path, split, limit, on_error, warn, parse) -> ReadResult:
+def _read(path, split, limit, on_error, warn, parse, detect, weak=()) -> ReadResult:
+    """Parse every row with parse(row, index, source, format). `detect(row)` gives a row's format; the
+    first good row of a file sets the file's format, by which a later bad row is judged when its own
+    detection is only the `weak` fallback (an UltraChat row without `messages` still has a `prompt`,
+    so it looks like a prompt/response row: it is reported as missing `messages`, not `response`)."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     records, skipped, n_rows = [], [], 0
-    for index, source, row in iter_rows(path, split):
+    file_format: dict[str, str] = {}
+    for index, source, where, row in _located_rows(path, split):
         if limit is not None and index >= limit:
             break
         n_rows += 1
         try:
-            records.append(parse(row, index, source))
+            records.append(parse(row, index, source, "auto"))
+            if source not in file_format and _detected(detect, row) is not None:
+                file_format[source] = _detected(detect, row)
+            continue
         except DataError as e:
-            if on_error == "raise":
-                raise
-            skipped.append(SkippedRow(index, source, str(e)))
+            error, note = e, ""
+        fmt, own = file_format.get(source), _detected(detect, row)
+        if fmt is not None and own != fmt and own in weak:  # judge the row by its file's format
+            try:
+                records.append(parse(row, index, source, fmt))
+                continue
+            except DataError as e:
+                error = e
+        if fmt is not None and own != fmt and repr(fmt) not in error.reason:
+            note = f" (the rows above are in format {fmt!r})"
+        error = DataError(error.reason + note, source=source, index=index, key=error.key, where=where)
+        if on_error == "raise":
+            raise error
+        skipped.append(SkippedRow(index, source, str(error)))
     if skipped:
         first = "; ".join(s.reason for s in skipped[:3])
         (warn or log.warning)(f"skipped {len(skipped)} of {n_rows} rows of {path}: {first}"
                               + (" ..." if len(skipped) > 3 else ""))
     return ReadResult(records, skipped, n_rows)
+
+
+def _detected(detect: Callable[[dict], str], row: dict) -> str | None:
+    try:
+        return detect(row)
+    except _RowError:
+        return None
 
 
 def read_examples(path: str | Path, *, format: str = "auto", split: str | None = None,
@@ -642,9 +692,9 @@ def read_examples(path: str | Path, *, format: str = "auto", split: str | None =
     if format != "auto" and format not in EXAMPLE_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {EXAMPLE_FORMATS}, got {format!r}")
     result = _read(path, split, limit, on_error, warn,
-                   lambda row, index, source: parse_example(
-                       row, index, source, format=format, require_real=require_real,
-                       require_generated=require_generated))
+                   lambda row, index, source, fmt: parse_example(
+                       row, index, source, format=format if format != "auto" else fmt, require_real=require_real,
+                       require_generated=require_generated), detect_example_format, weak=("prompt_response",))
     text_only = sum(1 for e in result if (e.generated is not None and e.generated_ids is None)
                     or ("samples" in e.extra and "samples_ids" not in e.extra))
     if text_only:
@@ -664,7 +714,8 @@ def read_preferences(path: str | Path, *, format: str = "auto", split: str | Non
     if format != "auto" and format not in PREFERENCE_FORMATS:
         raise ValueError(f"format must be 'auto' or one of {PREFERENCE_FORMATS}, got {format!r}")
     return _read(path, split, limit, on_error, warn,
-                 lambda row, index, source: parse_preference(row, index, source, format=format))
+                 lambda row, index, source, fmt: parse_preference(
+                     row, index, source, format=format if format != "auto" else fmt), detect_preference_format)
 
 
 # ----------------------------------------------------------------------------- writer

@@ -41,6 +41,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launch_rank() -> int:
+    """The rank torchrun gave this process (0 without torchrun); also valid before the process group
+    starts and after it is gone."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

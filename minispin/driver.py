@@ -38,25 +38,27 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
 from . import distributed as dist
 from .checkpoint import load_model
-from .cli import parse_config, to_dict
 from .collate import Pair
-from .data import Example, read_examples
+from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, to_dict, winner
+from .config import replace as replace_config
+from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
-from .log import print0, warn0
-from .runs import check_manifest, describe_changes, metrics_summary, read_metrics, write_manifest
+from .log import UserError, print0, warn0
+from .runs import (changed_settings, check_manifest, describe_changes, metrics_summary, read_manifest,
+                   read_metrics, write_manifest)
 from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_counts, get_method, register_method
 from .tokenizer import load_tokenizer
 from .training import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
-           "PAPER_SCHEDULE", "iteration_configs", "pin_given_options", "parse_args", "main"]
+           "PAPER_SCHEDULE", "iteration_configs", "run_record"]
 
 _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
 # options a resumed run may change (num_iterations: a finished run may be extended by more iterations)
@@ -67,24 +69,37 @@ _IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "tr
                       "judge.prompts_per_call")
 
 
+@records_given
 @dataclass
 class SpinConfig:
-    """A whole SPIN run. Defaults follow the paper (zephyr-7b-sft-full on UltraChat200k, 4 iterations)."""
+    """A whole SPIN run. Defaults follow the paper (zephyr-7b-sft-full on UltraChat200k, 4 iterations).
+
+    Settings resolve by one rule (minispin.config): the method's recipe < a --config file < what was given
+    (command line, or passed to a constructor here / in TrainConfig, GenerationConfig, JudgeConfig)."""
+
+    # settings of the whole run that generation and training share: they live here only (the driver
+    # writes them into each iteration's TrainConfig / GenerationConfig, with train.method from `method`)
+    RUN_LEVEL: ClassVar[tuple[str, ...]] = ("template", "max_prompt_length", "seed")
+    SET_BY_RUN: ClassVar[tuple[str, ...]] = ("train.template", "train.max_prompt_length", "train.seed",
+                                             "train.method", "generation.template",
+                                             "generation.max_prompt_length", "generation.seed")
 
     model: str = ""  # the starting (SFT) model: an HF safetensors folder
     data: str = ""  # SFT data (UltraChat200k / SPIN / Alpaca / prompt-response rows; file or folder)
     output_dir: str = "runs/spin"
     tokenizer: str | None = None  # default: the model folder
     method: str = "spin"  # spin | sft | dpo | judge_spin | noise_spin | adaptive | sppo | register_method's
-    num_iterations: int | None = None  # default: len(iterations)
-    # per-iteration overrides; left at this default (SPIN's paper schedule), methods with a recipe of their
-    # own (dpo, noise_spin, sppo) use theirs, and values set in train / generation (e.g. --lr) win over it
-    iterations: list[dict[str, Any]] = field(default_factory=lambda: [dict(d) for d in PAPER_SCHEDULE])
+    num_iterations: int | None = None  # default: the length of the schedule
+    # per-iteration settings, e.g. [{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}] (iterations past the list reuse
+    # its last entry); None: the method's recipe (SPIN: the paper's schedule; dpo, noise_spin, sppo: theirs)
+    iterations: list[dict[str, Any]] | None = None
     generate: bool = True  # False: no generation; train on the answers already in the data (SPIN rows'
     # generated answers, SPPO samples or precomputed probabilities), the same data every iteration
     mix_previous: bool = True  # from iteration 1, also train on the previous iteration's pairs
     template: str | None = None  # ONE prompt template for generation and training (None: chat template)
-    split: str | None = None  # e.g. "train_sft" for an UltraChat200k folder
+    max_prompt_length: int = 512  # prompts keep their last N tokens, in generation and training alike
+    seed: int = 42  # training's data order; generation samples with seed + iteration
+    split: str | None = None  # a folder of several splits: the one to read, e.g. "train_sft" (a file: all of it)
     data_format: str = "auto"
     limit: int | None = None  # use the first N rows (the paper samples 50k prompts)
     on_bad_row: str = "raise"  # "raise" or "skip" (skipped rows are listed in a warning)
@@ -104,18 +119,21 @@ class SpinConfig:
         if isinstance(self.judge, dict):
             self.judge = JudgeConfig(**self.judge)
         if self.on_bad_row not in ("raise", "skip"):
-            raise ValueError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}")
-        if not isinstance(self.iterations, list) or not all(isinstance(d, dict) for d in self.iterations):
-            raise ValueError("iterations must be a list of per-iteration override objects, e.g. "
-                             '[{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}]')
+            raise ConfigError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}")
+        if self.iterations is not None and (not isinstance(self.iterations, list)
+                                            or not all(isinstance(d, dict) for d in self.iterations)):
+            raise ConfigError("iterations must be a list of per-iteration setting objects, e.g. "
+                              '[{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}]')
         if self.num_iterations is not None and self.num_iterations < 1:
-            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+            raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
+        if self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.method in METHODS:  # (methods registered later are checked when the run starts)
-            iteration_configs(self)  # validate the overrides now, with clear errors
+            iteration_configs(self)  # resolve every iteration now, with clear errors
 
     @property
     def total_iterations(self) -> int:
-        return self.num_iterations if self.num_iterations is not None else max(1, len(schedule_of(self)))
+        return self.num_iterations if self.num_iterations is not None else max(1, len(_schedule(self)[0]))
 
 
 @dataclass
@@ -136,25 +154,25 @@ def build_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
     return get_method(config.method).build_pairs(examples, config)
 
 
-def schedule_of(config: SpinConfig) -> list[dict[str, Any]]:
-    """The per-iteration overrides: config.iterations, or the method's own schedule when iterations were
-    left at the default (SPIN's paper schedule)."""
-    method = METHODS.get(config.method)
-    if method is not None and method.schedule is not None and config.iterations == PAPER_SCHEDULE:
-        return method.schedule
-    return config.iterations
-
-
-def _default_schedule(method_name: str) -> list[dict[str, Any]]:
+def _recipe(method_name: str) -> list[dict[str, Any]]:
+    """The method's recipe: its own schedule, or SPIN's paper schedule."""
     method = METHODS.get(method_name)
     return method.schedule if method is not None and method.schedule is not None else PAPER_SCHEDULE
 
 
+def _schedule(config: SpinConfig, recipe_only: bool = False) -> tuple[list[dict[str, Any]], str]:
+    """The per-iteration settings in force and their source: `iterations` (given, from a --config file,
+    or an example's recipe), else the method's recipe."""
+    if config.iterations is None or recipe_only:
+        return _recipe(config.method), RECIPE
+    return config.iterations, given_names(config).get("iterations", RECIPE)
+
+
 def _override_target(key: str) -> str | None:
-    """An override key as the option it sets ("lr" -> "train.lr", "generation.top_p", "mix_previous"),
-    or None when it names no option."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+    """A per-iteration key as the setting it sets ("lr" -> "train.lr", "generation.top_p", "mix_previous"),
+    or None when it names no per-iteration setting (run-level settings such as seed are not)."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(SpinConfig.RUN_LEVEL) - {"method"}
+    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)} - set(SpinConfig.RUN_LEVEL)
     if key.startswith("train.") and key[6:] in train_fields:
         return key
     if key.startswith("generation.") and key[11:] in gen_fields:
@@ -166,129 +184,105 @@ def _override_target(key: str) -> str | None:
     return None
 
 
-def pin_given_options(data: dict[str, Any], on_command_line: set[str] | None = None) -> dict[str, Any]:
-    """Command line: options given explicitly win over the per-iteration schedule's values.
-
-    `data`: the nested dict of the options given (--config file and command line); `on_command_line`: the
-    dotted names given on the command line (None: every train.* / generation.* / mix_previous in data).
-    An option that the schedule also sets (e.g. --lr or --beta under SPIN's paper schedule,
-    --generation.num_samples or --neftune_alpha under a method's own schedule, or anything a --config
-    file's iterations set) is written into every entry of that schedule, which becomes `iterations`, so
-    the run (and its config.json) uses the given value. An option given on the command line together
-    with an --iterations that also sets it is refused as contradictory.
-    """
-    if on_command_line is None:
-        on_command_line = {f"{section}.{k}" for section in ("train", "generation")
-                           if isinstance(data.get(section), dict) for k in data[section]}
-        on_command_line |= {k for k in _SPIN_LEVEL_OVERRIDES if k in data}
-    given: dict[str, Any] = {}
-    for dotted in on_command_line:
-        section, _, name = dotted.rpartition(".")
-        if section in ("train", "generation") and isinstance(data.get(section), dict) and name in data[section]:
-            given[dotted] = data[section][name]
-        elif not section and dotted in _SPIN_LEVEL_OVERRIDES and dotted in data:
-            given[dotted] = data[dotted]
-    if not given:
-        return data
-    if "iterations" in data:
-        if not isinstance(data["iterations"], list) or not all(isinstance(e, dict) for e in data["iterations"]):
-            return data  # SpinConfig refuses it with a clear message
-        schedule = data["iterations"]
-        both = sorted({t for e in schedule for t in map(_override_target, e) if t in given})
-        if both and "iterations" in on_command_line:
-            raise ValueError(f"{', '.join('--' + b for b in both)} given both as an option and in --iterations; "
-                             "set it in one place (--iterations entries are per-iteration overrides)")
-    else:
-        schedule = _default_schedule(data.get("method", SpinConfig.method))
-    pinned = sorted({t for e in schedule for t in map(_override_target, e) if t in given})
-    if pinned:
-        data = dict(data)
-        data["iterations"] = [dict({k: v for k, v in e.items() if _override_target(k) not in pinned},
-                                   **{t: given[t] for t in pinned}) for e in schedule]
-    return data
-
-
-def parse_args(argv: Sequence[str] | None = None, description: str | None = None,
-               aliases: dict[str, str] | None = None) -> SpinConfig:
-    """A SpinConfig from command-line options (see minispin.cli), with given options pinned over the
-    default schedule (`pin_given_options`)."""
-    return parse_config(SpinConfig, argv, description=description, prepare=pin_given_options, aliases=aliases)
-
-
-def _explicit(section: Any, name: str) -> bool:
-    """True when a TrainConfig / GenerationConfig field differs from its class default (set by the user)."""
-    f = next(f for f in dataclasses.fields(section) if f.name == name)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return getattr(section, name) != default
-
-
 # ----------------------------------------------------------------------------- per-iteration configs
 
-def iteration_configs(config: SpinConfig, iteration: int | None = None):
+def iteration_configs(config: SpinConfig, iteration: int | None = None, *, recipe_only: bool = False):
     """(TrainConfig, GenerationConfig, spin-level overrides) of one iteration (all when iteration is None).
 
-    An override key is a TrainConfig field ("lr", "beta", "epochs", "loss", ...), "train.<field>",
-    "generation.<field>", or "mix_previous". Iterations past the list reuse its last entry.
+    Each per-iteration setting takes the value that wins by minispin.config's rule among the schedule's
+    entry for this iteration (`iterations` or the method's recipe; past the list: its last entry) and the
+    value given in train / generation / mix_previous; everything else comes from those sections.
+    recipe_only: what the recipe alone would give (the values nobody gave), for the status line.
     """
     if iteration is None:
-        return [iteration_configs(config, t) for t in range(config.total_iterations)]
-    schedule = schedule_of(config) or [{}]
-    overrides = schedule[min(iteration, len(schedule) - 1)]
-    # iterations left at the default: values set in config.train / config.generation win over the
-    # default schedule's (e.g. TrainConfig(lr=1e-6) under SPIN's paper schedule)
-    default = config.iterations == PAPER_SCHEDULE
-    train_kw, gen_kw, spin_kw = {}, {}, {}
-    for key, value in overrides.items():
+        return [iteration_configs(config, t, recipe_only=recipe_only) for t in range(config.total_iterations)]
+    _check_run_level(config)
+    schedule, source = _schedule(config, recipe_only)
+    entry = (schedule or [{}])[min(iteration, len(schedule or [{}]) - 1)]
+    given = {} if recipe_only else given_names(config)
+    candidates: dict[str, list[tuple[str, Any, str]]] = {}
+    for key, value in entry.items():
         target = _override_target(key)
         if target is None:
-            raise ValueError(f"iterations[{iteration}]: unknown override {key!r} (use a TrainConfig field such "
-                             "as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous)")
-        section, _, name = target.rpartition(".")
-        if section == "train":
-            if not (default and _explicit(config.train, name)):
-                train_kw[name] = value
-        elif section == "generation":
-            if not (default and _explicit(config.generation, name)):
-                gen_kw[name] = value
-        else:
-            spin_kw[target] = value
+            raise ConfigError(f"iterations[{iteration}]: unknown per-iteration setting {key!r} (use a TrainConfig "
+                              "field such as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous;"
+                              f" {'/'.join(SpinConfig.RUN_LEVEL)} are settings of the whole run)")
+        candidates.setdefault(target, []).append((f"iterations[{iteration}]", value, source))
+    for dotted, src in given.items():
+        if _override_target(dotted) == dotted:
+            candidates.setdefault(dotted, []).append((f"--{dotted}", _value(config, dotted), src))
+    values = {dotted: winner(c, dotted)[0] for dotted, c in candidates.items()}
+    sections = {"train": config.train, "generation": config.generation}
+    if recipe_only:  # the sections without their given values
+        sections = {name: type(s)(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                                     if f"{name}.{f.name}" not in given_names(config)})
+                    for name, s in sections.items()}
+    train_kw = {k[6:]: v for k, v in values.items() if k.startswith("train.")}
+    gen_kw = {k[11:]: v for k, v in values.items() if k.startswith("generation.")}
+    fields = {f.name: f.default for f in dataclasses.fields(SpinConfig)}
+    spin_kw = {k: values.get(k, fields[k] if recipe_only and k in given_names(config) else getattr(config, k))
+               for k in _SPIN_LEVEL_OVERRIDES}
     method = get_method(config.method)
-    template = _one_template(config)
-    if config.generation.max_prompt_length != config.train.max_prompt_length:
-        raise ValueError(f"generation.max_prompt_length ({config.generation.max_prompt_length}) differs from "
-                         f"train.max_prompt_length ({config.train.max_prompt_length}); prompts must be cut the "
-                         "same way in generation and training: set both to the same value (on the command "
-                         "line --max_prompt_length sets both)")
-    train_kw["template"] = template
-    train_kw["method"] = method.train_method
     if method.loss is not None:
-        wanted = train_kw.get("loss", config.train.loss if _explicit(config.train, "loss") else method.loss)
+        wanted = train_kw.get("loss", method.loss)
         if wanted != method.loss:
-            raise ValueError(f"iterations[{iteration}]: method {method.name!r} trains with loss {method.loss!r}, "
-                             f"not {wanted!r}")
+            raise ConfigError(f"iterations[{iteration}]: method {method.name!r} trains with loss {method.loss!r}, "
+                              f"not {wanted!r}")
         train_kw["loss"] = method.loss
-    elif train_kw.get("loss", config.train.loss) == "sppo" and method.train_method == "spin":
-        raise ValueError(f"iterations[{iteration}]: loss 'sppo' needs SPPO's targets; use --method sppo")
-    train_cfg = dataclasses.replace(config.train, **train_kw)
-    gen_kw.setdefault("seed", config.generation.seed + iteration)  # new samples every iteration
-    gen_kw["template"] = template
-    gen_kw.setdefault("max_prompt_length", train_cfg.max_prompt_length)
-    gen_cfg = dataclasses.replace(config.generation, **gen_kw)
-    if gen_cfg.max_prompt_length != train_cfg.max_prompt_length:
-        raise ValueError(f"iterations[{iteration}]: generation and training max_prompt_length differ "
-                         f"({gen_cfg.max_prompt_length} vs {train_cfg.max_prompt_length})")
+    elif train_kw.get("loss", sections["train"].loss) == "sppo" and method.train_method == "spin":
+        raise ConfigError(f"iterations[{iteration}]: loss 'sppo' needs SPPO's targets; use --method sppo")
+    shared = {"template": config.template, "max_prompt_length": config.max_prompt_length}
+    try:
+        train_cfg = dataclasses.replace(sections["train"], **train_kw, **shared, seed=config.seed,
+                                        method=method.train_method)
+        gen_cfg = dataclasses.replace(sections["generation"], **gen_kw, **shared,
+                                      seed=config.seed + iteration)  # new samples every iteration
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"iteration {iteration}: {e}") from None
     return train_cfg, gen_cfg, spin_kw
 
 
-def _one_template(config: SpinConfig) -> str | None:
-    """The prompt template shared by generation and training (SpinConfig.template wins; the nested
-    train.template / generation.template may only repeat it)."""
-    named = {k: v for k, v in (("template", config.template), ("train.template", config.train.template),
-                               ("generation.template", config.generation.template)) if v is not None}
-    if len(set(named.values())) > 1:
-        raise ValueError(f"one prompt template must serve generation and training, got {named}; "
-                         "set --template (sets all three)")
-    return next(iter(named.values()), None)
+def _check_run_level(config: SpinConfig) -> None:
+    """The run-level settings live in SpinConfig only: a value given in a section's copy is refused."""
+    given = given_names(config)
+    for dotted in SpinConfig.SET_BY_RUN:
+        if dotted in given:
+            name = dotted.split(".")[1]
+            raise ConfigError(f"{dotted} is set by the run: give {name} once (--{name}, SpinConfig.{name}); "
+                              "it serves generation and training alike")
+
+
+def _value(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def differences_from_recipe(config: SpinConfig, iteration: int) -> dict[str, tuple[Any, Any]]:
+    """{setting: (effective value, the recipe's value)} of iteration `iteration`'s train / generation /
+    spin-level settings that differ from what the recipe alone gives."""
+    now, recipe = (_flat_iteration(iteration_configs(config, iteration, recipe_only=r)) for r in (False, True))
+    return {k: (v, recipe.get(k)) for k, v in now.items() if recipe.get(k) != v}
+
+
+def _flat_iteration(configs: tuple[TrainConfig, GenerationConfig, dict[str, Any]]) -> dict[str, Any]:
+    train_cfg, gen_cfg, spin_kw = configs
+    out = {f"train.{k}": v for k, v in dataclasses.asdict(train_cfg).items()}
+    out.update({f"generation.{k}": v for k, v in dataclasses.asdict(gen_cfg).items()})
+    out.update(spin_kw)
+    return out
+
+
+def run_record(config: SpinConfig) -> dict[str, Any]:
+    """What <run>/config.json records: the settings as given and resolved ("settings"; the run-level
+    ones once, at the top), the names given and where ("given"), and the EFFECTIVE train / generation /
+    spin-level settings of every iteration ("iterations")."""
+    nested = set(SpinConfig.SET_BY_RUN)
+    iterations = []
+    for t, (train_cfg, gen_cfg, spin_kw) in enumerate(iteration_configs(config)):
+        iterations.append({"train": to_dict(train_cfg), "generation": to_dict(gen_cfg), **spin_kw})
+    return {"settings": to_dict(config, leave_out=nested.__contains__), "given": given_names(config),
+            "iterations": iterations}
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -300,12 +294,22 @@ def _iter_dir(run: Path, t: int) -> Path:
 def _check_run_config(run: Path, config: SpinConfig) -> None:
     """Rank 0: record the config of a new run, or compare with the config the run started with."""
     path = run / "config.json"
-    current = to_dict(config)
-    changed = check_manifest(path, current, allowed=_IGNORED_ON_RESUME)
+    current = run_record(config)
+    # what must match is the EFFECTIVE settings: where a value came from ("given") may differ (a run's own
+    # config.json given back as --config resumes it); iterations compare over the ones both have (extending
+    # a run adds iterations)
+    allowed = [f"settings.{k}" for k in _IGNORED_ON_RESUME] + ["given", "iterations"]
+    changed = check_manifest(path, current, allowed=allowed)
+    recorded = read_manifest(path)
+    if recorded is not None:
+        per_iteration = [k for k in _IGNORED_ON_RESUME if k.startswith(("train.", "generation."))]
+        for t, (old, new) in enumerate(zip(recorded.get("iterations", []), current["iterations"])):
+            changed |= {f"iterations[{t}].{k}": v for k, v in
+                        changed_settings(old, new, allowed=per_iteration).items()}
     if changed:
         started = any(run.glob("iter*"))  # nothing done yet (e.g. the data was refused): take the new config
         if started and not config.allow_config_change:
-            raise ValueError(f"{run} holds a run started with a different config ({describe_changes(changed, 8)}). "
+            raise ConfigError(f"{run} holds a run started with a different config ({describe_changes(changed, 8)}). "
                              "Use the same options to resume, another --output_dir, or --allow_config_change true")
         write_manifest(path, current)
 
@@ -357,7 +361,7 @@ def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) ->
 
 def spin(config: SpinConfig) -> SpinResult:
     """Run (or resume) a whole SPIN run; returns the saved models. Call on every rank under torchrun."""
-    _check_inputs(config)
+    config = _check_inputs(config)
     method = get_method(config.method)
     schedule = iteration_configs(config)
     info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
@@ -396,7 +400,7 @@ def spin(config: SpinConfig) -> SpinResult:
             noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
                                                                         ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
-                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}")
+                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(config, t)}")
 
             result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
             on_phase("save")
@@ -466,15 +470,53 @@ def _write_run_summary(run: Path, summaries: list[dict[str, Any] | None]) -> Non
     _log(f"summary: {run / 'summary.json'}")
 
 
-def _check_inputs(config: SpinConfig) -> None:
+MODEL_FILES = "config.json, model.safetensors (or model.safetensors.index.json + shards) and tokenizer files"
+
+
+def _check_inputs(config: SpinConfig) -> SpinConfig:
+    """Before any work: the model folder, the data and the method's needs, each refused with one clear
+    message naming the option that fixes it. Returns the config with the split resolved (a split only
+    chooses inside a folder: an unasked one - e.g. an example's default - is dropped for a single file)."""
     if not config.model:
-        raise ValueError("SpinConfig.model is required: the starting model's HF folder")
+        raise ConfigError(f"--model is required: the starting model's Hugging Face folder ({MODEL_FILES})")
+    model = Path(config.model)
+    if not model.is_dir():
+        raise UserError(f"--model {config.model}: no such folder (expected a Hugging Face model folder with "
+                        f"{MODEL_FILES})")
+    lacks = [name for name, ok in (
+        ("config.json", (model / "config.json").is_file()),
+        ("model.safetensors or model.safetensors.index.json (+ its shards)",
+         (model / "model.safetensors").is_file() or (model / "model.safetensors.index.json").is_file()),
+        ("tokenizer.json or tokenizer.model (or give --tokenizer)",
+         config.tokenizer is not None or any((model / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))),
+    ) if not ok]
+    if lacks:
+        raise UserError(f"--model {config.model} lacks {'; '.join(lacks)}")
+    if config.tokenizer is not None and not Path(config.tokenizer).exists():
+        raise UserError(f"--tokenizer {config.tokenizer}: no such file or folder")
     if not config.data:
-        raise ValueError("SpinConfig.data is required: the SFT data file or folder")
-    if not Path(config.model).exists():
-        raise FileNotFoundError(f"model folder {config.model!r} does not exist")
-    if not Path(config.data).exists():
-        raise FileNotFoundError(f"data path {config.data!r} does not exist")
+        raise ConfigError("--data is required: a .parquet/.jsonl/.json file of rows, or a folder of them "
+                          "(e.g. UltraChat200k's train_sft-*.parquet)")
+    data = Path(config.data)
+    if not data.exists():
+        raise UserError(f"--data {config.data}: no such file or folder (expected a .parquet/.jsonl/.json file, or a "
+                        "folder of them such as UltraChat200k's train_sft-00000-of-00003.parquet)")
+    if data.is_file() and config.split is not None and "split" not in given_names(config):
+        config = replace_config(config, split=None)  # an example's default split: a file is read whole
+    if data.is_dir() or data.suffix not in DATA_SUFFIXES or config.split is not None:
+        try:
+            data_files(data, config.split)
+        except DataError as e:
+            hint = "" if "--split" in e.reason or not data.is_dir() else (
+                f" (expected files named like {config.split or 'train_sft'}-00000-of-00003.parquet or "
+                f"{config.split or 'train_sft'}.jsonl; --split chooses the files by name)")
+            raise DataError(f"--data {config.data}: {e.reason}{hint}") from None
+    method = get_method(config.method)
+    if method.needs_scorer and config.generate and not config.judge.configured:
+        raise ConfigError(f"method {method.name!r} needs a judge for the generated answers: --judge.function "
+                          "module:function (or file.py:function) or --judge.command 'cmd ...' (see "
+                          "examples/judge_command.py); score columns in the data only serve --generate false")
+    return config
 
 
 def _start_run(run: Path, config: SpinConfig) -> None:
@@ -484,11 +526,11 @@ def _start_run(run: Path, config: SpinConfig) -> None:
         run.mkdir(parents=True, exist_ok=True)
         try:
             _check_run_config(run, config)
-        except ValueError as e:
+        except UserError as e:
             error = str(e)
     error = dist.broadcast_json(error)
     if error:
-        raise ValueError(error)
+        raise ConfigError(error)
 
 
 def _read_data(config: SpinConfig, method: Method) -> list:
@@ -549,6 +591,17 @@ def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, curr
     return pairs
 
 
+def _not_from_recipe(config: SpinConfig, t: int) -> str:
+    """"; not the recipe's: beta 0.1 (recipe 5), ..." for the status line ("" when all are the recipe's)."""
+    shown = [f"{k.removeprefix('train.')} {_short(v)} (recipe {_short(r)})"
+             for k, (v, r) in differences_from_recipe(config, t).items()]
+    return f"; not the recipe's: {', '.join(shown)}" if shown else ""
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else json.dumps(value)
+
+
 def _save_dtype(config: SpinConfig):
     return "auto" if config.save_dtype == "auto" else getattr(torch, config.save_dtype)
 
@@ -559,16 +612,3 @@ def _cleanup_train_state(it: Path, config: SpinConfig) -> None:
     for name in ("train_state", "train_state.old"):
         if (it / name).exists():
             shutil.rmtree(it / name, ignore_errors=True)
-
-
-def main(argv: Sequence[str] | None = None) -> SpinResult:
-    """Command line: every SpinConfig field is an option (see minispin.cli)."""
-    config = parse_args(argv, description=__doc__)
-    result = spin(config)
-    if dist.is_main():
-        print(json.dumps({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]}))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -197,7 +197,8 @@ def run_models(run_dir: str | os.PathLike, sft_model: str | os.PathLike | None =
         config = run / "config.json"
         if not config.is_file():
             raise EvalError(f"{config} is missing: not a minispin run directory (or pass --sft_model)")
-        sft_model = json.loads(config.read_text(encoding="utf-8")).get("model")
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+        sft_model = recorded.get("settings", recorded).get("model")  # {"settings": ..., "given", "iterations"}
         if not sft_model or not (Path(sft_model) / "config.json").is_file():
             raise EvalError(f"{config}: key 'model' ({sft_model!r}) is not a model folder from here; pass "
                             "--sft_model PATH (the run's input model)")

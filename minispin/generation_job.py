@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 
 
 from . import distributed as dist
+from .config import records_given
 from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
 from .log import Progress, print0
@@ -49,6 +50,7 @@ _RESULT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_
                 "max_prompt_length", "stop", "skip_special_tokens")
 
 
+@records_given
 @dataclass
 class GenerationConfig:
     """Settings of a generation job (SPIN's recipe: max_new_tokens 256, prompts of at most 512 tokens)."""

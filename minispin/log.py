@@ -1,20 +1,120 @@
-"""Printing for runs: one rank-0 print (`print0` / `warn0`) and one progress line (`Progress`).
+"""Printing for runs: one rank-0 print (`print0` / `warn0`), one progress line (`Progress`), and the
+one way a user's mistake is reported (`UserError`, `run_main`).
 
 Everything minispin tells the user goes to stderr from rank 0 only, so N ranks print one line, not N;
-stdout is left to results (tables, the run summary JSON).
+stdout is left to results (tables, the run summary JSON, `print_result`).
+
+User errors (bad data, settings, paths; `UserError` and its subclasses DataError, ConfigError, ...) are
+printed ONCE as one plain line "error: ..." without a traceback, by rank 0 - or, when only some ranks
+see the error, by the first rank that does - and the process exits non-zero (2 for usage errors, 1
+otherwise); the ranks that do not report exit quietly with the same code. `--debug` or MINISPIN_DEBUG=1
+shows the traceback. Under torchrun the launcher still adds its own "ChildFailedError" block when a rank
+exits non-zero; minispin's part is the one line.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from . import distributed as dist
+from .errors import UserError
+
+__all__ = ["UserError", "print0", "warn0", "print_result", "run_main", "debug_enabled", "Progress"]
+
+T = TypeVar("T")
+DEBUG_ENV = "MINISPIN_DEBUG"
+
+
+def _printing_rank() -> bool:
+    """Rank 0 of the job (by the process group, or by torchrun's environment before / after it)."""
+    return dist.is_main() if dist.is_initialized() else dist.launch_rank() == 0
 
 
 def print0(message: str, *, prefix: str = "") -> None:
     """One line on stderr, printed by rank 0 only (`prefix`: e.g. "spin" -> "[spin] message")."""
-    if dist.is_main():
+    if _printing_rank():
         print(f"[{prefix}] {message}" if prefix else message, file=sys.stderr, flush=True)
+
+
+def print_result(result: Any) -> None:
+    """The run's result as one JSON line on stdout, rank 0 only."""
+    if _printing_rank():
+        print(json.dumps(result), flush=True)
+
+
+def debug_enabled(argv: list[str] | None = None) -> bool:
+    """The debug switch: `--debug` among the options or MINISPIN_DEBUG=1."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in (argv or [])
+
+
+def _job_marker() -> Path | None:
+    """A file the ranks of one torchrun job (on one host) share to report an error once: named by the
+    launcher's pid and start time (so a later job never sees it); None outside torchrun."""
+    if not dist.launched_by_torchrun() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    parent = os.getppid()
+    try:
+        started = Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return Path(tempfile.gettempdir()) / f"minispin-error-{job}-{parent}-{started}"
+
+
+def _claim_report() -> bool:
+    """True for the one rank that reports: rank 0 at once, another rank only when no rank has claimed
+    the report within a second (rank 0 usually sees the same error)."""
+    marker = _job_marker()
+    if marker is None:
+        return True
+    if dist.launch_rank() != 0:
+        time.sleep(1.0)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        return dist.launch_rank() == 0
+
+
+def _reported_elsewhere() -> bool:
+    marker = _job_marker()
+    return marker is not None and marker.exists()
+
+
+def run_main(main: Callable[[], T], argv: list[str] | None = None) -> T:
+    """Run a command-line entry point: a UserError becomes one "error: ..." line (printed once over all
+    ranks, no traceback unless the debug switch is on) and exit code 2 (usage) or 1; an unexpected error
+    keeps its traceback, except on a rank whose failure follows an error another rank already reported."""
+    debug = debug_enabled(argv)
+    try:
+        return main()
+    except UserError as e:
+        if _claim_report():
+            if debug:
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        _exit(e.exit_code)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException:
+        if not debug and _reported_elsewhere():  # e.g. a collective broken by the reporting rank's exit
+            _exit(1)
+        raise
+    raise AssertionError("unreachable")
+
+
+def _exit(code: int) -> None:
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)  # no teardown of a half-finished process group: the launcher sees the code at once
 
 
 def warn0(message: str, *, prefix: str = "") -> None:

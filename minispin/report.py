@@ -76,7 +76,7 @@ class RunLog:
 
     @property
     def method(self) -> str:
-        return str(self.config.get("method", "?"))
+        return str(self.config.get("settings", self.config).get("method", "?"))
 
     def status(self, it: IterationLog) -> str:
         if it.model_saved:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from minispin.errors import UserError
 from minispin.data import (DataError, Example, PreferenceExample, ReadResult, data_files, load_rows,
                            read_examples, read_preferences, to_spin_row)
 
@@ -69,7 +70,7 @@ def test_spin_fixture_without_generations_is_refused_for_training():
     with pytest.raises(DataError) as err:
         read_examples(SPIN_PARQUET, require_generated=True)
     assert err.value.index == 0 and err.value.key == "generated"
-    assert "spin_format_test_prefs.parquet: row 0: key 'generated'" in str(err.value)
+    assert "spin_format_test_prefs.parquet: row 1 (1-based): key 'generated'" in str(err.value)
     warnings = []
     pairs = read_preferences(SPIN_PARQUET, on_error="skip", limit=50, warn=warnings.append)
     assert len(pairs) == 0 and [s.index for s in pairs.skipped] == list(range(50))
@@ -135,7 +136,7 @@ def test_prompt_response_rows(tmp_path):
         {"prompt": [system("s"), user("u"), assistant("a"), user("p3")], "response": "r3"},
         {"prompt": "p4"},
     ])
-    with pytest.raises(DataError, match=r"pr.jsonl: row 4: key 'response': missing"):
+    with pytest.raises(DataError, match=r"pr.jsonl: line 5: key 'response': missing"):
         read_examples(path)
     ex = read_examples(path, require_real=False)
     assert [e.real for e in ex] == ["r0", "r1", "r2", "r3", ""]
@@ -235,8 +236,8 @@ def test_directory_split_and_global_index(tmp_path):
     assert [p.name for p in data_files(tmp_path, split="train")][0] == "train_prefs-00000-of-00002.jsonl"
     with pytest.raises(DataError, match="no file name contains split 'validation'"):
         read_examples(tmp_path, split="validation")
-    with pytest.raises(DataError, match="does not contain split 'test'"):
-        read_examples(tmp_path / "pretrain.jsonl", split="test")
+    with pytest.raises(DataError, match="only chooses among the files of a folder.*leave out --split"):
+        read_examples(tmp_path / "pretrain.jsonl", split="test")  # a split given for one file
     assert load_rows(tmp_path / "pretrain.jsonl") == [{"prompt": "p", "response": "P"}]
 
 
@@ -278,7 +279,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: line 3: invalid JSON"):
         read_examples(tmp_path / "bad.jsonl")
     (tmp_path / "list.jsonl").write_text('{"prompt": "a", "response": "b"}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"list.jsonl: row 1: expected a JSON object per row, got list"):
+    with pytest.raises(DataError, match=r"list.jsonl: line 2: expected a JSON object per row, got list"):
         read_examples(tmp_path / "list.jsonl")
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
@@ -341,7 +342,7 @@ def test_malformed_row_raises_with_file_index_and_key(tmp_path, row, key, reason
     with pytest.raises(DataError) as err:
         read_examples(path)
     assert (err.value.source, err.value.index, err.value.key) == (str(path), 3, key)
-    assert str(path) in str(err.value) and "row 3" in str(err.value) and reason in str(err.value)
+    assert str(path) in str(err.value) and "line 4" in str(err.value) and reason in str(err.value)
     if key is not None:
         assert f"key {key!r}" in str(err.value)
 
@@ -358,7 +359,7 @@ def test_skip_mode_reports_every_bad_row(tmp_path, caplog):
     assert [(s.index, s.source) for s in result.skipped] == [(i, str(path)) for i in sorted(bad)]
     assert "key 'messages[1].content'" in result.skipped[0].reason
     summary = [r.getMessage() for r in caplog.records]
-    assert len(summary) == 1 and summary[0].startswith("skipped 4 of 30 rows of") and "row 4" in summary[0]
+    assert len(summary) == 1 and summary[0].startswith("skipped 4 of 30 rows of") and "line 5" in summary[0]
 
 
 MALFORMED_PREFERENCES = [
@@ -393,16 +394,17 @@ def test_malformed_preference_row(tmp_path, row, key, reason):
 
 
 def test_data_modules_do_not_import_torch():
-    # load the two files on their own (the package __init__ may import the model, hence torch)
+    # load the modules without the package __init__ (which imports the model, hence torch): an empty
+    # package object whose path is the source folder, so their relative imports (minispin.errors) resolve
     package = Path(__file__).resolve().parent.parent / "minispin"
-    code = ("import importlib.util, sys\n"
-            "for name in ('data', 'io'):\n"
-            f"    spec = importlib.util.spec_from_file_location('standalone_' + name, r'{package}/' + name + '.py')\n"
-            "    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
-            "    spec.loader.exec_module(module)\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'minispin') if m in sys.modules))")
+    code = ("import sys, types\n"
+            "pkg = sys.modules['minispin'] = types.ModuleType('minispin')\n"
+            f"pkg.__path__ = [r'{package}']\n"
+            "import minispin.data, minispin.io\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules), "
+            "sorted(m for m in sys.modules if m.startswith('minispin.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] ['minispin.data', 'minispin.errors', 'minispin.io']"
 
 
 def test_example_is_frozen():
@@ -410,3 +412,30 @@ def test_example_is_frozen():
     assert isinstance(example, Example)
     with pytest.raises(AttributeError):
         example.real = "changed"
+
+
+def test_errors_name_the_1_based_line_or_row_and_the_files_format_key(tmp_path):
+    """A row missing `messages` in an UltraChat file is reported as missing `messages` (not `response`:
+    it still has a `prompt`), with its 1-based line; a .json row by its 1-based row; a non-UTF-8 byte by
+    its line and column, not a byte offset."""
+    chat = [{"prompt": f"q{i}", "prompt_id": str(i), "messages": [user(f"q{i}"), assistant(f"a{i}")]}
+            for i in range(20)]
+    chat[14] = {"prompt": "q14", "prompt_id": "14"}
+    path = write_jsonl(tmp_path / "ultrachat.jsonl", chat)
+    with pytest.raises(DataError) as err:
+        read_examples(path)
+    assert str(err.value) == f"{path}: line 15: key 'messages': missing (format 'ultrachat')"
+    assert (err.value.index, err.value.key) == (14, "messages")
+    as_json = tmp_path / "ultrachat.json"
+    as_json.write_text(json.dumps(chat))
+    with pytest.raises(DataError, match=r"ultrachat.json: row 15 \(1-based\): key 'messages': missing"):
+        read_examples(as_json)
+    lines = [json.dumps({"prompt": f"p{i}", "response": "r"}).encode() for i in range(20)]
+    lines[16] = b'{"prompt": "caf\xe9", "response": "r"}'
+    (tmp_path / "latin1.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl: line 17: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_examples(tmp_path / "latin1.jsonl")
+    (tmp_path / "latin1.json").write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(DataError, match=r"latin1.json: line 18: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        read_examples(tmp_path / "latin1.json")
+    assert issubclass(DataError, UserError)

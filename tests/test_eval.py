@@ -58,7 +58,7 @@ def test_rows_are_sft_then_each_saved_iteration(run, tmp_path):
     shutil.rmtree(partial / "iter1" / "model")  # iteration 1 still training
     assert [name for name, _ in run_models(partial)] == ["SFT", "iter0"]
     cfg = json.loads((partial / "config.json").read_text())
-    cfg["model"] = str(tmp_path / "moved")
+    cfg["settings"]["model"] = str(tmp_path / "moved")
     (partial / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(EvalError, match="key 'model' .* is not a model folder from here; pass --sft_model"):
         run_models(partial)

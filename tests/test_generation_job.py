@@ -180,7 +180,7 @@ def test_malformed_rows_are_reported_and_skipped_or_refused(model, tokenizer, tm
     assert [r["index"] for r in read_jsonl(out)] == [0, 3]
     skipped = read_jsonl(tmp_path / "g.jsonl.skipped.jsonl")
     assert [s["index"] for s in skipped] == [1, 2] and all(s["reason"] for s in skipped)
-    with pytest.raises(DataError, match="row 1"):
+    with pytest.raises(DataError, match=r"row 2 \(1-based\)"):
         run_generation_job(model, tokenizer, examples, tmp_path / "h.jsonl",
                            GenerationConfig(**{**SETTINGS, "template": "spin", "on_error": "raise"}))
     with pytest.raises(DataError, match="same index"):

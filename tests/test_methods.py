@@ -538,7 +538,7 @@ def _spin_cli(root: Path, model_dir: Path, out: str, *extra: str, data: str = "s
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    res = subprocess.run([sys.executable, "-m", "minispin.driver", *argv], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True, text=True,
                          timeout=300)
     if kill_at:
         assert res.returncode == -9, res.stderr[-3000:]  # killed where asked
@@ -605,9 +605,12 @@ for line in sys.stdin:  # the untrained model's samples are never right: score t
                                                 for i in range(N_E2E)))
     run, _ = _spin_cli(root, model_dir, "sppo", "--method", "sppo", "--judge.command", f"{sys.executable} {script}",
                        "--lr", "1e-3", "--generation.num_samples", "3", "--num_iterations", "1", data="prompts.jsonl")
-    schedule = json.loads((run / "config.json").read_text())["iterations"]
-    assert len(schedule) == 3 and all(e["train.lr"] == 1e-3 and e["generation.num_samples"] == 3 and e["beta"] == 1e-3
-                                      and e["generation.temperature"] == 0.7 for e in schedule)
+    record = json.loads((run / "config.json").read_text())
+    schedule = record["iterations"]  # the effective settings of the run's one iteration
+    assert record["settings"]["iterations"] is None  # SPPO's recipe, with the given options over it
+    assert len(schedule) == 1 and all(e["train"]["lr"] == 1e-3 and e["generation"]["num_samples"] == 3
+                                      and e["train"]["beta"] == 1e-3 and e["generation"]["temperature"] == 0.7
+                                      for e in schedule)
     generated = _jsonl(run / "iter0" / "generated.jsonl")
     assert all(len(g["samples"]) == 3 and g["real"][-1]["content"] == "" for g in generated)
     c = _jsonl(run / "pair_stats.jsonl")[0]["counts"]
@@ -649,13 +652,17 @@ def test_judge_method_without_judge_or_columns_fails_clearly(e2e):
 
     root, model_dir = e2e
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "minispin.driver", "--model", str(model_dir), "--data",
+    res = subprocess.run([sys.executable, "-m", "minispin", "--model", str(model_dir), "--data",
                           str(root / "sft.jsonl"), "--output_dir", str(root / "nojudge"), "--method", "judge_spin",
                           "--max_new_tokens", "2", "--progress", "false", "--num_iterations", "1",
                           "--device", "cpu"],
                          env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode != 0
-    assert "row 0: no judge score score_real / score_generated; configure judge.function" in res.stderr
+    assert res.returncode == 2  # refused before any generation, in one line
+    assert res.stderr.splitlines() == ["error: method 'judge_spin' needs a judge for the generated answers: "
+                                       "--judge.function module:function (or file.py:function) or --judge.command "
+                                       "'cmd ...' (see examples/judge_command.py); score columns in the data only "
+                                       "serve --generate false"]
+    assert not (root / "nojudge").exists()
 
 
 def test_describe_counts_status_line():

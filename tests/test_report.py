@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from minispin.cli import parse_args
 from minispin.eval import TABLE_JSON, read_table, table_from_demo, write_table
 from minispin.report import PANELS, ReportError, _moving_average, find_runs, read_metrics, write_report
 from minispin.tensorboard import TensorBoardSink
@@ -289,10 +290,8 @@ def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
         assert s["model"] == str(run / f"iter{t}" / "model") and s["wall_seconds_this_call"] > 0
 
     resumed = copy_run(run, tmp_path / "run")
-    config = json.loads((resumed / "config.json").read_text())
-    config["output_dir"] = str(resumed)
     capfd.readouterr()
-    spin(SpinConfig(**config))  # every iteration done earlier: the table again, from the summaries on disk
+    spin(parse_args(["--config", str(resumed / "config.json"), "--out", str(resumed)]))  # every iteration done earlier: the table again, from the summaries on disk
     err = capfd.readouterr().err.splitlines()
     head = err.index(next(line for line in err if line.startswith("[spin] iter  pairs  steps")))
     rows = [line.split()[1:] for line in err[head + 2: head + 2 + ITERATIONS]]

@@ -18,7 +18,10 @@ from minispin import TrainConfig
 from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer
-from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, spin
+from minispin.config import ConfigError
+from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, run_record, spin
+from minispin.errors import UserError
+from minispin.training import TrainConfig
 from tiny import VOCAB_SIZE, tiny_config, write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +56,7 @@ def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.Complete
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "minispin.driver", *argv], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -165,9 +168,9 @@ def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrup
 
 def test_resume_with_another_config_is_refused(base, uninterrupted):
     root, model_dir, data = base
-    argv = _argv(model_dir, data, uninterrupted) + ["--beta", "0.3"]
+    argv = _argv(model_dir, data, uninterrupted) + ["--generation.temperature", "0.5"]
     from minispin.cli import parse_config
-    with pytest.raises(ValueError, match="different config.*train.beta"):
+    with pytest.raises(ValueError, match="different config.*generation.temperature"):
         spin(parse_config(SpinConfig, argv))
     # the same config: everything is done, returns at once
     result = spin(parse_config(SpinConfig, _argv(model_dir, data, uninterrupted)))
@@ -197,19 +200,24 @@ def test_paper_schedule_is_one_config():
     assert all(t.optimizer == "rmsprop" and t.weight_decay == 0 and t.global_batch_size == 64 and t.epochs == 2
                and t.warmup_ratio == 0.1 and t.max_length == 1024 and t.max_prompt_length == 512 for t, _, _ in its)
     assert all(g.max_new_tokens == 256 for _, g, _ in its)
-    assert cfg.iterations == PAPER_SCHEDULE and cfg.mix_previous
+    assert cfg.iterations is None and cfg.mix_previous  # None: the method's recipe, the paper's schedule
+    assert [{"lr": t.lr, "beta": t.beta} for t, _, _ in its] == PAPER_SCHEDULE
     five = SpinConfig(model="m", data="d", num_iterations=5)
     assert iteration_configs(five, 4)[0].beta == 5.0  # past the list: its last entry
     over = SpinConfig(model="m", data="d", iterations=[{"loss": "hinge", "generation.temperature": 0.7,
                                                         "mix_previous": False}])
     t, g, s = iteration_configs(over, 0)
     assert t.loss == "hinge" and g.temperature == 0.7 and s == {"mix_previous": False}
-    with pytest.raises(ValueError, match=r"iterations\[0\]: unknown override 'lr_max'"):
+    with pytest.raises(ConfigError, match=r"iterations\[0\]: unknown per-iteration setting 'lr_max'"):
         SpinConfig(model="m", data="d", iterations=[{"lr_max": 1.0}])
-    with pytest.raises(ValueError, match="one prompt template"):
-        cfg = SpinConfig(model="m", data="d", template="spin")
+    cfg = SpinConfig(model="m", data="d", template="spin", max_prompt_length=100)
+    assert {(t.template, g.template, t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)} \
+        == {("spin", "spin", 100, 100)}  # one home each: SpinConfig.template / max_prompt_length
+    with pytest.raises(ConfigError, match="generation.template is set by the run: give template once"):
         cfg.generation.template = "chat"
         iteration_configs(cfg)
+    with pytest.raises(ConfigError, match="train.max_prompt_length is set by the run"):
+        SpinConfig(model="m", data="d", train=TrainConfig(max_prompt_length=64))
 
 
 def test_given_options_win_over_the_default_schedule(tmp_path):
@@ -217,8 +225,7 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
     under noise_spin's (a default value given explicitly) apply to every iteration and are recorded in
     `iterations`; an option that --iterations also sets is refused; in Python, TrainConfig values that
     differ from the defaults win over the default schedule."""
-    from minispin.cli import to_dict
-    from minispin.driver import TrainConfig, parse_args
+    from minispin.cli import parse_args
 
     cfg = parse_args(["--model", "m", "--data", "d", "--lr", "1e-7"])
     assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-7, 0.1)] * 3 + [(1e-7, 5.0)]
@@ -230,10 +237,10 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
     assert {(t.label_smoothing, t.neftune_alpha) for t, _, _ in iteration_configs(cfg)} == {(0.1, 0.0)}
     cfg = parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--beta", "0.5"])
     assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-3, 0.5)]
-    with pytest.raises(SystemExit):  # contradictory: which lr?
+    with pytest.raises(ConfigError, match="train.lr is set both in iterations"):  # contradictory: which lr?
         parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--train.lr", "1e-4"])
     saved = tmp_path / "config.json"  # a run's config.json as --config: command-line options win over it
-    saved.write_text(json.dumps(to_dict(SpinConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
+    saved.write_text(json.dumps(run_record(SpinConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
     cfg = parse_args(["--config", str(saved), "--lr", "1e-4"])
     assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-4, 0.2)]
     cfg = SpinConfig(model="m", data="d", train=TrainConfig(lr=1e-6))
@@ -251,9 +258,9 @@ def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_p
     run.mkdir()
     _check_run_config(run, SpinConfig(model="m", data="bad.jsonl"))
     _check_run_config(run, SpinConfig(model="m", data="good.jsonl"))  # nothing started: accepted
-    assert json.loads((run / "config.json").read_text())["data"] == "good.jsonl"
+    assert json.loads((run / "config.json").read_text())["settings"]["data"] == "good.jsonl"
     (run / "iter0").mkdir()
-    with pytest.raises(ValueError, match="different config .*data: 'good.jsonl' -> 'other.jsonl'"):
+    with pytest.raises(ValueError, match="different config .*settings.data: 'good.jsonl' -> 'other.jsonl'"):
         _check_run_config(run, SpinConfig(model="m", data="other.jsonl"))
     _check_run_config(run, SpinConfig(model="m", data="good.jsonl", num_iterations=6))
 
@@ -261,14 +268,14 @@ def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_p
 def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     _, model_dir, data = base
     cpu = TrainConfig(device="cpu")
-    with pytest.raises(FileNotFoundError, match="model folder .*nope.* does not exist"):
+    with pytest.raises(UserError, match="--model .*nope: no such folder"):
         spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a"), train=cpu))
-    with pytest.raises(FileNotFoundError, match="data path .*missing.jsonl.* does not exist"):
+    with pytest.raises(UserError, match="--data .*missing.jsonl: no such file or folder"):
         spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"),
                         train=cpu))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: row 1: key 'response'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: key 'response'"):
         spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
     with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
         spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",

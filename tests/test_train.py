@@ -488,19 +488,24 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
 
 def test_cli_parses_nested_flat_and_json_options():
     from minispin.cli import parse_config
-    from minispin.driver import SpinConfig
+    from minispin.config import ConfigError
+    from minispin.driver import SpinConfig, iteration_configs
 
     cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
-                                    "--seed", "3", "--train.seed", "7", "--mix_previous", "false",
-                                    "--iterations", '[{"lr": 1e-7, "beta": 5.0}]', "--limit", "none",
+                                    "--seed", "3", "--mix_previous", "false",
+                                    "--iterations", '[{"epochs": 1, "loss": "hinge"}]', "--limit", "none",
                                     "--max-prompt-length", "100", "--activation_checkpointing"])
     assert cfg.train.lr == 5e-7 and cfg.train.beta == 0.5 and cfg.mix_previous is False
-    assert cfg.train.seed == 7 and cfg.generation.seed == 3  # dotted wins over flat
-    assert cfg.iterations == [{"lr": 1e-7, "beta": 5.0}] and cfg.limit is None
-    assert cfg.train.max_prompt_length == cfg.generation.max_prompt_length == 100
+    assert cfg.seed == 3  # one home: training seed 3, generation seed 3 + iteration
+    assert [(t.seed, g.seed) for t, g, _ in iteration_configs(cfg)] == [(3, 3)]
+    assert cfg.iterations == [{"epochs": 1, "loss": "hinge"}] and cfg.limit is None
+    assert cfg.max_prompt_length == 100
+    assert [(t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)] == [(100, 100)]
     assert cfg.train.activation_checkpointing is True
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="unknown option"):
         parse_config(SpinConfig, ["--no_such_option", "1"])
+    with pytest.raises(ConfigError, match="--train.seed"):  # a run-level setting has no section option
+        parse_config(SpinConfig, ["--train.seed", "7"])
 
 
 def test_memory_model_fits_7b_on_one_h200():

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
+from ..config import replace as replace_config
 from ..driver import SpinConfig, spin
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
@@ -168,8 +169,8 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
     kw: dict[str, Any] = dict(
         model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
-        save_dtype="float32", mix_previous=True, train=demo_run.train_config(d, device, epochs=d.spin_epochs),
-        generation=demo_run.generation_config(d))
+        save_dtype="float32", mix_previous=True, **demo_run.run_settings(d),
+        train=demo_run.train_config(d, device, epochs=d.spin_epochs), generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
         return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
@@ -183,10 +184,11 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     if name == "adaptive":
         return SpinConfig(method="adaptive", iterations=[base], judge=judge, **kw)
     if name == "sppo":
+        kw["mix_previous"] = False  # SPPO trains on each iteration's own pairs, K samples of its own
+        kw["generation"] = replace_config(kw["generation"], num_samples=config.sppo_samples,
+                                          temperature=config.sppo_temperature, top_p=config.sppo_top_p)
         return SpinConfig(method="sppo", judge=judge, iterations=[{
-            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo", "mix_previous": False,
-            "generation.num_samples": config.sppo_samples, "generation.temperature": config.sppo_temperature,
-            "generation.top_p": config.sppo_top_p}], **kw)
+            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}], **kw)
     if name == "dpo":
         kw["data"] = str(data["preferences"])
         return SpinConfig(method="dpo", iterations=[base], **kw)

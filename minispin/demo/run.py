@@ -139,20 +139,24 @@ def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
     return out
 
 
+def run_settings(config: DemoConfig) -> dict[str, Any]:
+    """The demo's run-level SpinConfig settings (prompts of at most 24 tokens, the demo's seed)."""
+    return dict(max_prompt_length=24, seed=config.seed)
+
+
 def train_config(config: DemoConfig, device: str, **overrides: Any):
     """The demo's TrainConfig (AdamW, tiny lengths); shared by every stage and by minispin.demo.methods."""
     values = dict(optimizer="adamw", adam_beta2=0.98, weight_decay=0.0, global_batch_size=config.batch_size,
-                  micro_batch_size=config.batch_size, max_length=48, max_prompt_length=24, warmup_ratio=0.1,
-                  max_grad_norm=1.0, seed=config.seed, save_steps=100, status_every=100, device=device)
+                  micro_batch_size=config.batch_size, max_length=48, warmup_ratio=0.1,
+                  max_grad_norm=1.0, save_steps=100, status_every=100, device=device)
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def generation_config(config: DemoConfig):
-    """The demo's GenerationConfig (short answers, the demo's temperature and seed)."""
+    """The demo's GenerationConfig (short answers, the demo's temperature)."""
     return GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                            seed=config.seed, max_prompt_length=24, batch_size=128, chunk_size=256,
-                            progress=False)
+                            batch_size=128, chunk_size=256, progress=False)
 
 
 def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str, *, lr: float,
@@ -160,7 +164,7 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
     """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model."""
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
-        iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32",
+        iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32", **run_settings(config),
         train=train_config(config, device), generation=generation_config(config)))
     return result.final_model
 
@@ -171,7 +175,8 @@ def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
         num_iterations=config.iterations,
         iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}], mix_previous=True, save_dtype="float32",
-        train=train_config(config, device, epochs=config.spin_epochs), generation=generation_config(config)))
+        **run_settings(config), train=train_config(config, device, epochs=config.spin_epochs),
+        generation=generation_config(config)))
     return result.models
 
 

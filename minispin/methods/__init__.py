@@ -92,6 +92,7 @@ class Method:
     summarize: Callable[[list[Pair]], dict] | None = None  # per-iteration counts of the pair decisions
     schedule: list[dict[str, Any]] | None = None  # default iterations (None: SPIN's paper schedule)
     loss: str | None = None  # TrainConfig.loss this method needs (e.g. "sppo")
+    needs_scorer: bool = False  # generated answers need a judge / preference scorer (function or command)
 
 
 def _log(message: str) -> None:
@@ -117,15 +118,16 @@ METHODS: dict[str, Method] = {
                   read_data=read_preference_data, schedule=DPO_SCHEDULE),
     "judge_spin": Method("judge_spin", needs_generation=True, train_method="spin",
                          build_pairs=lambda ex, c: judge_pairs(ex, c.judge), prepare=_prepare_judge,
-                         summarize=summarize_pairs),
+                         summarize=summarize_pairs, needs_scorer=True),
     "noise_spin": Method("noise_spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs,
                          schedule=noise_schedule(PAPER_SCHEDULE)),
     "adaptive": Method("adaptive", needs_generation=True, train_method="spin",
                        build_pairs=lambda ex, c: adaptive_pairs(ex, c.judge), prepare=_prepare_judge,
-                       summarize=summarize_pairs),
+                       summarize=summarize_pairs, needs_scorer=True),
     "sppo": Method("sppo", needs_generation=True, train_method="spin",
                    build_pairs=lambda ex, c: sppo_pairs(ex, c.judge), read_data=_read_sppo_data,
-                   prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo"),
+                   prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo",
+                   needs_scorer=True),
 }
 
 

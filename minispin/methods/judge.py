@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import distributed as dist
+from ..config import records_given
 from ..collate import Pair
 from ..io import ChunkedJsonlWriter, read_jsonl_part
 from ..runs import part_files, part_path
@@ -26,6 +27,7 @@ from .spin import spin_pair
 
 SCORES_FILE = "scores.jsonl"  # the cache's part files are <cache_dir>/scores.jsonl.part-RRRRR-of-WWWWW.jsonl
 
+@records_given
 @dataclass
 class JudgeConfig:
     """Where judge / preference scores come from, and the adaptive rule's settings."""

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from ..model import Transformer
 from ..tensorboard import tensorboard_available
+from ..config import records_given
 
 LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
@@ -20,6 +21,7 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; training stopped before applying that step."""
 
 
+@records_given
 @dataclass
 class TrainConfig:
     """Training hyperparameters; defaults are the SPIN paper's (zephyr-7b, iteration 0)."""
@@ -37,7 +39,7 @@ class TrainConfig:
     micro_batch_size: int = 2  # pairs per forward per rank (2 rows each: chosen + rejected)
     reference_batch_size: int | None = None  # pairs per forward in the reference pass (default 2x micro)
     max_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: half of max_length (the paper: 512 of 1024)
     template: str | None = None  # prompt template, the same one the generation job used
     optimizer: str = "rmsprop"  # rmsprop | adamw
     weight_decay: float = 0.0
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
         for name in ("global_batch_size", "micro_batch_size", "max_length", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

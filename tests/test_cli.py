@@ -1,0 +1,131 @@
+"""One command-line surface: `python -m minispin` and every example take the same options (`--out`), give
+the same one-line errors without a traceback (`--debug` / MINISPIN_DEBUG=1 shows it), suggest the nearest
+option, read a single data file without split flags, and a user error under torchrun (2 CPU ranks, gloo)
+is printed once. Real processes throughout (CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minispin.cli import nearest_option
+from minispin.driver import MODEL_FILES
+from tiny import write_char_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY_MODEL = FIXTURES / "hf-tiny-llama"  # vocab 512: the char tokenizer's ids fit
+DPO_DATA = FIXTURES / "data" / "dpo_en_demo.json"  # 300 sharegpt preference rows, one file
+ENTRY_POINTS = [["-m", "minispin"]] + [[str(REPO / "examples" / f"{name}.py")] for name in
+                                       ("spin_zephyr", "dpo", "noise_spin", "judge_spin", "adaptive_spin", "sppo")]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_DEBUG",
+                                                             "MINISPIN_TEST_KILL_AT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], cwd=cwd, env=_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).stem)
+def test_every_entry_point_same_one_line_errors(entry, tmp_path):
+    nope = tmp_path / "nope"
+    res = _run([*entry, "--model", str(nope), "--data", str(DPO_DATA), "--out", str(tmp_path / "o")], tmp_path)
+    assert res.returncode == 1
+    assert res.stderr.splitlines() == [f"error: --model {nope}: no such folder (expected a Hugging Face model "
+                                       f"folder with {MODEL_FILES})"]
+    assert "Traceback" not in res.stderr and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
+    res = _run([*entry, "--learning_rate", "1e-6", "--out", str(tmp_path / "o")], tmp_path)
+    assert res.returncode == 2
+    [line] = res.stderr.splitlines()
+    assert line.startswith("error: unknown option(s) --learning_rate (did you mean --lr?)"), line
+
+
+def test_debug_switch_shows_the_traceback(tmp_path):
+    argv = ["-m", "minispin", "--model", str(tmp_path / "nope"), "--data", str(DPO_DATA)]
+    for res in (_run([*argv, "--debug"], tmp_path), _run(argv, tmp_path, MINISPIN_DEBUG="1")):
+        assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
+        assert res.stderr.splitlines()[-1].startswith(f"error: --model {tmp_path / 'nope'}: no such folder")
+    res = _run(["-m", "minispin", "--model", str(TINY_MODEL), "--data", str(DPO_DATA), "--method", "dpo",
+                "--split", "train_prefs", "--lr", "fast"], tmp_path)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        "error: argument --train.lr/--lr: cannot read 'fast' as float: could not convert string to float: 'fast' "
+        "(see python -m minispin --help)"]
+
+
+def test_nearest_option():
+    options = ["--lr", "--train.lr", "--epochs", "--train.epochs", "--generation.temperature", "--temperature",
+               "--output_dir", "--out", "--micro_batch_size", "--max_prompt_length"]
+    assert nearest_option("--learning_rate", options) == "--lr"
+    assert nearest_option("--learning-rate=1e-6", options) == "--lr"
+    assert nearest_option("--num_train_epochs", options) == "--epochs"
+    assert nearest_option("--lrr", options) == "--lr"
+    assert nearest_option("--generation.temprature", options) == "--generation.temperature"
+    assert nearest_option("--per_device_train_batch_size", options) == "--micro_batch_size"
+    assert nearest_option("--max_prompt_len", options) == "--max_prompt_length"
+    assert nearest_option("--zzzzzz", options) is None
+
+
+def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_path):
+    """examples/dpo.py (whose recipe names the train_prefs split of a folder) runs on the repo's single
+    file with no split flag: a tiny real run (4 rows, 1 step); a split given for one file is refused
+    with the flag that fixes it."""
+    tok = tmp_path / "tok"
+    write_char_tokenizer(tok)
+    out = tmp_path / "dpo"
+    argv = ["--model", str(TINY_MODEL), "--tokenizer", str(tok), "--data", str(DPO_DATA), "--out", str(out),
+            "--limit", "4", "--max_steps", "1", "--global_batch_size", "2", "--micro_batch_size", "1",
+            "--max_length", "64", "--max_prompt_length", "32", "--save_steps", "0", "--progress", "false",
+            "--save_dtype", "float32"]
+    res = _run([str(REPO / "examples" / "dpo.py"), *argv], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [json.dumps({"run_dir": str(out), "models": [str(out / "iter0" / "model")]})]
+    assert (out / "iter0" / "model" / "model.safetensors").is_file()
+    record = json.loads((out / "config.json").read_text())
+    assert record["settings"]["split"] is None and record["settings"]["method"] == "dpo"
+    [it] = record["iterations"]  # the effective settings: DPO's recipe + what was given
+    assert (it["train"]["lr"], it["train"]["beta"], it["train"]["epochs"], it["train"]["max_steps"]) == \
+        (5e-7, 0.1, 1.0, 1)
+    assert "not the recipe's: max_steps 1 (recipe null)" in res.stderr
+    res = _run([str(REPO / "examples" / "dpo.py"), *argv, "--split", "train_prefs"], tmp_path)
+    assert res.returncode == 1
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"error: --data {DPO_DATA}: a split ('train_prefs') only chooses among the files of "
+                           "a folder, and this is one file: leave out --split"), line
+
+
+def test_bad_row_under_torchrun_is_printed_once(tmp_path):
+    """One bad row (line 15 of an UltraChat file lacks `messages`) under torchrun with 2 CPU ranks: one
+    'error:' line naming the file, the 1-based line and the right key; no rank prints a traceback (what
+    remains is torchrun's own failure block, which no rank can suppress)."""
+    tok = tmp_path / "tok"
+    write_char_tokenizer(tok)
+    rows = [{"prompt": f"q{i}", "prompt_id": str(i), "messages": [{"role": "user", "content": f"q{i}"},
+                                                                   {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(20)]
+    rows[14] = {"prompt": "q14", "prompt_id": "14"}
+    data = tmp_path / "ultrachat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "minispin",
+                "--model", str(TINY_MODEL), "--tokenizer", str(tok), "--data", str(data),
+                "--out", str(tmp_path / "run"), "--train.device", "cpu"], tmp_path)
+    assert res.returncode != 0
+    lines = res.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("error:")]
+    assert ours == [f"error: {data}: line 15: key 'messages': missing (format 'ultrachat')"], res.stderr[-3000:]
+    assert not [line for line in lines if re.search(r'File ".*minispin', line)], res.stderr[-3000:]
+    assert not [line for line in lines if line.startswith("[spin]")] and res.stdout == ""
+    torchrun = [line for line in lines if line not in ours]
+    print(f"{len(lines)} lines on stderr: 1 from minispin, {len(torchrun)} from torchrun's failure block")
+    assert len(torchrun) <= 45, res.stderr  # torchrun's block (its traceback + failure summary), nothing else
+    assert "ChildFailedError" in res.stderr
