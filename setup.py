@@ -23,6 +23,7 @@ setup(
         # a reference in tests.
         "chat": ["jinja2>=3.0"],
         "parquet": ["pyarrow>=12"],
-        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40"],
+        # protobuf: transformers reads a bare sentencepiece tokenizer.model only with it (a tokenizer test)
+        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "protobuf>=3.20"],
     },
 )

@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
+from . import distributed as dist
 from .io import atomic_replace_dir, recover_replaced_dir
 from .model import ModelConfig, Transformer, hf_key, our_key
 
@@ -258,6 +259,9 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         hf_config = config.to_hf()
+        float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(float_dtypes) == 1:  # record the dtype the weights are saved in (e.g. bf16 from fp32 masters)
+            hf_config["torch_dtype"] = str(float_dtypes.pop()).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
@@ -272,6 +276,7 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
+        dist.kill_point("stage_model")
         atomic_replace_dir(tmp, path)  # fsyncs, then renames into place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,7 @@ from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_fil
 from .log import Progress, print0
 from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
 from .sampler import GeneratedSequence, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
+from .tokenizer import check_tokenizer_fits
 
 log = logging.getLogger("minispin.generation_job")
 
@@ -163,6 +164,17 @@ def _encode_share(tokenizer: Any, share: list[Example], config: GenerationConfig
     return ok, skipped
 
 
+def _check_positions(encoded: list[tuple[Example, list[int]]], config: GenerationConfig, positions: int) -> None:
+    """Every rank: prompt + max_new_tokens must fit the model's positions (checked over all ranks' longest
+    prompts, so every rank raises the same error before any row is generated)."""
+    longest = max(((len(ids), e.index) for e, ids in encoded), default=(0, -1))
+    length, index = max(tuple(x) for x in dist.all_gather_json(list(longest)))
+    if length + config.max_new_tokens > positions:
+        raise ValueError(f"example index {index}: its prompt ({length} tokens) + max_new_tokens ({config.max_new_tokens}) "
+                         f"exceeds the model's {positions} positions (max_position_embeddings); lower "
+                         "--max_new_tokens or --max_prompt_length")
+
+
 def _job_settings(config: GenerationConfig, n_examples: int) -> dict:
     settings = {k: getattr(config, k) for k in _RESULT_KEYS}
     settings["examples"] = n_examples
@@ -199,6 +211,7 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         dist.barrier()
         return out_path
 
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     _check_template(tokenizer, config.template)
     examples, skipped = _load_examples(examples, config)
     examples = sorted(examples, key=lambda e: e.index)
@@ -220,6 +233,7 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         done |= writer.done
         todo = [e for e in share if e.index not in done]
         encoded, my_skipped = _encode_share(tokenizer, todo, config)
+        _check_positions(encoded, config, model.config.max_position_embeddings)
         _generate_rows(model, tokenizer, encoded, writer, config, rank, world)
 
     all_skipped = [s for per_rank in dist.all_gather_json(my_skipped) for s in per_rank]
