@@ -81,6 +81,14 @@ class GenerationConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature {self.temperature} (must be >= 0), top_p "
+                             f"{self.top_p} (in (0, 1]), top_k {self.top_k} (>= 0)")
+        for name in ("batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 
@@ -216,6 +224,9 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     examples, skipped = _load_examples(examples, config)
     examples = sorted(examples, key=lambda e: e.index)
     _check_unique(examples)
+    share = [e for p, e in enumerate(examples) if p % world == rank]
+    encoded, my_skipped = _encode_share(tokenizer, share, config)  # checked before anything is written
+    _check_positions(encoded, config, model.config.max_position_embeddings)
     error = _check_job_file(out_path, _job_settings(config, len(examples))) if rank == 0 else None
     error = dist.broadcast_json(error)
     if error:
@@ -228,13 +239,10 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     for part in part_files(out_path):
         if part != own_part:
             done.update(row["index"] for row in read_jsonl_part(part))
-    share = [e for p, e in enumerate(examples) if p % world == rank]
     with ChunkedJsonlWriter(own_part) as writer:
         done |= writer.done
-        todo = [e for e in share if e.index not in done]
-        encoded, my_skipped = _encode_share(tokenizer, todo, config)
-        _check_positions(encoded, config, model.config.max_position_embeddings)
-        _generate_rows(model, tokenizer, encoded, writer, config, rank, world)
+        todo = [(e, ids) for e, ids in encoded if e.index not in done]
+        _generate_rows(model, tokenizer, todo, writer, config, rank, world)
 
     all_skipped = [s for per_rank in dist.all_gather_json(my_skipped) for s in per_rank]
     dist.barrier()

@@ -40,9 +40,9 @@ class MergeError(ValueError):
 
 def with_path(error: OSError, path: str | os.PathLike) -> OSError:
     """The same OSError naming `path` (os.write / fsync errors such as disk full carry no file name)."""
-    if error.filename is not None:
+    if error.filename is not None or error.errno is None:  # named already, or a message of our own
         return error
-    what = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    what = (error.strerror or str(error)) + (" (disk full)" if error.errno == errno.ENOSPC else "")
     return type(error)(error.errno, f"{what} while writing {path}", str(path))
 
 

@@ -321,7 +321,7 @@ def changed_inputs(recorded: dict[str, dict[str, Any]], current: dict[str, dict[
         elif a is None:
             problems.append(f"{name}: new file")
         else:
-            problems.append(f"{name}: changed ({a['size']} -> {b['size']} bytes"
-                            f"{', same size, other content' if a['size'] == b['size'] else ''})")
+            size = f"same size, {a['size']} bytes" if a["size"] == b["size"] else f"{a['size']} -> {b['size']} bytes"
+            problems.append(f"{name}: changed ({size}, other content)")
     return problems
 

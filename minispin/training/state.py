@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from .. import distributed as dist
-from ..io import atomic_replace_dir, recover_replaced_dir
+from ..checkpoint import save_safetensors
+from ..io import atomic_replace_dir, recover_replaced_dir, with_path
 
 STATE_FORMAT = "minispin-train-state/1"
 _TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
@@ -93,14 +94,16 @@ def save_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
-            save_file(model_tensors, str(tmp / "model.safetensors"))
-            save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+            save_safetensors(model_tensors, tmp / "model.safetensors")
+            save_safetensors(optim_tensors, tmp / "optimizer.safetensors")
             meta["file_sizes"] = {name: (tmp / name).stat().st_size for name in _TENSOR_FILES}
             (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
             dist.kill_point("stage_train_state", step=int(state.get("step", 0)))
             atomic_replace_dir(tmp, path)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:
+                raise with_path(e, path) from e
             raise
     dist.barrier()
 
