@@ -22,7 +22,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from .io import atomic_replace_dir, recover_replaced_dir
+from . import distributed as dist
+from .io import atomic_replace_dir, recover_replaced_dir, with_path
 from .model import ModelConfig, Transformer, hf_key, our_key
 
 SAFETENSORS_DTYPES = {
@@ -289,6 +290,17 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with errors (e.g. disk full) that name the file being written."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except OSError as e:
+        raise with_path(e, file) from e
+    except Exception as e:  # safetensors' own error type, naming no file
+        raise OSError(f"cannot write {file}: {e}") from e
+
+
 def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                state_dict: dict[str, torch.Tensor] | None = None,
                extra_files: list[str | os.PathLike] = ()) -> Path:
@@ -320,22 +332,28 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         hf_config = config.to_hf()
+        float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(float_dtypes) == 1:  # record the dtype the weights are saved in (e.g. bf16 from fp32 masters)
+            hf_config["torch_dtype"] = str(float_dtypes.pop()).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata={"format": "pt"})
+            save_safetensors(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                save_safetensors(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({key: name for key in shard})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
+        dist.kill_point("stage_model")
         atomic_replace_dir(tmp, path)  # fsyncs, then renames into place
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise with_path(e, path) from e
         raise
     return path

@@ -92,6 +92,21 @@ class TokenizedPair:
         return max(len(p) + len(a) for p, a in self.rows)
 
 
+@dataclass
+class TruncationReport:
+    """How many pairs `tokenize_pairs` cut: prompts cut to max_prompt_length, answers cut to
+    max_length - max_prompt_length (a pair may count in both)."""
+    pairs: int = 0
+    prompts_cut: int = 0
+    answers_cut: int = 0
+    pairs_cut: int = 0  # pairs with any cut
+
+    def describe(self, max_length: int, max_prompt_length: int) -> str:
+        return (f"{self.pairs_cut} of {self.pairs} pairs truncated at max_length {max_length} "
+                f"({self.prompts_cut} prompts cut to max_prompt_length {max_prompt_length}, "
+                f"{self.answers_cut} pairs' answers cut to {max_length - max_prompt_length} tokens)")
+
+
 def truncate(prompt_ids: list[int], answers: list[list[int]], max_length: int, max_prompt_length: int,
              bos_id: int | None = None) -> tuple[list[int], list[list[int]]]:
     """The paper's truncation: keep the prompt's END (and a leading BOS), then cut answers if needed."""
@@ -173,10 +188,10 @@ def tokenize_answer(tokenizer: Any, prompt: list[dict[str, str]], answer: str, t
 
 def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | None = None,
                    max_length: int = 1024, max_prompt_length: int = 512,
-                   vocab_size: int | None = None) -> list[TokenizedPair]:
+                   vocab_size: int | None = None, report: TruncationReport | None = None) -> list[TokenizedPair]:
     """Tokenize (`tokenize_answer`) and truncate every pair (see the module doc). vocab_size: refuse token
     ids the model cannot embed, naming the pair (a tokenizer/model mismatch would otherwise fail deep
-    inside a kernel)."""
+    inside a kernel). report: filled with how many prompts / answers were cut."""
     bos = getattr(tokenizer, "bos_id", None)
     out = []
     for pair in pairs:
@@ -191,6 +206,13 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
             raise ValueError(f"pair {pair.index}: the prompt encodes to no tokens")
         answers = [a for _, a in rows]
         cut = [truncate(p, answers, max_length, max_prompt_length, bos) for p, _ in rows]
+        if report is not None:
+            p_cut = any(len(c[0]) < len(p) for c, (p, _) in zip(cut, rows))
+            a_cut = any(c[1] != answers for c in cut)
+            report.pairs += 1
+            report.prompts_cut += p_cut
+            report.answers_cut += a_cut
+            report.pairs_cut += p_cut or a_cut
         prompts = [c[0] for c in cut]
         rejected_prompt = prompts[1] if len(rows) > 1 and prompts[1] != prompts[0] else None
         tp = TokenizedPair(pair.index, prompts[0], cut[0][1][0], cut[1][1][1] if len(rows) > 1 else None,

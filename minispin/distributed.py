@@ -7,6 +7,9 @@ Launch modes:
   `init_distributed(single_process_group=True)` starts a one-rank nccl group on an in-memory store, so
   the training loop can run the very same FSDP2 mixed-precision path on one GPU as on eight.
 
+Under torchrun each rank also ends when its launcher dies (`exit_with_parent`): torchrun starts every
+rank in a session of its own, so a kill -9 of torchrun or of its process group would not reach them.
+
 Also: rank/world/is_main/barrier, a seed helper, all-gather of picklable-free Python data (JSON), and
 the `MINISPIN_TEST_KILL_AT` hook with which the tests kill -9 a run at a chosen point.
 """
@@ -17,6 +20,9 @@ import json
 import os
 import random
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +88,8 @@ def init_distributed(device: str | torch.device | None = None, *,
     device: "cuda" / "cpu" / None (CUDA when available). single_process_group: without torchrun, still
     start a one-rank group (nccl on CUDA, gloo on CPU) so FSDP2 can be used - the path we take on GPU.
     """
+    if launched_by_torchrun():
+        exit_with_parent()
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -102,6 +110,32 @@ def init_distributed(device: str | torch.device | None = None, *,
         backend = None
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched_by_torchrun() else 0
     return DistInfo(get_rank(), get_world_size(), local_rank, dev, backend, created)
+
+
+_PARENT_WATCH: list[int] = []  # the parent pid being watched (once per process)
+
+
+def exit_with_parent(poll_s: float = 0.2) -> None:
+    """End this process (exit status 1) within `poll_s` seconds of its parent's death: a daemon thread
+    compares os.getppid() with the parent at the time of the call (the kernel re-parents an orphan, so the
+    pid changes exactly when the parent is gone). For ranks under torchrun, whose launcher may be killed
+    with SIGKILL and cannot pass it on. Idempotent."""
+    if _PARENT_WATCH:
+        return
+    parent = os.getppid()
+    _PARENT_WATCH.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        try:
+            print(f"[minispin] rank {os.environ.get('RANK', '?')}: the launcher (pid {parent}) is gone; "
+                  "exiting", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr was the dead launcher's pipe
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="minispin-exit-with-parent", daemon=True).start()
 
 
 def shutdown(info: DistInfo | None = None) -> None:
@@ -152,7 +186,8 @@ def kill_point(phase: str, **counters: int) -> None:
     matches "<phase>[:<counter>=<value>][@rank=<r>]". The points, each right after its work is durable:
     "generate:rows=N" (generation job chunk), "judge:rows=N" (judge score cache chunk),
     "reference:batch=B" (reference pass batch), "train:step=S" (optimizer step, after any checkpoint),
-    "save:iteration=T" (iteration model saved). A real kill -9 (no cleanup, no atexit); never set in
+    "save:iteration=T" (iteration model saved); and inside saves, with the temp folder written but not yet
+renamed into place: "stage_train_state:step=S" (train state) and "stage_model" (HF model folder). A real kill -9 (no cleanup, no atexit); never set in
     normal runs.
     """
     spec = os.environ.get(KILL_ENV)

@@ -14,11 +14,15 @@ For t = 0..T-1 (iteration t starts from theta_t: the input model for t = 0, else
 4. train (`minispin.training.train`) -> <run>/iter<t>/metrics.jsonl, resumable <run>/iter<t>/train_state/
 5. save theta_{t+1} as an HF safetensors folder (+ tokenizer files) -> <run>/iter<t>/model/
 
-Resume: every phase's output is written atomically and marks the phase as done; generation and the
-reference pass keep resumable part files; training keeps a checkpoint every `train.save_steps` steps.
-After a kill -9 at any point the same command continues (on CPU it ends with the same weights as an
-uninterrupted run). <run>/state.json says where the run is; <run>/config.json is the config it started
-with (a resumed run with a different config is refused, naming the changed options).
+Resume: every phase's output is written atomically; a phase is done when the sizes and digests of its
+files recorded in <iter>/phases.json still match (a damaged output is refused, naming the file);
+generation and the reference pass keep resumable part files; training keeps a checkpoint every
+`train.save_steps` steps. After a kill -9 at any point the same command continues (on CPU it ends with
+the same weights as an uninterrupted run). <run>/state.json says where the run is; <run>/config.json is
+the config it started with (a resumed run with a different config is refused, naming the changed
+options); <run>/inputs.json fingerprints the data files (a resume over changed data is refused).
+One job at a time: the run directory is locked (<run>/.lock) for the whole job, and temp files of
+interrupted writes are removed when a job starts (`minispin.runs`).
 
 Methods plug in at one seam: a `Method` names whether it needs generation, the loss family of
 TrainConfig ("spin" pairwise / "sft"), and its pair builder `(examples, config) -> list[Pair]`; optionally
@@ -43,7 +47,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from . import distributed as dist
-from .checkpoint import load_model
+from .checkpoint import load_config, load_model
 from .collate import Pair
 from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, to_dict, winner
 from .config import replace as replace_config
@@ -51,10 +55,11 @@ from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
 from .log import UserError, print0, warn0
-from .runs import (changed_settings, check_manifest, describe_changes, metrics_summary, read_manifest,
-                   read_metrics, write_manifest)
+from .runs import (PHASES_NAME, RunError, changed_inputs, changed_settings, check_manifest, describe_changes,
+                   fingerprint_inputs, lock_run, metrics_summary, phase_done, read_manifest, read_metrics,
+                   record_phase, remove_temp_files, write_manifest)
 from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_counts, get_method, register_method
-from .tokenizer import load_tokenizer
+from .tokenizer import check_tokenizer_fits, load_tokenizer
 from .training import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
@@ -67,6 +72,9 @@ _IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "tr
                       "generation.chunk_size", "generation.keep_parts", "train.save_steps",
                       "train.reference_batch_size", "keep_train_state", "judge.timeout_s",
                       "judge.prompts_per_call")
+
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @records_given
@@ -124,6 +132,9 @@ class SpinConfig:
                                             or not all(isinstance(d, dict) for d in self.iterations)):
             raise ConfigError("iterations must be a list of per-iteration setting objects, e.g. "
                               '[{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}]')
+        for name in ("save_dtype", "generation_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ConfigError(f"{name} must be one of {', '.join(_DTYPES)}, got {getattr(self, name)!r}")
         if self.num_iterations is not None and self.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {self.num_iterations}")
         if self.max_prompt_length < 1:
@@ -291,8 +302,10 @@ def _iter_dir(run: Path, t: int) -> Path:
     return run / f"iter{t}"
 
 
-def _check_run_config(run: Path, config: SpinConfig) -> None:
-    """Rank 0: record the config of a new run, or compare with the config the run started with."""
+def _check_run_config(run: Path, config: SpinConfig) -> dict[str, Any] | None:
+    """Rank 0: record the config of a new run, or compare with the config the run started with. A config
+    changed under --allow_config_change is returned (not written): the caller records it once the resumed
+    work has passed its own checks, so a refused resume leaves config.json as it was."""
     path = run / "config.json"
     current = run_record(config)
     # what must match is the EFFECTIVE settings: where a value came from ("given") may differ (a run's own
@@ -307,11 +320,32 @@ def _check_run_config(run: Path, config: SpinConfig) -> None:
             changed |= {f"iterations[{t}].{k}": v for k, v in
                         changed_settings(old, new, allowed=per_iteration).items()}
     if changed:
-        started = any(run.glob("iter*"))  # nothing done yet (e.g. the data was refused): take the new config
-        if started and not config.allow_config_change:
+        if _started(run) and not config.allow_config_change:
             raise ConfigError(f"{run} holds a run started with a different config ({describe_changes(changed, 8)}). "
                              "Use the same options to resume, another --output_dir, or --allow_config_change true")
-        write_manifest(path, current)
+        if _started(run):
+            return current
+        write_manifest(path, current)  # nothing done yet (e.g. the data was refused): take the new config
+    return None
+
+
+def _started(run: Path) -> bool:
+    return any(run.glob("iter*"))
+
+
+def _check_run_inputs(run: Path, config: SpinConfig) -> None:
+    """Rank 0: fingerprint the data files (size + digest) when the run starts; a resume over changed data
+    is refused naming the files (a new run, or one refused before any work, records the new data)."""
+    path = run / "inputs.json"
+    current = fingerprint_inputs([config.data])
+    recorded = read_manifest(path)
+    if recorded is not None and _started(run):
+        problems = changed_inputs(recorded.get("data", {}), current)
+        if problems:
+            raise RunError(f"{run} was started on other data: {'; '.join(problems[:5])}. Restore the data the "
+                           "run started with, or start a new run with another --output_dir")
+        return
+    atomic_write_json(path, {"data": current})
 
 
 def _write_state(run: Path, **state: Any) -> None:
@@ -319,9 +353,34 @@ def _write_state(run: Path, **state: Any) -> None:
         atomic_write_json(run / "state.json", state)
 
 
-def _model_done(path: Path) -> bool:
-    recover_replaced_dir(path)
-    return (path / "config.json").is_file()
+def _phase_done(it: Path, phase: str) -> bool:
+    """Every rank: whether rank 0 finds `phase` of iteration folder `it` recorded done with matching
+    files (`minispin.runs.phase_done`; damaged outputs raise RunError on every rank)."""
+    done, error = False, None
+    if dist.is_main():
+        if phase == "model":
+            recover_replaced_dir(it / "model")
+        try:
+            done = phase_done(it, phase)
+        except RunError as e:
+            error = str(e)
+    done, error = dist.broadcast_json([done, error])
+    if error:
+        raise RunError(error)
+    return done
+
+
+def _record_phase(it: Path, phase: str, *outputs: Path) -> None:
+    if dist.is_main():
+        record_phase(it, phase, outputs)
+    dist.barrier()
+
+
+def _record_new_phase(it: Path, phase: str, output: Path) -> None:
+    """Rank 0: record `phase` with its file when the file exists and the phase is not recorded yet."""
+    if dist.is_main() and output.is_file() and phase not in (read_manifest(it / PHASES_NAME) or {}):
+        record_phase(it, phase, [output])
+    dist.barrier()
 
 
 def _free_memory() -> None:
@@ -367,9 +426,19 @@ def spin(config: SpinConfig) -> SpinResult:
     info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
                                  and (config.train.device or "cuda").startswith("cuda"))
     run = Path(config.output_dir)
+    lock = None
     try:
-        _start_run(run, config)
+        lock = lock_run(run)
+        pending = _start_run(run, config)
+
+        def record_config() -> None:  # a config changed under --allow_config_change, once its work starts
+            nonlocal pending
+            if pending is not None and dist.is_main():
+                write_manifest(run / "config.json", pending)
+            pending = None
+
         tokenizer = load_tokenizer(config.tokenizer or config.model)
+        check_tokenizer_fits(tokenizer, load_config(config.model).vocab_size, config.model)
         examples = _read_data(config, method)
         _log(f"{len(examples)} examples from {config.data}; method {method.name}; "
              f"{config.total_iterations} iteration(s); world size {info.world_size}")
@@ -380,7 +449,7 @@ def spin(config: SpinConfig) -> SpinResult:
         for t, (train_cfg, gen_cfg, spin_kw) in enumerate(schedule):
             it = _iter_dir(run, t)
             final = it / "model"
-            if dist.all_ranks_true(_model_done(final)):
+            if _phase_done(it, "model"):
                 _log(f"iteration {t}: done earlier ({final})")
                 _cleanup_train_state(it, config)
                 models.append(final)
@@ -391,8 +460,11 @@ def spin(config: SpinConfig) -> SpinResult:
             if dist.is_main():
                 it.mkdir(parents=True, exist_ok=True)
 
-            def on_phase(phase: str, _t=t) -> None:
+            def on_phase(phase: str, _t=t, _it=it) -> None:
                 _write_state(run, iteration=_t, phase=phase, model=str(current), models=[str(m) for m in models])
+                if phase == "train":  # the reference pass is complete and training passed its resume checks
+                    record_config()
+                    _record_new_phase(_it, "reference", _it / "reference_logps.jsonl")
 
             current_examples = _iteration_examples(run, t, config, method, examples, current, tokenizer, gen_cfg,
                                                    info.device, on_phase)
@@ -402,9 +474,11 @@ def spin(config: SpinConfig) -> SpinResult:
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
                  f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(config, t)}")
 
+            _phase_done(it, "reference")  # a damaged reference file is refused, not trained on
             result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
             on_phase("save")
             save_trained_model(result.policy, final, tokenizer=tokenizer, dtype=_save_dtype(config))
+            _record_phase(it, "model", final)
             del result
             _free_memory()
             _cleanup_train_state(it, config)
@@ -413,10 +487,13 @@ def spin(config: SpinConfig) -> SpinResult:
             current = final
             _log(f"iteration {t}: saved {final}")
             summaries.append(_write_summary(it, t, method.name, len(pairs), time.perf_counter() - t0, final))
+        record_config()
         _write_state(run, iteration=len(schedule), phase="done", models=[str(m) for m in models])
         _write_run_summary(run, summaries)
         return SpinResult(run, models)
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown(info)
 
 
@@ -519,18 +596,25 @@ def _check_inputs(config: SpinConfig) -> SpinConfig:
     return config
 
 
-def _start_run(run: Path, config: SpinConfig) -> None:
-    """Every rank: the run folder exists and its config.json is this config's (or the resume is refused)."""
-    error = None
+def _start_run(run: Path, config: SpinConfig) -> dict[str, Any] | None:
+    """Every rank, holding the run's lock: temp files of interrupted writes removed; the run's config.json
+    and data fingerprints are this run's (or the resume is refused and nothing is written). Returns a
+    config changed under --allow_config_change, to be recorded once the work starts."""
+    error, pending = None, None
     if dist.is_main():
-        run.mkdir(parents=True, exist_ok=True)
+        removed = remove_temp_files(run)
+        if removed:
+            _log(f"removed {len(removed)} temp file(s) of interrupted writes: "
+                 f"{', '.join(str(p.relative_to(run)) for p in removed[:5])}{' ...' if len(removed) > 5 else ''}")
         try:
-            _check_run_config(run, config)
+            pending = _check_run_config(run, config)
+            _check_run_inputs(run, config)
         except UserError as e:
-            error = str(e)
+            error = [type(e).__name__, str(e)]
     error = dist.broadcast_json(error)
     if error:
-        raise ConfigError(error)
+        raise (RunError if error[0] == "RunError" else ConfigError)(error[1])
+    return pending
 
 
 def _read_data(config: SpinConfig, method: Method) -> list:
@@ -553,14 +637,17 @@ def _iteration_examples(run: Path, t: int, config: SpinConfig, method: Method, e
     the method generates, else the data's records."""
     if not (method.needs_generation and config.generate):
         return list(examples)
-    gen_path = _iter_dir(run, t) / "generated.jsonl"
+    it = _iter_dir(run, t)
+    gen_path = it / "generated.jsonl"
     on_phase("generate")
-    if not dist.all_ranks_true(gen_path.is_file()):
-        _log(f"iteration {t}: generating with {current}")
-        gen_model = load_model(current, dtype=_generation_dtype(config, device), device=device)
-        run_generation_job(gen_model, tokenizer, list(examples), gen_path, gen_cfg)
-        del gen_model
-        _free_memory()
+    if not _phase_done(it, "generate"):
+        if not dist.all_ranks_true(gen_path.is_file()):
+            _log(f"iteration {t}: generating with {current}")
+            gen_model = load_model(current, dtype=_generation_dtype(config, device), device=device)
+            run_generation_job(gen_model, tokenizer, list(examples), gen_path, gen_cfg)
+            del gen_model
+            _free_memory()
+        _record_phase(it, "generate", gen_path)
     return _read_generated(gen_path, config, f"iter{t}")
 
 
@@ -576,6 +663,7 @@ def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, curr
     mix = spin_kw.get("mix_previous", config.mix_previous)
     if mix and t > 0 and generates:
         prev = _iter_dir(run, t - 1) / "generated.jsonl"
+        _phase_done(prev.parent, "generate")  # damaged: refused, naming the file
         if not prev.is_file():
             raise FileNotFoundError(f"iteration {t} mixes in the previous iteration's data, but {prev} "
                                     "is missing")

@@ -25,6 +25,7 @@ import torch
 from . import distributed as dist
 from .collate import tokenize_answers
 from .sampler import completion_text, encode_prompt, generate_tokens, tokenizer_stop_ids, truncate_prompt
+from .tokenizer import check_tokenizer_fits
 
 __all__ = ["exact_match", "exact_match_per_question", "mean_logprob", "greedy_answers", "answer_logprobs",
            "example_parts"]
@@ -79,6 +80,7 @@ def greedy_answers(model: Any, tokenizer: Any, examples: Sequence[Any], template
 
     max_new_tokens None: the longest real answer in tokens + 8 (room to be wrong, and a correct answer
     must have stopped by then)."""
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     parts = [example_parts(e) for e in examples]
     mine = _shard(len(parts), distributed)
     if max_new_tokens is None:
@@ -137,6 +139,7 @@ def answer_logprobs(model: Any, tokenizer: Any, examples: Sequence[Any], templat
     (Triton on CUDA, chunked fp32 torch on CPU; never the full [tokens, vocab] logits)."""
     from minispin.kernels import linear_logprobs
 
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     eos = tokenizer.eos_id
     if eos is None:
         raise ValueError("answer_logprobs: the tokenizer has no EOS token")

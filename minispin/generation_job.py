@@ -42,6 +42,7 @@ from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_fil
 from .log import Progress, print0
 from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
 from .sampler import GeneratedSequence, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
+from .tokenizer import check_tokenizer_fits
 
 log = logging.getLogger("minispin.generation_job")
 
@@ -82,6 +83,14 @@ class GenerationConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling settings: temperature {self.temperature} (must be >= 0), top_p "
+                             f"{self.top_p} (in (0, 1]), top_k {self.top_k} (>= 0)")
+        for name in ("batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 
@@ -165,6 +174,17 @@ def _encode_share(tokenizer: Any, share: list[Example], config: GenerationConfig
     return ok, skipped
 
 
+def _check_positions(encoded: list[tuple[Example, list[int]]], config: GenerationConfig, positions: int) -> None:
+    """Every rank: prompt + max_new_tokens must fit the model's positions (checked over all ranks' longest
+    prompts, so every rank raises the same error before any row is generated)."""
+    longest = max(((len(ids), e.index) for e, ids in encoded), default=(0, -1))
+    length, index = max(tuple(x) for x in dist.all_gather_json(list(longest)))
+    if length + config.max_new_tokens > positions:
+        raise ValueError(f"example index {index}: its prompt ({length} tokens) + max_new_tokens ({config.max_new_tokens}) "
+                         f"exceeds the model's {positions} positions (max_position_embeddings); lower "
+                         "--max_new_tokens or --max_prompt_length")
+
+
 def _job_settings(config: GenerationConfig, n_examples: int) -> dict:
     settings = {k: getattr(config, k) for k in _RESULT_KEYS}
     settings["examples"] = n_examples
@@ -201,10 +221,14 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         dist.barrier()
         return out_path
 
+    check_tokenizer_fits(tokenizer, model.config.vocab_size)
     _check_template(tokenizer, config.template)
     examples, skipped = _load_examples(examples, config)
     examples = sorted(examples, key=lambda e: e.index)
     _check_unique(examples)
+    share = [e for p, e in enumerate(examples) if p % world == rank]
+    encoded, my_skipped = _encode_share(tokenizer, share, config)  # checked before anything is written
+    _check_positions(encoded, config, model.config.max_position_embeddings)
     error = _check_job_file(out_path, _job_settings(config, len(examples))) if rank == 0 else None
     error = dist.broadcast_json(error)
     if error:
@@ -217,12 +241,10 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
     for part in part_files(out_path):
         if part != own_part:
             done.update(row["index"] for row in read_jsonl_part(part))
-    share = [e for p, e in enumerate(examples) if p % world == rank]
     with ChunkedJsonlWriter(own_part) as writer:
         done |= writer.done
-        todo = [e for e in share if e.index not in done]
-        encoded, my_skipped = _encode_share(tokenizer, todo, config)
-        _generate_rows(model, tokenizer, encoded, writer, config, rank, world)
+        todo = [(e, ids) for e, ids in encoded if e.index not in done]
+        _generate_rows(model, tokenizer, todo, writer, config, rank, world)
 
     all_skipped = [s for per_rank in dist.all_gather_json(my_skipped) for s in per_rank]
     dist.barrier()

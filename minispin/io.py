@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,14 @@ class MergeError(ValueError):
 
 
 # ----------------------------------------------------------------------------- atomic files
+
+def with_path(error: OSError, path: str | os.PathLike) -> OSError:
+    """The same OSError naming `path` (os.write / fsync errors such as disk full carry no file name)."""
+    if error.filename is not None or error.errno is None:  # named already, or a message of our own
+        return error
+    what = (error.strerror or str(error)) + (" (disk full)" if error.errno == errno.ENOSPC else "")
+    return type(error)(error.errno, f"{what} while writing {path}", str(path))
+
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory so that a rename or a new file in it survives a power loss."""
@@ -67,13 +76,15 @@ def _atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) ->
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if fd >= 0:
             os.close(fd)
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None:
+            raise with_path(e, path) from e
         raise
     fsync_dir(path.parent)
 
@@ -301,11 +312,13 @@ class ChunkedJsonlWriter:
             while data:
                 data = data[os.write(self._fd, data):]
             os.fsync(self._fd)
-        except BaseException:  # e.g. disk full: cut the half chunk off so the file stays clean
+        except BaseException as e:  # e.g. disk full: cut the half chunk off so the file stays clean
             try:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 pass
+            if isinstance(e, OSError):
+                raise with_path(e, self.path) from e
             raise
         self._size += n_bytes
         self.done |= keys

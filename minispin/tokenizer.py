@@ -686,3 +686,15 @@ def load_tokenizer(path: str | os.PathLike, backend: str | None = None) -> Token
     folder, tokenizer_file, kind = _find_files(path, backend)
     cls = HFTokenizersTokenizer if kind == "tokenizers" else SentencePieceTokenizer
     return cls(path, folder, tokenizer_file)
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, model: Any = "the model") -> None:
+    """Refuse a tokenizer whose ids reach past the model's vocabulary (checked when both are loaded, so a
+    mismatch stops a run before any work instead of deep inside the first generation or training step).
+    A model vocabulary padded past the tokenizer's is fine."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        source = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+        raise ValueError(f"tokenizer {source} and model {model} do not match: the tokenizer has {size} tokens "
+                         f"but the model's vocabulary has {vocab_size} (ids >= {vocab_size} cannot be embedded); "
+                         "use the tokenizer the model was trained with (--tokenizer, default: the model folder)")

@@ -183,7 +183,9 @@ def test_generation_job_rows_carry_the_sampled_ids_into_training(zephyr, tmp_pat
     examples = [Example(index=i, prompt=PROMPT, real="Hello world.", generated=None, source="x") for i in range(2)]
     monkeypatch.setattr(generation_job, "iter_generate_tokens",
                         _fake_sampler({(0, 0): odd, (0, 1): plain, (1, 0): plain, (1, 1): odd}))
-    model = SimpleNamespace(config=SimpleNamespace(eos_token_id=eos))
+    # the job checks the tokenizer against the model's vocabulary and positions before it generates
+    model = SimpleNamespace(config=SimpleNamespace(eos_token_id=eos, vocab_size=len(zephyr),
+                                                   max_position_embeddings=2048))
     out = run_generation_job(model, zephyr, examples, tmp_path / "generated.jsonl",
                              GenerationConfig(num_samples=2, progress=False))
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -1,5 +1,6 @@
 """The generation job: SPIN rows in source order, K samples, exactly-once after a kill -9, 2 ranks ==
 1 rank, malformed rows reported, settings guard, a finished file means done."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -202,3 +203,17 @@ def test_malformed_rows_are_reported_and_skipped_or_refused(model, tokenizer, tm
     out = run_generation_job(model, tokenizer, read_examples(data, on_error="skip"), tmp_path / "k.jsonl",
                              GenerationConfig(**SETTINGS))
     assert [s["index"] for s in read_jsonl(tmp_path / "k.jsonl.skipped.jsonl")] == [1]
+
+
+def test_tokenizer_and_positions_are_checked_before_any_row(model, tokenizer, tmp_path):
+    """A model whose vocabulary the tokenizer overruns, or prompt + max_new_tokens past the model's
+    positions: refused before generation starts (no part file written)."""
+    small = Transformer(dataclasses.replace(model.config, vocab_size=tokenizer.vocab_size - 1)).eval()
+    out = tmp_path / "gen.jsonl"
+    with pytest.raises(ValueError, match=f"do not match: the tokenizer has {len(tokenizer)} tokens but the "
+                                         f"model's vocabulary has {tokenizer.vocab_size - 1}"):
+        run_generation_job(small, tokenizer, ALPACA, out, GenerationConfig(**SETTINGS))
+    with pytest.raises(ValueError, match=r"prompt \([0-9]+ tokens\) \+ max_new_tokens \(500\) exceeds the model's "
+                                         "512 positions"):
+        run_generation_job(model, tokenizer, ALPACA, out, GenerationConfig(**dict(SETTINGS, max_new_tokens=500)))
+    assert list(tmp_path.iterdir()) == []

@@ -351,3 +351,24 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         assert r["generated"] == expected_payload(r["index"])
     report = merge_parts([path], tmp_path / "gen.jsonl", expected_keys=set(range(n)))
     assert report.rows == n and report.duplicates_dropped == 0 and report.torn_bytes_ignored == 0
+
+
+def test_disk_full_errors_name_the_file_being_written(tmp_path, monkeypatch):
+    """ENOSPC from os.write / fsync carries no file name; the error says which file was being written
+    (os.write and os.fsync are patched: filling a real disk is not possible in a test)."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    part = tmp_path / "gen.jsonl.part-00000-of-00001.jsonl"
+    with ChunkedJsonlWriter(part) as writer:
+        monkeypatch.setattr(os, "write", full)
+        with pytest.raises(OSError, match=f"No space left on device \\(disk full\\) while writing {part}") as err:
+            writer.write_rows([{"index": 0}])
+        monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(part)
+    assert part.read_bytes() == b""  # the half chunk was cut off
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=f"\\(disk full\\) while writing {tmp_path / 'state.json'}"):
+        atomic_write_json(tmp_path / "state.json", {"step": 1})
+    monkeypatch.undo()
+    assert listdir(tmp_path) == [part.name]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from minispin.config import ConfigError
 from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, run_record, spin
 from minispin.errors import UserError
 from minispin.training import TrainConfig
+from minispin.runs import RunError, temp_files
 from tiny import VOCAB_SIZE, tiny_config, write_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,13 +55,36 @@ def _argv(model_dir: Path, data: Path, out: Path) -> list[str]:
             "--progress", "false", "--device", "cpu"]
 
 
-def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+def _env(kill_at: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True,
+    return env
+
+
+def _run_cli(argv: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minispin", *argv], env=_env(kill_at), capture_output=True,
                           text=True, timeout=300)
+
+
+def _one_iteration(argv: list[str]) -> list[str]:
+    """The same run cut to its first iteration (same settings, so the same iteration-0 model)."""
+    argv = list(argv)
+    argv[argv.index("--iterations") + 1] = '[{"lr": 1e-3, "beta": 0.1}]'
+    return argv
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    w_a, w_b = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return w_a.keys() == w_b.keys() and all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def _wait_for(condition, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +169,14 @@ def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrup
     assert state["phase"] == "train"
     assert json.loads((out / "iter0" / "train_state" / "trainer_state.json").read_text())["step"] == 2
 
+    # kills inside saves (temp folder written, not renamed yet) leave temp folders; the next start removes them
+    killed("stage_train_state:step=4")
+    assert [p.name.startswith(".train_state.tmp-") for p in temp_files(out)] == [True]
+    killed("stage_model")
+    assert [p.name.startswith(".model.tmp-") for p in temp_files(out)] == [True]  # the earlier one is gone
+    assert not (out / "iter0" / "model").exists()
+    assert (out / ".lock").is_file()  # the lock file of a killed job stays and blocks nobody
+
     state = killed("save:iteration=0")
     assert state["phase"] == "save" and (out / "iter0" / "model" / "config.json").exists()
 
@@ -151,6 +186,7 @@ def test_resume_after_kill_in_every_phase_matches_uninterrupted(base, uninterrup
     res = _run_cli(argv)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((out / "state.json").read_text())["phase"] == "done"
+    assert temp_files(out) == [] and not list(out.rglob("*.tmp*"))
     for t in (0, 1):
         for name in ("generated.jsonl", "reference_logps.jsonl", "metrics.jsonl"):
             a = [json.loads(x) for x in (uninterrupted / f"iter{t}" / name).read_text().splitlines()]
@@ -280,3 +316,186 @@ def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
         spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
                         train=cpu))
+
+
+# ----------------------------------------------------------------------------- run-directory integrity
+
+def test_second_job_into_a_run_dir_is_refused_at_once_and_the_first_is_untouched(base, uninterrupted):
+    """Job A holds the run directory (stopped with SIGSTOP right after taking the lock, so the test does
+    not race it); job B into the same --output_dir, with another beta, stops at once naming A's pid and
+    host; A then finishes with the same model as an uninterrupted run."""
+    root, model_dir, data = base
+    out = root / "run-locked"
+    argv = _one_iteration(_argv(model_dir, data, out))
+    first = subprocess.Popen([sys.executable, "-m", "minispin", *argv], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def holder():
+            try:
+                return json.loads((out / ".lock").read_text())["pid"] == first.pid
+            except (OSError, ValueError, KeyError):
+                return False
+        _wait_for(holder, what="job A's lock")
+        os.kill(first.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        other = list(argv)
+        other[other.index("--iterations") + 1] = '[{"lr": 1e-3, "beta": 0.3}]'
+        second = _run_cli(other)
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode != 0
+    assert "is in use by another job" in second.stderr and f"pid {first.pid} on host {socket.gethostname()}" \
+        in second.stderr, second.stderr[-2000:]
+    assert elapsed < 60  # at once: no waiting for A (the bulk of it is starting Python and torch)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert json.loads(stdout.splitlines()[-1])["models"] == [str(out / "iter0" / "model")]
+    assert _same_weights(out / "iter0" / "model", uninterrupted / "iter0" / "model")
+    assert json.loads((out / "config.json").read_text())["iterations"][0]["train"]["beta"] == 0.1
+
+
+def _alive_pids(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):  # a zombie has exited (nobody reaped it yet)
+            alive.append(pid)
+    return alive
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_of_the_torchrun_process_group_leaves_no_rank_running(base, tmp_path):
+    """A real 2-rank torchrun run (CPU, gloo): SIGKILL to torchrun's process group mid-run (the ranks run
+    in sessions of their own, so the signal does not reach them); a few seconds later no rank is alive."""
+    root, model_dir, data = base
+    out = tmp_path / "run-torchrun"
+    argv = _one_iteration(_argv(model_dir, data, out))
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "minispin", *argv], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: (out / "state.json").is_file() or launcher.poll() is not None, what="the run to start")
+        assert launcher.poll() is None, "the run ended before the test could kill it"
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2 and all(os.getsid(r) != os.getsid(launcher.pid) for r in ranks)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    deadline = time.monotonic() + 5
+    while _alive_pids(ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    still = _alive_pids(ranks)
+    for pid in still:  # do not leave them behind when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not still, f"ranks {still} still running 5 s after the launcher was killed"
+
+
+def test_damaged_final_weights_are_detected_on_resume(uninterrupted, base, tmp_path):
+    """A finished run whose model weights were cut to 1000 bytes, or deleted, is not "done earlier": the
+    resume stops naming the file."""
+    from minispin.cli import parse_config
+    _, model_dir, data = base
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    weights = out / "iter1" / "model" / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(RunError, match=f"{weights}: 1000 bytes, recorded [0-9]+"):
+        spin(parse_config(SpinConfig, _argv(model_dir, data, out)))
+    (out / "iter0" / "model" / "model.safetensors").unlink()
+    with pytest.raises(RunError, match=f"{out / 'iter0' / 'model' / 'model.safetensors'}: missing"):
+        spin(parse_config(SpinConfig, _argv(model_dir, data, out)))
+
+
+def test_an_edited_data_file_is_refused_on_resume(base, tmp_path):
+    """kill -9 in generation, edit the data file, resume: refused naming the file (before, 4 old and 6 new
+    rows were mixed into generated.jsonl); the original data resumes."""
+    from minispin.cli import parse_config
+    _, model_dir, data = base
+    edited = tmp_path / "sft.jsonl"
+    shutil.copy(data, edited)
+    out = tmp_path / "run"
+    argv = _one_iteration(_argv(model_dir, edited, out))
+    res = _run_cli(argv, kill_at="generate:rows=4")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    original = edited.read_bytes()
+    edited.write_text(original.decode().replace("What is", "Compute", 3))
+    with pytest.raises(RunError, match=f"started on other data: {edited.resolve()}: changed"):
+        spin(parse_config(SpinConfig, argv))
+    assert not (out / "iter0" / "generated.jsonl").exists()
+    edited.write_bytes(original)
+    assert spin(parse_config(SpinConfig, argv)).final_model == out / "iter0" / "model"
+
+
+def test_a_refused_config_change_leaves_config_json_byte_identical(base, tmp_path):
+    """Killed mid-training, then resumed with another lr: refused without --allow_config_change, and with
+    it refused by the train state (saved with the other lr); config.json is the same bytes after both."""
+    from minispin.cli import parse_config
+    _, model_dir, data = base
+    out = tmp_path / "run"
+    argv = _one_iteration(_argv(model_dir, data, out))
+    res = _run_cli(argv, kill_at="train:step=3")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    before = (out / "config.json").read_bytes()
+    other = list(argv)
+    other[other.index("--iterations") + 1] = '[{"lr": 2e-3, "beta": 0.1}]'
+    with pytest.raises(ValueError, match="different config"):
+        spin(parse_config(SpinConfig, other))
+    assert (out / "config.json").read_bytes() == before
+    with pytest.raises(ValueError, match="train_state: saved by a run with other settings"):
+        spin(parse_config(SpinConfig, other + ["--allow_config_change", "true"]))
+    assert (out / "config.json").read_bytes() == before
+
+
+def test_mismatched_tokenizer_fails_before_generation_starts(base, tmp_path):
+    from tokenizers import Tokenizer
+    _, model_dir, data = base
+    tok_dir = tmp_path / "big-tokenizer"
+    tok_dir.mkdir()
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.add_special_tokens([f"<extra_{i}>" for i in range(40)])
+    (tok_dir / "tokenizer.json").write_text(tok.to_str())
+    shutil.copy(model_dir / "tokenizer_config.json", tok_dir)
+    out = tmp_path / "run"
+    cfg = SpinConfig(model=str(model_dir), data=str(data), output_dir=str(out), tokenizer=str(tok_dir))
+    with pytest.raises(ValueError, match=f"do not match: the tokenizer has {VOCAB_SIZE + 40} tokens but the "
+                                         f"model's vocabulary has {VOCAB_SIZE}"):
+        spin(cfg)
+    assert not (out / "iter0").exists() and not (out / "state.json").exists()
+
+
+def test_settings_are_validated_before_any_work(base, tmp_path, capsys):
+    from minispin.driver import parse_args
+    """Typos and out-of-range values, also in a later iteration's overrides, stop the run when the config is
+    built, before the run directory exists (they used to surface after an iteration had trained)."""
+    _, model_dir, data = base
+    given = ["--model", str(model_dir), "--data", str(data), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit):  # the command line prints the message (usage error)
+        parse_args(given + ["--save_dtype", "bfloat61"])
+    assert "save_dtype must be one of auto, float32, bfloat16, float16, got 'bfloat61'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="generation_dtype must be one of"):
+        SpinConfig(model=str(model_dir), data=str(data), generation_dtype="fp8")
+    with pytest.raises(ValueError, match=r"bad sampling settings: temperature -1"):
+        SpinConfig(model=str(model_dir), data=str(data), iterations=[{}, {"generation.temperature": -1}])
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        SpinConfig(model=str(model_dir), data=str(data), iterations=[{"lr": 1e-7}, {"label_smoothing": 0.7}])
+    with pytest.raises(SystemExit):
+        parse_args(given + ["--beta", "0"])
+    assert "beta > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

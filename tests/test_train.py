@@ -480,8 +480,11 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         train(str(tmp_path / "nowhere"), tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
     small = Transformer(tiny_config(10))  # the tokenizer's ids do not fit this model's vocabulary
-    with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=f"do not match: the tokenizer has {len(tok)} tokens but the model's "
+                                         "vocabulary has 10"):  # checked at load, before any pair
         train(small, tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
+    with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
+        tokenize_pairs(make_pairs(2), tok, vocab_size=10)
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="ipo")
 
@@ -534,3 +537,63 @@ def test_memory_model_fits_7b_on_one_h200():
     for optimizer in ("rmsprop", "adamw"):
         opt = build_optimizer(torch.nn.Linear(3, 3), TrainConfig(optimizer=optimizer, device="cpu"))
         assert opt.defaults["foreach"] is False, optimizer
+
+
+def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path, monkeypatch):
+    """NaN at step 3 with a state saved at step 2: the message names it; NaN at step 1: none saved yet."""
+    _, model_dir, tok = setup
+    optim_mod = importlib.import_module("minispin.training.optim")
+    real_batch_loss = optim_mod.batch_loss
+    for bad_call, expected in ((3, r"the last good state, step 2, is in .*train_state"),
+                               (1, r"no train state saved yet in .*train_state \(the first is written after step 2\)")):
+        calls = {"n": 0}
+
+        def poisoned(policy, batch, config, _bad=bad_call):
+            calls["n"] += 1
+            loss, seq, logps = real_batch_loss(policy, batch, config)
+            return (loss * float("nan") if calls["n"] == _bad else loss), seq, logps
+
+        monkeypatch.setattr(optim_mod, "batch_loss", poisoned)
+        cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False)
+        with pytest.raises(TrainingDiverged, match=expected):
+            train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path / f"run{bad_call}")
+
+
+def test_a_damaged_train_state_file_is_named(setup, tmp_path):
+    _, model_dir, tok = setup
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=2, micro_batch_size=1, save_steps=1, progress=False)
+    train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
+    weights = tmp_path / "train_state" / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ValueError, match=f"{weights}: damaged train state file \\(1000 bytes, written with {size}\\); "
+                                         "delete .*train_state to restart"):
+        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
+    (tmp_path / "train_state" / "optimizer.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"train_state/model.safetensors: damaged"):  # the first damaged file
+        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
+    weights.unlink()
+    with pytest.raises(ValueError, match=r"train_state/model.safetensors: missing from the train state"):
+        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
+
+
+def test_truncation_report_small_data_and_positions_are_told_up_front(setup, capsys):
+    """Truncated pairs are counted (a warning above 10%); fewer pairs than a global batch is a warning;
+    a row longer than the model's positions is refused before training (the tiny model has 128)."""
+    _, model_dir, tok = setup
+    long_pairs = [Pair(i, [{"role": "user", "content": "What is 1+1? " * 4}], "It is two. " * 6, "no " * 20)
+                  for i in range(3)] + make_pairs(7, seed=1)[3:]
+    cfg = TrainConfig(lr=1e-3, max_steps=1, global_batch_size=8, micro_batch_size=1, max_length=40,
+                      max_prompt_length=20, progress=False)
+    train(str(model_dir), tok, long_pairs, cfg)
+    err = capsys.readouterr().err
+    assert ("[train] warning: 3 of 7 pairs truncated at max_length 40 (3 prompts cut to max_prompt_length 20, "
+            "3 pairs' answers cut to 20 tokens)") in err
+    assert "[train] warning: 7 pairs, fewer than one global batch (8)" in err
+    train(str(model_dir), tok, make_pairs(20), dataclasses.replace(cfg, max_length=64, max_prompt_length=32,
+                                                                   global_batch_size=2))
+    assert capsys.readouterr().err == ""  # nothing cut, enough pairs: no word
+    with pytest.raises(ValueError, match="pair 0 is 1[0-9][0-9] tokens long, beyond the model's 128 positions"):
+        train(str(model_dir), tok, [Pair(0, [{"role": "user", "content": "a" * 100}], "b" * 60, "c")],
+              TrainConfig(max_length=400, max_prompt_length=200, progress=False))

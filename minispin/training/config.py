@@ -77,6 +77,16 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)) or not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"lr must be >= 0 and beta > 0 (finite numbers), got lr {self.lr}, beta {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.save_steps < 0 or self.status_every < 1:
+            raise ValueError(f"save_steps must be >= 0 and status_every >= 1, got {self.save_steps}, "
+                             f"{self.status_every}")
+        for name in ("reference_batch_size", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
         if not (self.neftune_alpha >= 0 and math.isfinite(self.neftune_alpha)):
             raise ValueError(f"neftune_alpha must be a finite number >= 0, got {self.neftune_alpha}")
         if self.tensorboard and not tensorboard_available():

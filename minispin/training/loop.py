@@ -38,17 +38,22 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import distributed as dist
-from ..collate import Pair, TokenizedPair, collate_pairs, epoch_permutation, plan_steps, tokenize_pairs
+from ..collate import (Pair, TokenizedPair, TruncationReport, collate_pairs, epoch_permutation, plan_steps,
+                       tokenize_pairs)
 from ..io import atomic_write_text
-from ..log import Progress
+from ..log import Progress, print0, warn0
 from ..model import Transformer
 from ..runs import changed_settings, describe_changes
 from ..tensorboard import TensorBoardSink
+from ..tokenizer import check_tokenizer_fits
 from .config import RESUME_FREE, TrainConfig, TrainResult
 from .optim import build_optimizer, lr_at, optimizer_step
 from .policy import prepare_policy
 from .reference import reference_logprobs
 from .state import load_train_state, read_train_state_json, save_train_state
+
+# warn when more than this fraction of the pairs is truncated (the loss then sees cut answers / prompts)
+TRUNCATION_WARN_FRACTION = 0.1
 
 def _ref_of(pairs: Sequence[Pair], ref_logps: dict | None) -> dict[int, tuple[float, float]] | None:
     if ref_logps is not None:
@@ -107,10 +112,21 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     dist.seed_everything(config.seed)
     run = _RunFiles(Path(run_dir)) if run_dir is not None else None
     policy = prepare_policy(model, config, info)
+    check_tokenizer_fits(tokenizer, policy.model.config.vocab_size, model if isinstance(model, (str, Path)) else
+                         "being trained")
     pad_id = _pad_id(tokenizer, policy.model.config)
-    tokenized = list(tokenized) if tokenized is not None else tokenize_pairs(
-        pairs, tokenizer, template=config.template, max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length, vocab_size=policy.model.config.vocab_size)
+    if tokenized is None:
+        report = TruncationReport()
+        tokenized = tokenize_pairs(pairs, tokenizer, template=config.template, max_length=config.max_length,
+                                   max_prompt_length=config.max_prompt_length,
+                                   vocab_size=policy.model.config.vocab_size, report=report)
+        _report_truncation(report, config)
+    tokenized = list(tokenized)
+    _check_positions(tokenized, policy.model.config.max_position_embeddings)
+    if len(tokenized) < config.global_batch_size:
+        warn0(f"{len(tokenized)} pairs, fewer than one global batch ({config.global_batch_size}): every step "
+              f"trains on all {len(tokenized)} pairs (a smaller --global_batch_size keeps more steps)",
+              prefix="train")
     refs = None
     if config.needs_reference:
         refs = _ref_of(pairs, ref_logps)
@@ -130,9 +146,11 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     # a copy of metrics.jsonl; purge_step: a resumed run's re-run steps replace the old events
     sink = TensorBoardSink(run.tensorboard, purge_step=start_step + 1) \
         if config.tensorboard and run is not None and dist.is_main() else None
+    saved_step = start_step if start_step else None  # the step of the train state on disk
     try:
         for step in range(start_step, len(plan)):
-            record = _train_step(policy, optimizer, plan, step, tokenized, by_index, refs, pad_id, config, info, run)
+            record = _train_step(policy, optimizer, plan, step, tokenized, by_index, refs, pad_id, config, info,
+                                 _last_good(run, saved_step, config))
             history.append(record)
             if run is not None and dist.is_main():
                 run.append_metrics(record)
@@ -144,6 +162,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
                 save_train_state(policy, optimizer, run.state, {
                     "step": step + 1, "total_steps": len(plan), "num_pairs": len(tokenized), "data_order": orders,
                     "world_size": info.world_size, "config": asdict(config)})
+                saved_step = step + 1
             dist.kill_point("train", step=step + 1)
     finally:
         status.close()
@@ -151,6 +170,25 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
             sink.close()
     return TrainResult(model=policy.model, policy=policy, steps=len(plan), history=history,
                        metrics_path=run and run.metrics)
+
+
+def _report_truncation(report: TruncationReport, config: TrainConfig) -> None:
+    """One line per training call when pairs were cut; a warning above TRUNCATION_WARN_FRACTION."""
+    if not report.pairs_cut:
+        return
+    text = report.describe(config.max_length, config.max_prompt_length)
+    if report.pairs_cut > TRUNCATION_WARN_FRACTION * report.pairs:
+        warn0(f"{text}; raise --max_length / --max_prompt_length to train on whole answers", prefix="train")
+    else:
+        print0(text, prefix="train")
+
+
+def _check_positions(tokenized: Sequence[TokenizedPair], positions: int) -> None:
+    """Every row must fit the model's positions (RoPE is built for max_position_embeddings)."""
+    longest = max(tokenized, key=lambda t: t.length, default=None)
+    if longest is not None and longest.length > positions:
+        raise ValueError(f"pair {longest.index} is {longest.length} tokens long, beyond the model's {positions} "
+                         f"positions (max_position_embeddings); set --max_length <= {positions}")
 
 
 class _RunFiles:
@@ -209,7 +247,7 @@ def _resume(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, run: _Run
 
 def _train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: list, step: int,
                 tokenized: Sequence[TokenizedPair], by_index: dict[int, Pair], refs: dict | None, pad_id: int,
-                config: TrainConfig, info: dist.DistInfo, run: _RunFiles | None) -> dict:
+                config: TrainConfig, info: dist.DistInfo, last_good: str) -> dict:
     """One optimizer step of the plan (this rank's micro-batches); returns its metrics record."""
     t0 = time.perf_counter()
     sft = config.method == "sft"
@@ -229,8 +267,19 @@ def _train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, plan:
 
     sums, grad_norm = optimizer_step(
         policy, optimizer, micro_batches(), config, device=info.device, where=f"step {step + 1}/{len(plan)}",
-        last_good=f"the last good state is in {run.state}" if run is not None else "no run_dir, nothing saved")
+        last_good=last_good)
     return _metrics(step + 1, sums, config, optimizer.param_groups[0]["lr"], grad_norm, time.perf_counter() - t0)
+
+
+def _last_good(run: _RunFiles | None, saved_step: int | None, config: TrainConfig) -> str:
+    """Where the last good state is, for the divergence message (only a state that exists is named)."""
+    if run is None:
+        return "no run_dir: nothing was saved"
+    if saved_step is None:
+        every = f"the first is written after step {config.save_steps}" if config.save_steps > 0 else \
+            "save_steps 0: only at the end"
+        return f"no train state saved yet in {run.state} ({every})"
+    return f"the last good state, step {saved_step}, is in {run.state}"
 
 
 def _pad_id(tokenizer: Any, model_config) -> int:

@@ -19,9 +19,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from .. import distributed as dist
 from ..checkpoint import SafetensorsWriter
-from ..io import atomic_replace_dir, recover_replaced_dir
+from ..io import atomic_replace_dir, recover_replaced_dir, with_path
 
 STATE_FORMAT = "minispin-train-state/1"
+_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -120,11 +121,15 @@ def save_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
             groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
             meta = dict(state, format=STATE_FORMAT, aliases=aliases, param_groups=groups,
                         optimizer_scalars=optim_scalars, rng=rng)
+            meta["file_sizes"] = {name: (tmp / name).stat().st_size for name in _TENSOR_FILES}
             (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
+            dist.kill_point("stage_train_state", step=int(state.get("step", 0)))
             atomic_replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise with_path(e, path) from e
         raise
     dist.barrier()
 
@@ -144,6 +149,20 @@ def read_train_state_json(path: str | os.PathLike) -> dict | None:
     return meta
 
 
+def _load_tensors(file: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """One tensor file of a train state; a missing, cut or unreadable file raises an error naming it."""
+    fix = f"delete {file.parent} to restart this iteration's training from its start"
+    if not file.is_file():
+        raise ValueError(f"{file}: missing from the train state; {fix}")
+    want = meta.get("file_sizes", {}).get(file.name)
+    if want is not None and file.stat().st_size != want:
+        raise ValueError(f"{file}: damaged train state file ({file.stat().st_size} bytes, written with {want}); {fix}")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors' errors name no file
+        raise ValueError(f"{file}: unreadable train state file ({e}); {fix}") from None
+
+
 def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> dict:
     """Restore weights, optimizer state and this rank's RNG state; returns the trainer-state dict."""
     path = Path(path)
@@ -154,11 +173,19 @@ def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
     main = dist.is_main() or not distributed
     aliases = meta["aliases"]
     msd, osd = {}, {}
+    error = None
     if main:
-        msd = load_file(str(path / "model.safetensors"))
+        try:
+            msd = _load_tensors(path / "model.safetensors", meta)
+            flat = _load_tensors(path / "optimizer.safetensors", meta)
+        except ValueError as e:
+            error = str(e)
+    error = dist.broadcast_json(error) if distributed else error
+    if error:
+        raise ValueError(error)
+    if main:
         for dup, src in aliases.items():
             msd[dup] = msd[src]
-        flat = load_file(str(path / "optimizer.safetensors"))
         flat.update(meta.get("optimizer_scalars", {}))
         state: dict[str, dict] = {}
         for key, value in flat.items():
