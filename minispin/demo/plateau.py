@@ -48,11 +48,11 @@ class PlateauConfig:
     temperature, test-set size and seed (its n_train / n_spin / iterations / beta fields are not used)."""
 
     demo: DemoConfig = field(default_factory=DemoConfig)
-    n_sft: int = 2048  # the fixed SFT set: the first n_sft task rows
-    n_val: int = 300  # validation questions for early stopping
-    max_epochs: int = 12
+    n_sft: int = 1536  # the fixed SFT set: the first n_sft task rows (48 steps of 32 per epoch)
+    n_val: int = 200  # validation questions for early stopping
+    max_epochs: int = 10
     patience: int = 2  # stop when validation exact match has not risen for this many epochs
-    n_spin: int = 512  # prompts of the fixed set for continued SFT and SPIN
+    n_spin: int = 384  # prompts of the fixed set for continued SFT and SPIN
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.2, 0.2])  # x demo.spin_lr per iteration
     betas: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.1, 5.0])
     epochs_per_iteration: float = 2
