@@ -275,31 +275,35 @@ def test_demo_small_two_ranks_end_to_end_and_resume(tmp_path):
 
 
 def test_plateau_regime_small(tmp_path):
-    """--regime plateau at the reduced size, one process: SFT epochs with early stopping on the validation
-    split, continued SFT and SPIN with the per-iteration schedule, mechanism metrics; then --seeds reads it back."""
-    out = tmp_path / "plateau" / "seed0"
+    """--regime plateau at the reduced size, one process: the demo's SFT, SFT epochs on the fixed set with
+    early stopping on the validation split, continued SFT and SPIN with the per-iteration schedule and
+    their mechanism metrics; then --seeds reads the finished seed back."""
+    out = tmp_path / "demo" / "seed0"
     cmd = [sys.executable, "-m", "minispin.demo", "--small", "--regime", "plateau", "--nproc", "1"]
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads((out / "results.json").read_text())
+    r = json.loads((out / "plateau" / "results.json").read_text())
     config = PlateauConfig.small()
-    # the splits: a fixed SFT set, validation questions outside it and outside the test set
-    fixed = [json.loads(x)["prompt"] for x in (out / "task" / "plateau_sft.jsonl").read_text().splitlines()]
-    val = [json.loads(x)["prompt"] for x in (out / "task" / "val.jsonl").read_text().splitlines()]
-    test = [json.loads(x)["prompt"] for x in (out / "task" / "test_sft.jsonl").read_text().splitlines()]
-    assert len(fixed) == config.n_sft and len(set(val)) == len(val) == config.n_val and len(test) == 96
-    assert not set(val) & (set(fixed) | set(test))
-    # early stopping: the curve ends `patience` epochs after the best one, or at max_epochs
+    # the validation questions lie outside the SFT data and the test set
+    rows = lambda path: [json.loads(x)["prompt"] for x in path.read_text().splitlines()]  # noqa: E731
+    val, train, test = rows(out / "plateau" / "val.jsonl"), rows(out / "task" / "train_sft.jsonl"), \
+        rows(out / "task" / "test_sft.jsonl")
+    assert len(set(val)) == len(val) == config.n_val and not set(val) & (set(train) | set(test))
+    # epoch 0 is the demo's SFT model; early stopping ends `patience` epochs after the best one, or at max_epochs
+    assert r["epoch_curve"][0]["model"] == str(out / "sft" / "iter0" / "model")
     curve = [(c["val_exact_match"], c["val_mean_logprob"]) for c in r["epoch_curve"]]
-    best = r["best_epoch"] - 1
+    best = r["best_epoch"]
     assert curve[best] == max(curve) and curve.index(max(curve)) == best
-    assert len(curve) == config.max_epochs or len(curve) - 1 - best == config.patience
+    assert len(curve) == config.max_epochs + 1 or len(curve) - 1 - best == config.patience
     labels = [s["label"] for s in r["stages"]]
     assert labels[0] == "SFT" and labels[-4:] == ["continued SFT iter 0", "continued SFT iter 1", "SPIN iter 0",
                                                   "SPIN iter 1"]
     assert all(len(s["correct"]) == 96 for s in r["stages"])
-    # SPIN ran the per-iteration schedule (lr L, L/5; beta 0.1, 5) and logged the mechanism metrics
+    # SPIN ran the per-iteration schedule (lr L, L/5; beta 0.1, 5) on the fixed set and logged the mechanism
+    gen = [json.loads(x)["real"][0]["content"]
+           for x in (out / "plateau" / "spin" / "iter0" / "generated.jsonl").read_text().splitlines()]
+    assert sorted(gen) == sorted(train[: config.n_spin])
     spin = r["mechanism"]["spin"]
     assert [(m["lr"], m["beta"]) for m in spin] == [(3e-5, 0.1), (pytest.approx(6e-6), 5.0)]
     for m in spin:
@@ -311,8 +315,8 @@ def test_plateau_regime_small(tmp_path):
     proc2 = subprocess.run([*cmd, "--seeds", "1", "--out", str(out.parent)], cwd=tmp_path, env=_env(),
                            capture_output=True, text=True, timeout=300)
     assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
-    summary = json.loads((out.parent / "seeds.json").read_text())
-    assert summary["seeds_computed_this_run"] == 0 and summary["best_epoch"]["values"] == [r["best_epoch"]]
+    summary = json.loads((out.parent / "plateau_seeds.json").read_text())
+    assert summary["seeds_computed_this_run"] == 0 and summary["best_epoch"]["values"] == [best]
     assert summary["mechanism"]["spin"][1]["margins"]["values"] == [spin[1]["margins"]]
     assert "| spin iter |" in summary["table"]
 

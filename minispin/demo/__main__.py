@@ -3,7 +3,8 @@
 
     python -m minispin.demo                              # 2 torchrun ranks on CPU -> runs/demo
     python -m minispin.demo --seeds 5                    # seeds 0..4 -> runs/demo_seeds/seed<s>, seeds.md
-    python -m minispin.demo --regime plateau --seeds 5   # -> runs/demo_plateau_seeds
+    python -m minispin.demo --regime plateau             # from runs/demo's SFT model -> runs/demo/plateau
+    python -m minispin.demo --regime plateau --seeds 5   # -> runs/demo_seeds/seed<s>/plateau, plateau_seeds.md
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ REGIMES = ("default", "plateau")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minispin.demo", description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--out", default=None, help="run folder (re-running with the same one continues); default "
-                   "runs/demo, runs/demo_plateau, with --seeds runs/demo_seeds, runs/demo_plateau_seeds")
+    p.add_argument("--out", default=None, help="run folder (re-running with the same one continues; the plateau "
+                   "regime shares the demo's SFT model in it); default runs/demo, with --seeds runs/demo_seeds")
     p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
     p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
     p.add_argument("--regime", choices=REGIMES, default="default",
-                   help="default: short SFT, then continued SFT and SPIN; plateau: SFT on a fixed set until the "
-                   "validation accuracy stops rising, then continued SFT and SPIN iterations 0-3")
+                   help="default: short SFT, then continued SFT and SPIN; plateau: from the demo's SFT model, SFT "
+                   "epochs on a fixed set until the validation accuracy stops rising, then continued SFT and SPIN "
+                   "iterations 0-3 on the same prompts")
     p.add_argument("--iterations", type=int, default=None, help="SPIN iterations of the default regime (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sampling (the first "
                    "one with --seeds)")
@@ -61,15 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         config = DemoConfig.small(**overrides) if args.small else DemoConfig(**overrides)
         run_one = demo_stages
-    name = "demo" + ("_plateau" if args.regime == "plateau" else "") + ("_seeds" if args.seeds else "")
-    out = Path(args.out or f"runs/{name}")
+    out = Path(args.out or ("runs/demo_seeds" if args.seeds else "runs/demo"))
     info = dist.init_distributed(args.device)
     try:
         if args.seeds is None:
             run_one(out, config, args.device, info.world_size)
         else:
+            plateau = args.regime == "plateau"
             run_seeds(out, [with_seed(config, args.seed + k) for k in range(args.seeds)], run_one, args.device,
-                      info.world_size)
+                      info.world_size, results_in="plateau" if plateau else "",
+                      name="plateau_seeds" if plateau else "seeds")
     finally:
         dist.shutdown(info)
     return 0

@@ -1,22 +1,23 @@
 """The demo's plateau regime (`python -m minispin.demo --regime plateau`): the setting of SPIN's claim.
 
-The paper's claim is about an SFT model at its plateau, where more SFT on the same data no longer raises
-held-out accuracy but self-play on the same prompts still does. This regime builds that start and
-compares both continuations on the demo task:
-1. SFT from scratch on a FIXED set (the first `n_sft` task rows), epoch after epoch (each epoch one driver
-   run from the previous epoch's model, a new data order, lr warmup + linear decay within the epoch),
-   until the exact match on a validation split (`n_val` other task questions, none in the fixed set or
-   the test set) has not risen for `patience` epochs (ties broken by the real answers' log-prob). The best epoch's model is the SFT model; the curve
-   is recorded, and the last epoch trained ("SFT +k epochs") is evaluated too: continued SFT at SFT's lr.
-2. Continued SFT: `len(lr_scale)` iterations on the first `n_spin` prompts of the fixed set with SPIN's
-   lr schedule and epochs (the same optimizer budget as SPIN, only the loss differs).
+The paper's claim is about an SFT model at its plateau, where more SFT on the data no longer raises
+held-out accuracy but self-play on the same prompts still does. This regime starts from the demo's SFT
+model (stage 3 of `minispin.demo`, shared: in a folder where the demo ran it is read back) and:
+1. continues SFT on a FIXED set, the first `n_spin` task rows (the prompts SPIN will use), epoch after
+   epoch at `plateau_lr` (each epoch one driver run from the previous epoch's model, a new data order, lr
+   warmup + linear decay within the epoch) until the exact match on a validation split (`n_val` task
+   questions outside the SFT data and the test set) has not risen for `patience` epochs (ties broken by
+   the real answers' log-prob; epoch 0 = the demo's SFT model). The best epoch's model is "SFT" here; the
+   last epoch trained ("SFT +k epochs") is evaluated too: continued SFT at that lr no longer helps;
+2. continued SFT: `len(lr_scale)` iterations on the same prompts with SPIN's lr schedule and epochs (the
+   same optimizer budget as SPIN; only the loss differs);
 3. SPIN iterations 0-3 on the same prompts with the paper's schedule shape scaled to the toy: lr L, L,
    L/5, L/5 (paper: 5e-7, 5e-7, 1e-7, 1e-7), beta 0.1, 0.1, 0.1, 5.0, from iteration 1 also training on
-   the previous iteration's pairs (mix_previous), 2 epochs each; L = the demo's SPIN lr.
+   the previous iteration's pairs (mix_previous); L = the demo's SPIN lr.
 Every model is scored on the demo's held-out test questions (exact match, its interval and the paired
-difference from SFT); each SPIN / continued-SFT iteration also reports the mechanism metrics of its
-training steps (rewards of the real and generated answers, margins, accuracies, log-probs; metrics.jsonl).
-Nothing here was tuned on the test set (the settings were fixed before the first run).
+difference from SFT); each iteration also reports the mechanism metrics of its training steps (rewards of
+the real and generated answers, margins, accuracies, log-probs; from metrics.jsonl). Written to
+<out>/plateau/. The settings were fixed before the first full run and not tuned on the test set.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ from ..driver import SpinConfig, spin
 from ..io import atomic_write_text
 from ..log import print0
 from ..runs import check_manifest, describe_changes
+from . import run as demo_run
 from . import task as demo_task
-from .run import DemoConfig, evaluate_stage, generation_config, init_model, run_sft, train_config, write_results
+from .run import DemoConfig, evaluate_stage, generation_config, init_model, make_task, run_sft, train_config, write_results
 
 # metrics.jsonl keys averaged per iteration (the loop's named step metrics)
 MECHANISM_KEYS = ("loss", "rewards/real", "rewards/generated", "margins", "accuracies", "logps/real",
@@ -44,69 +46,58 @@ _say = functools.partial(print0, prefix="plateau")
 
 @dataclass
 class PlateauConfig:
-    """The plateau regime's settings; `demo` gives the model, batch, SFT lr, SPIN lr (L), sampling
-    temperature, test-set size and seed (its n_train / n_spin / iterations / beta fields are not used)."""
+    """The plateau regime's settings; `demo` is the demo whose SFT model it starts from (and whose model,
+    batch, SPIN lr (L), sampling temperature, test set and seed it uses; its n_spin / iterations / beta /
+    continued_lr fields belong to the demo's own stages)."""
 
     demo: DemoConfig = field(default_factory=DemoConfig)
-    n_sft: int = 1536  # the fixed SFT set: the first n_sft task rows (48 steps of 32 per epoch)
+    n_spin: int = 512  # the fixed set: the first n_spin task rows, for the SFT epochs, continued SFT and SPIN
+    plateau_lr: float = 3e-4  # SFT epochs on the fixed set (a tenth of the demo's SFT lr)
     n_val: int = 200  # validation questions for early stopping
-    max_epochs: int = 10
+    max_epochs: int = 6
     patience: int = 2  # stop when validation exact match has not risen for this many epochs
-    n_spin: int = 384  # prompts of the fixed set for continued SFT and SPIN
     lr_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 0.2, 0.2])  # x demo.spin_lr per iteration
     betas: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.1, 5.0])
-    epochs_per_iteration: float = 2
+    epochs_per_iteration: float = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.demo, dict):
             self.demo = DemoConfig(**self.demo)
         if len(self.lr_scale) != len(self.betas) or not self.betas:
             raise ValueError(f"lr_scale and betas need one entry per iteration, got {self.lr_scale} and {self.betas}")
-        if self.n_spin > self.n_sft:
-            raise ValueError(f"n_spin ({self.n_spin}) must be <= n_sft ({self.n_sft}): SPIN reuses the SFT prompts")
+        if self.n_spin > self.demo.n_train:
+            raise ValueError(f"n_spin ({self.n_spin}) must be <= the demo's n_train ({self.demo.n_train})")
         if self.max_epochs < 1 or self.patience < 1:
             raise ValueError("max_epochs and patience must be >= 1")
 
     @classmethod
     def small(cls, **demo_overrides: Any) -> "PlateauConfig":
         """The reduced size for CI: same pipeline, numbers not meaningful."""
-        return cls(demo=DemoConfig.small(**demo_overrides), n_sft=256, n_val=48, max_epochs=3, patience=1, n_spin=64,
-                   lr_scale=[1.0, 0.2], betas=[0.1, 5.0], epochs_per_iteration=1)
-
-    @property
-    def seed(self) -> int:
-        return self.demo.seed
+        return cls(demo=DemoConfig.small(**demo_overrides), n_spin=64, n_val=48, max_epochs=2, patience=1,
+                   lr_scale=[1.0, 0.2], betas=[0.1, 5.0])
 
     def schedule(self) -> list[dict[str, float]]:
         """The per-iteration overrides of SPIN (continued SFT takes the same lrs and epochs)."""
         return [{"lr": self.demo.spin_lr * s, "beta": b} for s, b in zip(self.lr_scale, self.betas)]
 
 
-def write_splits(task_dir: Path, config: PlateauConfig) -> dict[str, Path]:
-    """Rank 0: the task (test = the demo's test questions) plus <task>/plateau_sft.jsonl (the fixed SFT set)
-    and <task>/val.jsonl (validation questions outside the fixed set), unless already there."""
-    paths = {"sft": task_dir / "plateau_sft.jsonl", "val": task_dir / "val.jsonl", "test": task_dir / "test_sft.jsonl",
-             "tokenizer": task_dir / "tokenizer"}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    # the test questions and the first training rows do not depend on n_train (make_rows draws test first)
-    train, test = demo_task.make_rows(demo_task.TaskConfig(n_train=config.n_sft + 4 * config.n_val,
-                                                           n_test=config.demo.n_test))
-    fixed = train[: config.n_sft]
-    seen = {r["prompt"] for r in fixed}
+def write_val(path: Path, config: PlateauConfig) -> Path:
+    """Rank 0: `n_val` validation questions outside the demo's SFT rows and test set, unless already there
+    (the task's first rows and test set do not depend on n_train: make_rows draws the test set first)."""
+    if path.is_file():
+        return path
+    d = config.demo
+    train, test = demo_task.make_rows(demo_task.TaskConfig(n_train=d.n_train + 4 * config.n_val, n_test=d.n_test))
+    seen = {r["prompt"] for r in train[: d.n_train]} | {r["prompt"] for r in test}
     val: list[dict[str, Any]] = []
-    for row in train[config.n_sft:]:
+    for row in train[d.n_train:]:
         if row["prompt"] not in seen and len(val) < config.n_val:
             seen.add(row["prompt"])
             val.append(row)
     if len(val) < config.n_val:
-        raise RuntimeError(f"only {len(val)} distinct validation questions outside the fixed set")
-    lines = lambda rows: "".join(json.dumps(r) + "\n" for r in rows)  # noqa: E731
-    atomic_write_text(paths["sft"], lines(fixed))
-    atomic_write_text(paths["val"], lines(val))
-    atomic_write_text(paths["test"], lines(test))
-    demo_task.write_tokenizer(paths["tokenizer"])
-    return paths
+        raise RuntimeError(f"only {len(val)} distinct validation questions outside the SFT and test data")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in val))
+    return path
 
 
 def mechanism(run_dir: Path, iteration: int) -> dict[str, float]:
@@ -133,36 +124,42 @@ def _check_settings(out: Path, config: PlateauConfig) -> str | None:
 
 
 def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: int) -> dict[str, Any]:
-    """The whole plateau regime for one seed in `out` (on every rank of an initialized process group);
-    every step resumes from what is on disk. Returns the results (also <out>/results.json)."""
+    """The plateau regime for one seed: the demo's task, init and SFT in `out` (read back when there),
+    then everything else in <out>/plateau (on every rank of an initialized process group; every step
+    resumes from what is on disk). Returns the results (also <out>/plateau/results.json)."""
     t_start = time.perf_counter()
-    d = config.demo
-    error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
+    d, pdir = config.demo, out / "plateau"
+    error = dist.broadcast_json((demo_run._check_settings(out, d) or _check_settings(pdir, config))
+                                if dist.is_main() else None)
     if error:
         raise SystemExit(f"error: {error}")
     if dist.is_main():
-        write_splits(out / "task", config)
-        init_model(out / "init", out / "task" / "tokenizer", d)
+        task = make_task(out / "task", d)
+        init_model(out / "init", task["tokenizer"], d)
+        write_val(pdir / "val.jsonl", config)
     dist.barrier()
-    task = {"sft": out / "task" / "plateau_sft.jsonl", "val": out / "task" / "val.jsonl",
-            "test": out / "task" / "test_sft.jsonl"}
-    eval_dir = out / "eval"
-    _say(f"run dir {out}; seed {d.seed}; fixed SFT set of {config.n_sft}, {config.n_val} validation and "
-         f"{d.n_test} test questions; early stopping with patience {config.patience} (at most {config.max_epochs} epochs)")
+    train, val, test = out / "task" / "train_sft.jsonl", pdir / "val.jsonl", out / "task" / "test_sft.jsonl"
+    eval_dir = pdir / "eval"
+    _say(f"run dir {out}; seed {d.seed}; the demo's SFT, then SFT epochs on the first {config.n_spin} rows at lr "
+         f"{config.plateau_lr:g} until {config.n_val} validation questions stop improving (patience "
+         f"{config.patience}, at most {config.max_epochs} epochs)")
+    model = run_sft(out / "init", train, out / "sft", d, device, lr=d.sft_lr, limit=None)  # the demo's stage 3
 
-    # 1. SFT epochs until the validation exact match stops rising
+    # 1. SFT epochs on the fixed set until the validation exact match stops rising
     curve: list[dict[str, Any]] = []
-    model, best = out / "init", None
-    for epoch in range(config.max_epochs):
+    best = 0
+    for epoch in range(config.max_epochs + 1):
         t = time.perf_counter()
-        model = run_sft(model, task["sft"], out / "sft_epochs" / f"epoch{epoch}", d, device, lr=d.sft_lr, limit=None,
-                        seed=d.seed * 1000 + epoch)
-        val = evaluate_stage(f"val_epoch{epoch}", model, task["val"], eval_dir, device)
-        curve.append({"epoch": epoch + 1, "model": str(model), "val_exact_match": val["exact_match"],
-                      "val_mean_logprob": val["mean_logprob"], "seconds": round(time.perf_counter() - t, 1)})
-        if best is None or _better(curve[epoch], curve[best]):
+        if epoch:
+            model = run_sft(model, train, pdir / "sft_epochs" / f"epoch{epoch}", d, device, lr=config.plateau_lr,
+                            limit=config.n_spin, seed=d.seed * 1000 + epoch)
+        v = evaluate_stage(f"val_epoch{epoch}", model, val, eval_dir, device)
+        curve.append({"epoch": epoch, "model": str(model), "val_exact_match": v["exact_match"],
+                      "val_mean_logprob": v["mean_logprob"], "seconds": round(time.perf_counter() - t, 1)})
+        if _better(curve[epoch], curve[best]):
             best = epoch
-        _say(f"SFT epoch {epoch + 1}: validation exact match {val['exact_match']:.3f} (best: epoch {best + 1})")
+        _say(f"SFT epoch {epoch}: validation exact match {v['exact_match']:.3f}, mean log p(real) "
+             f"{v['mean_logprob']:.3f} (best: epoch {best})")
         if epoch - best >= config.patience:
             break
     stopped = "patience" if len(curve) - 1 - best >= config.patience else "max_epochs"
@@ -170,23 +167,25 @@ def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: in
     stages: list[dict[str, Any]] = []
 
     def evaluate(name: str, label: str, model_dir: Path) -> None:
-        r = evaluate_stage(name, model_dir, task["test"], eval_dir, device)
+        r = evaluate_stage(name, model_dir, test, eval_dir, device)
         stages.append(dict(r, label=label))
         _say(f"{label}: exact match {r['exact_match']:.3f}, mean log p(real) {r['mean_logprob']:.3f}")
 
     sft_model = Path(curve[best]["model"])
     evaluate("sft", "SFT", sft_model)
+    if best > 0:
+        evaluate("sft_demo", "SFT epoch 0 (demo)", Path(curve[0]["model"]))
     if len(curve) - 1 > best:
         evaluate("sft_more", f"SFT +{len(curve) - 1 - best} epochs", Path(curve[-1]["model"]))
 
     # 2-3. continued SFT and SPIN from the plateau model on the same prompts, the same lr schedule
     schedule = config.schedule()
-    common = dict(model=str(sft_model), data=str(task["sft"]), limit=config.n_spin, num_iterations=len(schedule),
+    common = dict(model=str(sft_model), data=str(train), limit=config.n_spin, num_iterations=len(schedule),
                   save_dtype="float32", train=train_config(d, device, epochs=config.epochs_per_iteration),
                   generation=generation_config(d))
-    runs = {"continued_sft": SpinConfig(method="sft", output_dir=str(out / "continued_sft"),
+    runs = {"continued_sft": SpinConfig(method="sft", output_dir=str(pdir / "continued_sft"),
                                         iterations=[{"lr": s["lr"]} for s in schedule], **common),
-            "spin": SpinConfig(method="spin", output_dir=str(out / "spin"), iterations=schedule, mix_previous=True,
+            "spin": SpinConfig(method="spin", output_dir=str(pdir / "spin"), iterations=schedule, mix_previous=True,
                                **common)}
     mech: dict[str, list[dict[str, float]]] = {}
     for name, label in (("continued_sft", "continued SFT"), ("spin", "SPIN")):
@@ -196,18 +195,18 @@ def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: in
         models = spin(runs[name]).models
         for i, m in enumerate(models):
             evaluate(f"{name}_iter{i}", f"{label} iter {i}", m)
-        mech[name] = [dict(mechanism(out / name, i), iteration=i, **schedule[i]) for i in range(len(models))]
+        mech[name] = [dict(mechanism(pdir / name, i), iteration=i, **schedule[i]) for i in range(len(models))]
 
-    return write_results(out, config, stages, world_size, device, time.perf_counter() - t_start,
+    return write_results(pdir, config, stages, world_size, device, time.perf_counter() - t_start,
                          notes=format_curve(curve, best, stopped) + "\n\n" + format_mechanism(mech),
-                         epoch_curve=curve, best_epoch=best + 1, stopped_by=stopped, mechanism=mech)
+                         epoch_curve=curve, best_epoch=best, stopped_by=stopped, mechanism=mech)
 
 
 def format_curve(curve: list[dict[str, Any]], best: int, stopped: str) -> str:
     """The SFT epoch curve on the validation split, one line."""
     return ("SFT validation exact match by epoch: "
             + ", ".join(f"{c['epoch']}: {c['val_exact_match']:.3f}" for c in curve)
-            + f" (best epoch {best + 1}; stopped by {stopped.replace('_', ' ')})")
+            + f" (epoch 0: the demo's SFT; best epoch {best}; stopped by {stopped.replace('_', ' ')})")
 
 
 def format_mechanism(mech: dict[str, list[dict[str, float]]]) -> str:

@@ -4,7 +4,8 @@ One demo run on 600 questions has a standard error of about 2 points, and runs d
 and thread counts by about as much; a conclusion about SPIN needs more than one seed. Seed s (s = seed,
 seed+1, ...) changes the model init, the SFT data order and SPIN's sampling (the task and its test
 questions stay the same); each seed is a full run in <out>/seed<s> (a finished seed is read back, not
-recomputed), and <out>/seeds.json + seeds.md hold the summary:
+recomputed), and <out>/seeds.json + seeds.md hold the summary (the plateau regime: its results in
+<out>/seed<s>/plateau, its summary in <out>/plateau_seeds.json + .md):
 - per stage: exact match, per skill and mean log p(real), as mean ± SE over the seeds (SE = sample
   standard deviation / sqrt(K));
 - per stage: the difference from SFT of the same seed (same questions), as mean ± SE over the seeds
@@ -127,21 +128,22 @@ def format_seeds(summary: dict[str, Any]) -> str:
                              + " | ".join(_pm(r[x]) for x in keys) + " |")
             lines.append("")
     if "best_epoch" in summary:
-        lines += [f"SFT early stopping: best epoch {_pm(summary['best_epoch'], 1)} (per seed: "
-                  + ", ".join(str(int(e)) for e in summary["best_epoch"]["values"]) + "); validation exact match "
-                  "by epoch per seed: " + "; ".join(summary["curves"])]
+        lines += [f"SFT epochs on the fixed set: best epoch {_pm(summary['best_epoch'], 1)} (per seed: "
+                  + ", ".join(str(int(e)) for e in summary["best_epoch"]["values"]) + "; epoch 0 = the demo's SFT). "
+                  "Validation exact match by epoch:", ""] + [f"- {c}" for c in summary["curves"]]
     return "\n".join(lines).rstrip()
 
 
 def run_seeds(out: Path, configs: Sequence[Any], run_one: Callable[[Path, Any, str, int], dict[str, Any]],
-              device: str, world_size: int) -> dict[str, Any]:
-    """Each config (one per seed) as a run in <out>/seed<s> (finished ones read back), then the summary
-    (<out>/seeds.json, <out>/seeds.md, printed). Call on every rank of an initialized process group."""
+              device: str, world_size: int, *, results_in: str = "", name: str = "seeds") -> dict[str, Any]:
+    """Each config (one per seed) as a run in <out>/seed<s> (finished ones, whose results are in
+    <out>/seed<s>/<results_in>, read back), then the summary (<out>/<name>.json and .md, printed). Call on
+    every rank of an initialized process group."""
     t_start = time.perf_counter()
     runs, computed = [], 0
     for config in configs:
         run_dir = out / f"seed{_seed_of({'config': dataclasses.asdict(config)})}"
-        done = dist.broadcast_json(finished_results(run_dir, config) if dist.is_main() else None)
+        done = dist.broadcast_json(finished_results(run_dir / results_in, config) if dist.is_main() else None)
         if done is not None:
             _say(f"{run_dir}: finished earlier, read back")
             runs.append(done)
@@ -160,10 +162,10 @@ def run_seeds(out: Path, configs: Sequence[Any], run_one: Callable[[Path, Any, s
     table = format_seeds(summary)
     summary["table"] = table
     if dist.is_main():
-        atomic_write_json(out / "seeds.json", summary)
-        atomic_write_text(out / "seeds.md", table + "\n")
+        atomic_write_json(out / f"{name}.json", summary)
+        atomic_write_text(out / f"{name}.md", table + "\n")
         print("\n" + table + "\n", flush=True)
         _say(f"{len(runs)} seeds ({computed} computed now) in {summary['seconds_this_run']:.0f}s; "
-             f"summary in {out / 'seeds.md'}")
+             f"summary in {out / (name + '.md')}")
     dist.barrier()
     return summary
