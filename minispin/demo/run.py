@@ -3,6 +3,8 @@
     python -m minispin.demo                 # 2 torchrun ranks on CPU, results in ./runs/demo
     python -m minispin.demo --nproc 1       # one process
     python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
+    python -m minispin.demo --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
+    python -m minispin.demo --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
 
 Stages (each skipped when its output exists, so re-running with the same --out continues):
 1. task       a small task with checkable answers (`minispin.demo.task`: reverse / sort letters, add two
@@ -15,7 +17,9 @@ Stages (each skipped when its output exists, so re-running with the same --out c
 5. SPIN       iterations 0..T-1 from the SFT model (`minispin.spin`): generate, pair with the real
               answers, reference log-probs, train; iteration t >= 1 also trains on iteration t-1's pairs
 After each model: held-out exact-match accuracy of greedy answers and the mean summed log-prob of
-the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json.
+the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json with the
+per-question results; the table gives each stage's 95% Wilson interval and its paired-bootstrap
+difference from SFT over the same questions (`minispin.stats`).
 
 Hyperparameters are chosen for a ~0.8M-parameter model trained from scratch, NOT the paper's 7B
 recipe (RMSProp, lr 5e-7/1e-7, beta 0.1/5.0, batch 64; see examples/spin_zephyr.py for that):
