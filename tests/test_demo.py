@@ -188,6 +188,21 @@ def test_seeds_aggregation_mean_and_standard_error():
     assert "± n/a" in demo_seeds.format_seeds(one)
 
 
+def test_compare_stages_per_seed_paired_difference():
+    """SPIN iter t minus continued SFT iter t per seed (the plateau summary): +1/4 in one seed, +3/4 in the other
+    (there every resample of the 4 questions that keeps a flipped one is positive, none negative)."""
+    def run(cont, spin):
+        return {"stages": [_stage("continued_sft_iter0", "continued SFT iter 0", cont),
+                           _stage("spin_iter0", "SPIN iter 0", spin)]}
+    runs = [run([1, 1, 0, 0], [1, 1, 1, 0]), run([0, 0, 0, 1], [1, 1, 1, 1])]
+    c = demo_seeds.compare_stages(runs, "continued_sft_iter0", "spin_iter0")
+    assert c["values"] == [0.25, 0.75] and c["mean"] == pytest.approx(0.5)
+    assert c["se"] == pytest.approx(math.sqrt(((0.25 - 0.5) ** 2 + (0.75 - 0.5) ** 2) / 1) / math.sqrt(2))
+    t975_df1 = 12.706204736174705
+    assert (c["low"], c["high"]) == pytest.approx((0.5 - t975_df1 * c["se"], 0.5 + t975_df1 * c["se"]), rel=1e-6)
+    assert c["seeds_below"] == 0 and c["seeds_above"] <= 1
+
+
 def test_seed_changes_model_init_sft_order_and_sampling(tmp_path):
     """--seeds: seed s changes the init weights, the training data order and the sampling seed."""
     a = demo_seeds.with_seed(demo_run.DemoConfig.small(), 3)

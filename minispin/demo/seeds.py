@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from .. import distributed as dist
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
-from ..stats import format_mean_se, mean_interval, mean_se
+from ..stats import format_mean_se, mean_interval, mean_se, paired_bootstrap
 from . import task as demo_task
 from .run import finished_results
 
@@ -73,6 +73,22 @@ def aggregate_seeds(runs: Sequence[dict[str, Any]], baseline: str = "sft") -> di
             row["seeds_below"] = sum(p["high"] < 0 for p in paired)
         out.append(row)
     return {"baseline": baseline, "seeds": [_seed_of(r) for r in runs], "stages": out}
+
+
+def compare_stages(runs: Sequence[dict[str, Any]], baseline: str, other: str) -> dict[str, Any]:
+    """Stage `other` minus stage `baseline` (stage names) in every seed: mean ± SE over seeds with a 95% t
+    interval, and in how many seeds the paired bootstrap interval over the questions lies above / below 0."""
+    stage = lambda r, name: next(s for s in r["stages"] if s["stage"] == name)  # noqa: E731
+    diffs, above, below = [], 0, 0
+    for r in runs:
+        a, b = stage(r, baseline), stage(r, other)
+        p = paired_bootstrap(a["correct"], b["correct"])
+        diffs.append(p.difference)
+        above, below = above + (p.low > 0), below + (p.high < 0)
+    out = dict(_summary(diffs), baseline=baseline, stage=other, seeds_above=above, seeds_below=below)
+    if len(diffs) >= 2:
+        _, out["low"], out["high"] = mean_interval(diffs)
+    return out
 
 
 def _seed_of(results: dict[str, Any]) -> int:
@@ -125,8 +141,17 @@ def format_seeds(summary: dict[str, Any]) -> str:
             for r in rows:
                 beta = "-" if name != "spin" or r["beta"] is None else f"{r['beta']:g}"
                 lines.append(f"| {r['iteration']} | {r['lr']:g} | {beta} | "
-                             + " | ".join(_pm(r[x]) for x in keys) + " |")
+                             + " | ".join(_pm(r[x], 2 if x.startswith("logps") else 4) for x in keys) + " |")
             lines.append("")
+    if "spin_vs_continued_sft" in summary:
+        lines += ["SPIN iteration t minus continued SFT iteration t (same seed, same questions, the same lr "
+                  "schedule), mean ± SE over seeds:", "", "| iter | SPIN - continued SFT | 95% CI (seeds) | above / below |",
+                  "|---|---|---|---|"]
+        for i, c in enumerate(summary["spin_vs_continued_sft"]):
+            se = "n/a" if c["se"] is None else f"{c['se']:.3f}"
+            ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if "low" in c else "-"
+            lines.append(f"| {i} | {c['mean']:+.3f} ± {se} | {ci} | {c['seeds_above']} / {c['seeds_below']} |")
+        lines.append("")
     if "best_epoch" in summary:
         lines += [f"SFT epochs on the fixed set: best epoch {_pm(summary['best_epoch'], 1)} (per seed: "
                   + ", ".join(str(int(e)) for e in summary["best_epoch"]["values"]) + "; epoch 0 = the demo's SFT). "
@@ -154,6 +179,8 @@ def run_seeds(out: Path, configs: Sequence[Any], run_one: Callable[[Path, Any, s
     if all("mechanism" in r for r in runs):
         summary["mechanism"] = aggregate_mechanism(runs)
         summary["best_epoch"] = _summary([float(r["best_epoch"]) for r in runs])
+        summary["spin_vs_continued_sft"] = [compare_stages(runs, f"continued_sft_iter{i}", f"spin_iter{i}")
+                                            for i in range(len(runs[0]["mechanism"]["spin"]))]
         summary["curves"] = [f"seed {_seed_of(r)}: " + ", ".join(f"{c['val_exact_match']:.3f}" for c in r["epoch_curve"])
                              for r in runs]
     summary["seconds_per_seed"] = [r["seconds_this_run"] for r in runs]
