@@ -207,7 +207,7 @@ def test_seed_changes_model_init_sft_order_and_sampling(tmp_path):
     """--seeds: seed s changes the init weights, the training data order and the sampling seed."""
     a = demo_seeds.with_seed(demo_run.DemoConfig.small(), 3)
     b = demo_seeds.with_seed(PlateauConfig.small(), 4)
-    assert a.seed == 3 and b.demo.seed == 4 and b.n_sft == PlateauConfig.small().n_sft
+    assert a.seed == 3 and b.demo.seed == 4 and b.n_spin == PlateauConfig.small().n_spin
     assert demo_run.train_config(a, "cpu").seed == 3 and demo_run.generation_config(a).seed == 3
     tok = demo_task.write_tokenizer(tmp_path / "tok")
     w = [load_file(demo_run.init_model(tmp_path / f"init{s}", tok, demo_seeds.with_seed(a, s)) / "model.safetensors")
