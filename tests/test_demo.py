@@ -15,8 +15,8 @@ from minispin.demo import run as demo_run
 from minispin.demo import seeds as demo_seeds
 from minispin.demo import task as demo_task
 from minispin.demo.plateau import PlateauConfig
-from minispin.stats import wilson_interval
 from minispin.report import write_report
+from minispin.stats import wilson_interval
 from minispin.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
