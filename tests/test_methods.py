@@ -712,6 +712,10 @@ def test_methods_demo_small_runs_adaptive_and_sppo(tmp_path):
     assert [s["counts"]["pairs"] for s in results["methods"]["sppo"]["pair_stats"]] == [128, 128]  # SPPO does not
     table = (out / "results.md").read_text()
     assert "| adaptive |" in table and "| SPPO |" in table
+    # every stage with its interval and its paired difference from SFT
+    assert "vs SFT [95% CI, paired]" in table and "adaptive iter 1" in table and "SPPO iter 0" in table
+    assert all(len(e["correct"]) == results["sft"]["n_test"] for r in results["methods"].values()
+               for e in r["iterations"])
 
 
 def test_sppo_on_precomputed_probabilities_without_generation(e2e):

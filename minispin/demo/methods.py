@@ -43,6 +43,7 @@ from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
 from ..methods import JudgeConfig
 from ..runs import check_manifest, describe_changes, write_manifest
+from ..stats import format_stage_table, stage_table
 from . import run as demo_run
 from . import task as demo_task
 
@@ -203,6 +204,14 @@ def _pair_stats(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _per_question(results: dict[str, Any]) -> dict[str, list[int]]:
+    """Stage label -> per-question correctness (SFT first, then every method's iterations)."""
+    stages = {"SFT": results["sft"]["correct"]}
+    for name, r in results["methods"].items():
+        stages.update({f"{LABELS[name]} iter {i}": e["correct"] for i, e in enumerate(r["iterations"])})
+    return stages
+
+
 def markdown_tables(results: dict[str, Any]) -> str:
     """Exact match per method and iteration, per skill at the last iteration, and the pair counts."""
     sft = results["sft"]
@@ -225,6 +234,9 @@ def markdown_tables(results: dict[str, Any]) -> str:
         by_skill = e["exact_match_by_skill"]
         lines.append(f"| {label} | " + " | ".join(f"{by_skill.get(s, float('nan')):.3f}" for s in skills)
                      + f" | {e['mean_logprob']:.3f} | {secs:.0f} |")
+    lines += ["", "Every stage with its 95% interval (Wilson) and its paired difference from SFT over the same "
+              "questions (paired bootstrap, 95%):", "", "```", format_stage_table(stage_table(_per_question(results), "SFT"),
+                                                                             "SFT"), "```"]
     stats = [(n, s) for n, r in results["methods"].items() for s in r.get("pair_stats", [])]
     if stats:
         lines += ["", "Pairs per iteration (new + mixed-in previous iteration's):", "",

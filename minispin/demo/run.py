@@ -3,6 +3,8 @@
     python -m minispin.demo                 # 2 torchrun ranks on CPU, results in ./runs/demo
     python -m minispin.demo --nproc 1       # one process
     python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
+    python -m minispin.demo --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
+    python -m minispin.demo --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
 
 Stages (each skipped when its output exists, so re-running with the same --out continues):
 1. task       a small task with checkable answers (`minispin.demo.task`: reverse / sort letters, add two
@@ -15,7 +17,9 @@ Stages (each skipped when its output exists, so re-running with the same --out c
 5. SPIN       iterations 0..T-1 from the SFT model (`minispin.spin`): generate, pair with the real
               answers, reference log-probs, train; iteration t >= 1 also trains on iteration t-1's pairs
 After each model: held-out exact-match accuracy of greedy answers and the mean summed log-prob of
-the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json.
+the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json with the
+per-question results; the table gives each stage's 95% Wilson interval and its paired-bootstrap
+difference from SFT over the same questions (`minispin.stats`).
 
 Hyperparameters are chosen for a ~0.8M-parameter model trained from scratch, NOT the paper's 7B
 recipe (RMSProp, lr 5e-7/1e-7, beta 0.1/5.0, batch 64; see examples/spin_zephyr.py for that):
@@ -28,7 +32,6 @@ larger lrs made SPIN worse than the SFT model on this task.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -46,12 +49,13 @@ from ..checkpoint import load_model, save_model
 from ..data import read_examples
 from ..driver import SpinConfig, spin
 from ..eval import table_from_demo, write_table
-from ..evaluate import answer_logprobs, greedy_answers
+from ..evaluate import answer_logprobs, exact_match_per_question, greedy_answers
 from ..generation_job import GenerationConfig
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
 from ..model import ModelConfig, Transformer
 from ..runs import check_manifest, describe_changes
+from ..stats import format_stage_table, stage_table
 from ..tokenizer import load_tokenizer
 from ..training import TrainConfig
 from . import task as demo_task
@@ -160,11 +164,15 @@ def generation_config(config: DemoConfig):
 
 
 def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str, *, lr: float,
-            limit: int | None) -> Path:
-    """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model."""
+            limit: int | None, seed: int | None = None) -> Path:
+    """SFT (from scratch, or continued) through the iteration driver's "sft" method; returns the model.
+    `seed`: this run's seed instead of the demo's (e.g. the data order of one plateau epoch)."""
+    settings = run_settings(config)
+    if seed is not None:
+        settings["seed"] = seed
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
-        iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32", **run_settings(config),
+        iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32", **settings,
         train=train_config(config, device), generation=generation_config(config)))
     return result.final_model
 
@@ -185,27 +193,28 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
     """Exact match (overall and per skill) and mean answer log-prob of one model; every rank takes a
     share of the test set. Cached in eval_dir/<name>.json (with `extra`, e.g. the stage's train time)."""
     path = eval_dir / f"{name}.json"
-    if dist.all_ranks_true(path.is_file()):
-        return json.loads(path.read_text())
+    if dist.all_ranks_true(path.is_file() and "correct" in json.loads(path.read_text())):
+        return json.loads(path.read_text())  # (an older cache without per-question results is redone)
     start = time.perf_counter()
     model = load_model(model_dir, dtype=torch.float32, device=device)
     tokenizer = load_tokenizer(model_dir)
     examples = read_examples(test_path)
-    answers = greedy_answers(model, tokenizer, examples, batch_size=128, distributed=True)
+    hits = exact_match_per_question(model, tokenizer, examples, batch_size=128, distributed=True)
     logps = answer_logprobs(model, tokenizer, examples, batch_size=128, distributed=True)
+    shown = examples[:6]  # a few answers to read (every rank; greedy, so the same answers)
+    shown_answers = greedy_answers(model, tokenizer, shown, batch_size=len(shown))
     per_skill: dict[str, list[bool]] = {}
-    for e, text in zip(examples, answers):
-        prompt = e.prompt[-1]["content"]
-        per_skill.setdefault(demo_task.skill_of(prompt), []).append(demo_task.is_correct(prompt, text))
-    hits = [h for v in per_skill.values() for h in v]
+    for e, hit in zip(examples, hits):
+        per_skill.setdefault(demo_task.skill_of(e.prompt[-1]["content"]), []).append(hit)
     result = {
         "stage": name, "model": str(model_dir), "n_test": len(examples),
         "exact_match": sum(hits) / len(hits),
         "exact_match_by_skill": {s: sum(v) / len(v) for s, v in sorted(per_skill.items())},
         "mean_logprob": sum(v for v, _ in logps) / len(logps),
         "mean_logprob_per_token": sum(v for v, _ in logps) / sum(n for _, n in logps),
+        "correct": [int(h) for h in hits],  # per test question, in file order: intervals, paired differences
         "examples": [{"prompt": e.prompt[-1]["content"], "real": e.real, "generated": a}
-                     for e, a in list(zip(examples, answers))[:6]],
+                     for e, a in zip(shown, shown_answers)],
         "eval_seconds": round(time.perf_counter() - start, 2),
         **(extra or {}),
     }
@@ -216,8 +225,21 @@ def evaluate_stage(name: str, model_dir: Path, test_path: Path, eval_dir: Path, 
     return result
 
 
+def interval_rows(stages: list[dict[str, Any]], baseline: str = "SFT") -> list[dict[str, Any]]:
+    """`minispin.stats.stage_table` of the evaluated stages: each stage's exact match with its 95% Wilson
+    interval and its paired-bootstrap difference from `baseline` (a stage label) over the same questions."""
+    return stage_table({s["label"]: s["correct"] for s in stages}, baseline)
+
+
+def format_results(stages: list[dict[str, Any]], baseline: str = "SFT") -> str:
+    """The printed results: exact match with intervals and paired differences, then skills and log-probs."""
+    return (format_stage_table(interval_rows(stages, baseline), baseline) + "\n\n" + format_table(stages)
+            + f"\n({stages[0]['n_test']} held-out questions; 95% intervals: Wilson for exact match, paired "
+            f"bootstrap over the questions for the difference from {baseline})")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The results as a fixed-width text table."""
+    """Exact match per skill and the real answers' log-probs, as a fixed-width text table."""
     skills = [s for s in demo_task.SKILLS if any(s in r["exact_match_by_skill"] for r in rows)]
     head = ["stage", "exact match"] + skills + ["mean log p(real)", "per token"]
     body = [[r["label"], f"{r['exact_match']:.3f}"] + [f"{r['exact_match_by_skill'].get(s, float('nan')):.3f}"
@@ -231,81 +253,93 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 
+def finished_results(out: Path, config: Any) -> dict[str, Any] | None:
+    """The results of a finished run in `out` made with exactly `config` (a dataclass), else None."""
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("config") == json.loads(json.dumps(asdict(config))) else None
+
+
 def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) every stage; call on every rank. Returns the results dict (also on disk)."""
     info = dist.init_distributed(device)
-    t_start = time.perf_counter()
     try:
-        paths = _paths(out)
-        error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
-        if error:
-            raise SystemExit(f"error: {error}")
-        _say(f"run dir {out}; {info.world_size} rank(s) on {device}")
-
-        t = time.perf_counter()
-        if dist.is_main():
-            task = make_task(paths["task"], config)
-            init_model(paths["init"], task["tokenizer"], config)
-        dist.barrier()
-        task = {"train": paths["task"] / "train_sft.jsonl", "test": paths["task"] / "test_sft.jsonl"}
-        _say(f"1-2/5 task + model: {config.n_train} train / {config.n_test} test questions, random "
-             f"{config.num_layers}-layer Llama in {paths['init']} ({time.perf_counter() - t:.1f}s)")
-
-        stages: list[dict[str, Any]] = []
-
-        def evaluate(name: str, label: str, model_dir: Path, seconds: float) -> None:
-            r = evaluate_stage(name, model_dir, task["test"], paths["eval"], device,
-                               extra={"train_seconds": round(seconds, 2)})
-            stages.append(dict(r, label=label))
-            _say(f"{label}: exact match {r['exact_match']:.3f}, mean log p(real) {r['mean_logprob']:.3f} "
-                 f"({r.get('train_seconds', seconds):.1f}s train, {r['eval_seconds']:.1f}s eval)")
-
-        t = time.perf_counter()
-        _say(f"3/5 SFT from scratch: {config.n_train} examples, lr {config.sft_lr:g}")
-        sft_model = run_sft(paths["init"], task["train"], paths["sft"], config, device, lr=config.sft_lr, limit=None)
-        evaluate("sft", "SFT", sft_model, time.perf_counter() - t)
-
-        t = time.perf_counter()
-        _say(f"4/5 continued SFT: 1 epoch on the {config.n_spin} SPIN prompts' real answers, lr {config.continued_lr:g}")
-        cont_model = run_sft(sft_model, task["train"], paths["continued_sft"], config, device,
-                             lr=config.continued_lr, limit=config.n_spin)
-        evaluate("continued_sft", "continued SFT", cont_model, time.perf_counter() - t)
-
-        t = time.perf_counter()
-        _say(f"5/5 SPIN: {config.iterations} iteration(s) on {config.n_spin} prompts, lr {config.spin_lr:g}, "
-             f"beta {config.spin_beta:g}, {config.spin_epochs:g} epoch(s) each")
-        spin_models = run_spin(sft_model, task["train"], paths["spin"], config, device)
-        spin_seconds = (time.perf_counter() - t) / max(1, len(spin_models))
-        for i, m in enumerate(spin_models):
-            evaluate(f"spin_iter{i}", f"SPIN iter {i}", m, spin_seconds)
-
-        total = time.perf_counter() - t_start
-        table = format_table(stages)
-        results = {"config": asdict(config), "world_size": info.world_size, "device": device,
-                   "seconds_this_run": round(total, 1), "stages": stages, "table": table}
-        if dist.is_main():
-            atomic_write_json(out / "results.json", results)
-            atomic_write_text(out / "results.txt", table + "\n")
-            write_table(out, table_from_demo(stages, demo_task.SKILLS))  # the seeds' table, for minispin.report
-            print("\n" + table + "\n", flush=True)
-            _say(f"done in {total:.0f}s; results in {out / 'results.json'}; figures: python -m minispin.report {out}")
-        dist.barrier()
-        return results
+        return demo_stages(out, config, device, info.world_size)
     finally:
         dist.shutdown(info)
 
 
-# ----------------------------------------------------------------------------- command line
+def demo_stages(out: Path, config: DemoConfig, device: str, world_size: int) -> dict[str, Any]:
+    """Every stage of one demo run in `out` (on every rank of an initialized process group)."""
+    t_start = time.perf_counter()
+    paths = _paths(out)
+    error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
+    if error:
+        raise SystemExit(f"error: {error}")
+    _say(f"run dir {out}; {world_size} rank(s) on {device}; seed {config.seed}")
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minispin.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo", help="run folder (re-running with the same one continues)")
-    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
-    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
-    p.add_argument("--iterations", type=int, default=None, help="SPIN iterations (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sampling")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    return p
+    t = time.perf_counter()
+    if dist.is_main():
+        task = make_task(paths["task"], config)
+        init_model(paths["init"], task["tokenizer"], config)
+    dist.barrier()
+    task = {"train": paths["task"] / "train_sft.jsonl", "test": paths["task"] / "test_sft.jsonl"}
+    _say(f"1-2/5 task + model: {config.n_train} train / {config.n_test} test questions, random "
+         f"{config.num_layers}-layer Llama in {paths['init']} ({time.perf_counter() - t:.1f}s)")
+
+    stages: list[dict[str, Any]] = []
+
+    def evaluate(name: str, label: str, model_dir: Path, seconds: float) -> None:
+        r = evaluate_stage(name, model_dir, task["test"], paths["eval"], device,
+                           extra={"train_seconds": round(seconds, 2)})
+        stages.append(dict(r, label=label))
+        _say(f"{label}: exact match {r['exact_match']:.3f}, mean log p(real) {r['mean_logprob']:.3f} "
+             f"({r.get('train_seconds', seconds):.1f}s train, {r['eval_seconds']:.1f}s eval)")
+
+    t = time.perf_counter()
+    _say(f"3/5 SFT from scratch: {config.n_train} examples, lr {config.sft_lr:g}")
+    sft_model = run_sft(paths["init"], task["train"], paths["sft"], config, device, lr=config.sft_lr, limit=None)
+    evaluate("sft", "SFT", sft_model, time.perf_counter() - t)
+
+    t = time.perf_counter()
+    _say(f"4/5 continued SFT: 1 epoch on the {config.n_spin} SPIN prompts' real answers, lr {config.continued_lr:g}")
+    cont_model = run_sft(sft_model, task["train"], paths["continued_sft"], config, device,
+                         lr=config.continued_lr, limit=config.n_spin)
+    evaluate("continued_sft", "continued SFT", cont_model, time.perf_counter() - t)
+
+    t = time.perf_counter()
+    _say(f"5/5 SPIN: {config.iterations} iteration(s) on {config.n_spin} prompts, lr {config.spin_lr:g}, "
+         f"beta {config.spin_beta:g}, {config.spin_epochs:g} epoch(s) each")
+    spin_models = run_spin(sft_model, task["train"], paths["spin"], config, device)
+    spin_seconds = (time.perf_counter() - t) / max(1, len(spin_models))
+    for i, m in enumerate(spin_models):
+        evaluate(f"spin_iter{i}", f"SPIN iter {i}", m, spin_seconds)
+
+    results = write_results(out, config, stages, world_size, device, time.perf_counter() - t_start)
+    if dist.is_main():
+        write_table(out, table_from_demo(stages, demo_task.SKILLS))  # the seeds' table, for minispin.report
+        _say(f"figures: python -m minispin.report {out}")
+    dist.barrier()
+    return results
+
+
+def write_results(out: Path, config: Any, stages: list[dict[str, Any]], world_size: int, device: str,
+                  seconds: float, notes: str = "", **extra: Any) -> dict[str, Any]:
+    """results.json (config, stages with per-question results, interval rows, `extra`) and results.txt (the
+    printed table, then `notes`) of one run; rank 0 writes and prints. Returns the results on every rank."""
+    table = format_results(stages) + (f"\n\n{notes}" if notes else "")
+    results = {"config": asdict(config), "world_size": world_size, "device": device,
+               "seconds_this_run": round(seconds, 1), "stages": stages, "stats": interval_rows(stages),
+               "table": table, **extra}
+    if dist.is_main():
+        atomic_write_json(out / "results.json", results)
+        atomic_write_text(out / "results.txt", table + "\n")
+        print("\n" + table + "\n", flush=True)
+        _say(f"done in {seconds:.0f}s; results in {out / 'results.json'}")
+    dist.barrier()
+    return results
 
 
 def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
@@ -318,26 +352,3 @@ def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *argv]
     return subprocess.call(cmd, env=env)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    if args.nproc < 1:
-        raise SystemExit("--nproc must be >= 1")
-    if args.nproc > 1 and not dist.launched_by_torchrun():
-        return launch_torchrun("minispin.demo", argv, args.nproc)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")  # see launch_torchrun
-    overrides: dict[str, Any] = {"seed": args.seed}
-    if args.iterations is not None:
-        if args.iterations < 1:
-            raise SystemExit("--iterations must be >= 1")
-        overrides["iterations"] = args.iterations
-    config = DemoConfig.small(**overrides) if args.small else DemoConfig(**overrides)
-    run_demo(Path(args.out), config, args.device)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
