@@ -22,10 +22,10 @@ Re-running the same command resumes the run.
 from __future__ import annotations
 
 from minispin.cli import run_recipe
-from minispin.demo import run as demo_run
+from minispin.demo.__main__ import main as demo_main
 
 # The recipe on top of SpinConfig's (paper) defaults; options you give win over it.
 RECIPE = {"limit": 50000, "split": "train_sft", "num_iterations": 4, "output_dir": "runs/spin-zephyr"}
 
 if __name__ == "__main__":
-    run_recipe(RECIPE, description=__doc__, demo=demo_run.main)
+    run_recipe(RECIPE, description=__doc__, demo=demo_main)

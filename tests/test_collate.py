@@ -232,7 +232,7 @@ def test_bad_generated_ids_are_a_row_error(tmp_path):
     row = {"real": PROMPT + [{"role": "assistant", "content": "A"}],
            "generated": PROMPT + [{"role": "assistant", "content": "B"}], "generated_ids": [5, "x"]}
     path.write_text(json.dumps(row) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 0: key 'generated_ids': expected a list of token ids"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1: key 'generated_ids': expected a list of token ids"):
         read_examples(path)
 
 

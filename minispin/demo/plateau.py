@@ -35,7 +35,8 @@ from ..log import print0
 from ..runs import check_manifest, describe_changes
 from . import run as demo_run
 from . import task as demo_task
-from .run import DemoConfig, evaluate_stage, generation_config, init_model, make_task, run_sft, train_config, write_results
+from .run import (DemoConfig, evaluate_stage, generation_config, init_model, make_task, run_settings, run_sft,
+                  train_config, write_results)
 
 # metrics.jsonl keys averaged per iteration (the loop's named step metrics)
 MECHANISM_KEYS = ("loss", "rewards/real", "rewards/generated", "margins", "accuracies", "logps/real",
@@ -181,7 +182,7 @@ def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: in
     # 2-3. continued SFT and SPIN from the plateau model on the same prompts, the same lr schedule
     schedule = config.schedule()
     common = dict(model=str(sft_model), data=str(train), limit=config.n_spin, num_iterations=len(schedule),
-                  save_dtype="float32", train=train_config(d, device, epochs=config.epochs_per_iteration),
+                  save_dtype="float32", **run_settings(d), train=train_config(d, device, epochs=config.epochs_per_iteration),
                   generation=generation_config(d))
     runs = {"continued_sft": SpinConfig(method="sft", output_dir=str(pdir / "continued_sft"),
                                         iterations=[{"lr": s["lr"]} for s in schedule], **common),
