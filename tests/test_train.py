@@ -554,14 +554,14 @@ def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path
             return (loss * float("nan") if calls["n"] == _bad else loss), seq, logps
 
         monkeypatch.setattr(optim_mod, "batch_loss", poisoned)
-        cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False)
+        cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False, device="cpu")
         with pytest.raises(TrainingDiverged, match=expected):
             train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path / f"run{bad_call}")
 
 
 def test_a_damaged_train_state_file_is_named(setup, tmp_path):
     _, model_dir, tok = setup
-    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=2, micro_batch_size=1, save_steps=1, progress=False)
+    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=2, micro_batch_size=1, save_steps=1, progress=False, device="cpu")
     train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
     weights = tmp_path / "train_state" / "model.safetensors"
     size = weights.stat().st_size
@@ -585,7 +585,7 @@ def test_truncation_report_small_data_and_positions_are_told_up_front(setup, cap
     long_pairs = [Pair(i, [{"role": "user", "content": "What is 1+1? " * 4}], "It is two. " * 6, "no " * 20)
                   for i in range(3)] + make_pairs(7, seed=1)[3:]
     cfg = TrainConfig(lr=1e-3, max_steps=1, global_batch_size=8, micro_batch_size=1, max_length=40,
-                      max_prompt_length=20, progress=False)
+                      max_prompt_length=20, progress=False, device="cpu")
     train(str(model_dir), tok, long_pairs, cfg)
     err = capsys.readouterr().err
     assert ("[train] warning: 3 of 7 pairs truncated at max_length 40 (3 prompts cut to max_prompt_length 20, "
@@ -596,4 +596,4 @@ def test_truncation_report_small_data_and_positions_are_told_up_front(setup, cap
     assert capsys.readouterr().err == ""  # nothing cut, enough pairs: no word
     with pytest.raises(ValueError, match="pair 0 is 1[0-9][0-9] tokens long, beyond the model's 128 positions"):
         train(str(model_dir), tok, [Pair(0, [{"role": "user", "content": "a" * 100}], "b" * 60, "c")],
-              TrainConfig(max_length=400, max_prompt_length=200, progress=False))
+              TrainConfig(max_length=400, max_prompt_length=200, progress=False, device="cpu"))
