@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from .config import FILE, GIVEN, RECIPE, ConfigError, flat_names, from_dict, to_dict
 from .driver import SpinConfig, SpinResult, spin
 from .driver import __doc__ as DRIVER_DOC
+from .distributed import launch, launched_by_torchrun
 from .log import print_result, run_main
 
 __all__ = ["parse_value", "build_parser", "parse_config", "parse_args", "main", "run_recipe", "nearest_option",
@@ -205,6 +206,9 @@ def build_parser(cls: type, description: str | None = None,
                         help="JSON file with (nested) option values, or a run's config.json; options given "
                              "on the command line win over it, it wins over the recipe")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--nproc_per_node", type=int, metavar="N",
+                        help="start N ranks on this machine (one per GPU), like torchrun --standalone "
+                             "--nproc_per_node N, but a user mistake prints only its one error line")
     extra_flags: dict[str, list[str]] = {}
     for alias, target in {**ALIASES, **(aliases or {})}.items():
         extra_flags.setdefault(target, []).append(alias)
@@ -319,6 +323,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     parser = build_parser(cls, description, aliases)
     ns = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
     ns.pop("debug", None)
+    ns.pop("nproc_per_node", None)  # a launcher option (run_recipe), not a setting
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
     _merge(data, sources, {k: v for k, v in (recipe or {}).items()}, RECIPE)
@@ -416,12 +421,46 @@ def run_recipe(recipe: dict[str, Any], argv: Sequence[str] | None = None, *, des
         shown = " ".join(f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in recipe.items())
         description += f"\nRecipe (defaults; your options win): {shown}"
 
-    def run() -> SpinResult:
-        result = spin(parse_args(argv, description=description, recipe=recipe))
+    def run() -> SpinResult | None:
+        config = parse_args(argv, description=description, recipe=recipe)  # every option checked before ranks start
+        nproc, rest = _nproc_per_node(argv)
+        if nproc is not None and not launched_by_torchrun():
+            code = launch(nproc, [*_this_program(), *rest])
+            if code:
+                raise SystemExit(code)  # the ranks printed the error
+            return None
+        result = spin(config)
         print_result({"run_dir": str(result.run_dir), "models": [str(m) for m in result.models]})
         return result
 
     return run_main(run, argv)
+
+
+def _nproc_per_node(argv: list[str]) -> tuple[int | None, list[str]]:
+    """(N of `--nproc_per_node N`, or None; the other options) - already checked by the parser."""
+    for i, arg in enumerate(argv):
+        if arg == "--nproc_per_node" and i + 1 < len(argv):
+            value, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+        elif arg.startswith("--nproc_per_node="):
+            value, rest = arg.partition("=")[2], argv[:i] + argv[i + 1:]
+        else:
+            continue
+        if int(value) < 1:
+            raise ConfigError(f"--nproc_per_node: expected at least 1 rank, got {value}")
+        return int(value), rest
+    return None, argv
+
+
+def _this_program() -> list[str]:
+    """How to start this program again (`-m module` or the script's path), for launch()."""
+    main = sys.modules["__main__"]
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name.removesuffix(".__main__")]
+    if getattr(main, "__file__", None):
+        return [main.__file__]
+    raise ConfigError("--nproc_per_node starts this program again as N ranks, which needs a script or "
+                      "`python -m`; from a notebook, start a script with torchrun instead")
 
 
 def main(argv: Sequence[str] | None = None) -> SpinResult | None:

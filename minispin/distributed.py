@@ -7,6 +7,10 @@ Launch modes:
   `init_distributed(single_process_group=True)` starts a one-rank nccl group on an in-memory store, so
   the training loop can run the very same FSDP2 mixed-precision path on one GPU as on eight.
 
+- `launch(N, command)` (behind `--nproc_per_node N` on minispin's command lines): torchrun's
+  standalone launcher run inside this process, quietly - a rank's own "error: ..." line is all a user
+  mistake prints, where plain torchrun adds a ~40-line failure block of its own.
+
 Under torchrun each rank also ends when its launcher dies (`exit_with_parent`): torchrun starts every
 rank in a session of its own, so a kill -9 of torchrun or of its process group would not reach them.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import random
 import signal
@@ -28,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import run as torchrun
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 KILL_ENV = "MINISPIN_TEST_KILL_AT"
 
@@ -110,6 +117,28 @@ def init_distributed(device: str | torch.device | None = None, *,
         backend = None
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched_by_torchrun() else 0
     return DistInfo(get_rank(), get_world_size(), local_rank, dev, backend, created)
+
+
+def launch(nproc: int, command: list[str]) -> int:
+    """Run `python command...` as `nproc` ranks on this machine (what `torchrun --standalone
+    --nproc_per_node nproc command...` does) and return the job's exit code: 0, or the first failed rank's.
+    Quiet: each rank prints its own errors (minispin's one "error:" line); torchrun's failure block,
+    traceback and log lines are left out. A rank ended by a signal gets one line (it could print none)."""
+    assert nproc >= 1 and command, (nproc, command)
+    # torchrun would set 1 thread per rank and warn about it in 4 lines; share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun.run(torchrun.parse_args(["--standalone", f"--nproc_per_node={nproc}", *command]))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode >= 0:
+            return failure.exitcode or 1
+        name = signal.Signals(-failure.exitcode).name if -failure.exitcode in signal.valid_signals() else "?"
+        print(f"error: rank {rank} was ended by signal {-failure.exitcode} ({name})"
+              + (": out of memory?" if name == "SIGKILL" else ""), file=sys.stderr, flush=True)
+        return 128 - failure.exitcode
+    return 0
 
 
 _PARENT_WATCH: list[int] = []  # the parent pid being watched (once per process)

@@ -48,7 +48,7 @@ import torch
 
 from . import distributed as dist
 from .checkpoint import load_config, load_model
-from .collate import Pair
+from .collate import Pair, TruncationReport
 from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, to_dict, winner
 from .config import replace as replace_config
 from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
@@ -476,6 +476,8 @@ def spin(config: SpinConfig) -> SpinResult:
 
             _phase_done(it, "reference")  # a damaged reference file is refused, not trained on
             result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
+            truncation = result.truncation
+            assert truncation is not None  # train() tokenized the pairs itself
             on_phase("save")
             save_trained_model(result.policy, final, tokenizer=tokenizer, dtype=_save_dtype(config))
             _record_phase(it, "model", final)
@@ -486,7 +488,8 @@ def spin(config: SpinConfig) -> SpinResult:
             models.append(final)
             current = final
             _log(f"iteration {t}: saved {final}")
-            summaries.append(_write_summary(it, t, method.name, len(pairs), time.perf_counter() - t0, final))
+            summaries.append(_write_summary(it, t, method.name, len(pairs), time.perf_counter() - t0, final,
+                                            truncation, train_cfg))
         record_config()
         _write_state(run, iteration=len(schedule), phase="done", models=[str(m) for m in models])
         _write_run_summary(run, summaries)
@@ -502,14 +505,18 @@ def spin(config: SpinConfig) -> SpinResult:
 _SUMMARY_COLUMNS = (("iter", "iteration", "{}"), ("pairs", "pairs", "{}"), ("steps", "steps", "{}"),
                     ("train s", "train_seconds", "{:.1f}"), ("loss", "loss", "{:.4f}"), ("margin", "margins", "{:.4f}"),
                     ("accuracy", "accuracies", "{:.3f}"), ("reward real", "rewards/real", "{:.4f}"),
-                    ("reward gen", "rewards/generated", "{:.4f}"))
+                    ("reward gen", "rewards/generated", "{:.4f}"), ("cut", "pairs_truncated", "{}"))
 
 
-def _write_summary(it: Path, t: int, method: str, n_pairs: int, wall_seconds: float, final: Path) -> dict[str, Any]:
+def _write_summary(it: Path, t: int, method: str, n_pairs: int, wall_seconds: float, final: Path,
+                   truncation: TruncationReport, train_cfg: TrainConfig) -> dict[str, Any]:
     """Rank 0: <iter>/summary.json (pairs, steps, time, last-10%-of-steps means of loss, margin, accuracy,
-    rewards, where the model is) and its one-line version; returns it (every rank)."""
+    rewards, truncation counts, where the model is) and its one-line version; returns it (every rank)."""
     records, _ = read_metrics(it / "metrics.jsonl") if dist.is_main() else ([], False)
     summary = {"iteration": t, "method": method, "pairs": n_pairs, **metrics_summary(records),
+               "pairs_truncated": truncation.pairs_cut, "prompts_truncated": truncation.prompts_cut,
+               "answers_truncated": truncation.answers_cut, "max_length": train_cfg.max_length,
+               "max_prompt_length": train_cfg.max_prompt_length,
                "wall_seconds_this_call": round(wall_seconds, 1), "model": str(final)}
     if dist.is_main():
         atomic_write_json(it / "summary.json", summary)
@@ -518,7 +525,9 @@ def _write_summary(it: Path, t: int, method: str, n_pairs: int, wall_seconds: fl
          f"{fmt('loss', '{:.4f}')}" + ("" if summary["margins"] is None else
                                       f", margin {fmt('margins', '{:.4f}')}, accuracy {fmt('accuracies', '{:.3f}')}, "
                                       f"rewards real {fmt('rewards/real', '{:.4f}')} / generated "
-                                      f"{fmt('rewards/generated', '{:.4f}')}") + f"; model {final}")
+                                      f"{fmt('rewards/generated', '{:.4f}')}") +
+         f"; {truncation.pairs_cut} pairs truncated ({truncation.prompts_cut} prompts, {truncation.answers_cut} "
+         f"answers); model {final}")
     return summary
 
 

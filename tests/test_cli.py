@@ -104,10 +104,10 @@ def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_p
                            "a folder, and this is one file: leave out --split"), line
 
 
-def test_bad_row_under_torchrun_is_printed_once(tmp_path):
-    """One bad row (line 15 of an UltraChat file lacks `messages`) under torchrun with 2 CPU ranks: one
-    'error:' line naming the file, the 1-based line and the right key; no rank prints a traceback (what
-    remains is torchrun's own failure block, which no rank can suppress)."""
+def test_bad_row_under_two_ranks_is_one_line(tmp_path):
+    """One bad row (line 15 of an UltraChat file lacks `messages`) with 2 CPU ranks started by
+    `--nproc_per_node 2`: stderr is exactly one 'error:' line naming the file, the 1-based line and the
+    right key; exit code 1, no traceback, no result line, no status line, no run folder content."""
     tok = tmp_path / "tok"
     write_char_tokenizer(tok)
     rows = [{"prompt": f"q{i}", "prompt_id": str(i), "messages": [{"role": "user", "content": f"q{i}"},
@@ -116,16 +116,17 @@ def test_bad_row_under_torchrun_is_printed_once(tmp_path):
     rows[14] = {"prompt": "q14", "prompt_id": "14"}
     data = tmp_path / "ultrachat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "minispin",
-                "--model", str(TINY_MODEL), "--tokenizer", str(tok), "--data", str(data),
-                "--out", str(tmp_path / "run"), "--train.device", "cpu"], tmp_path)
-    assert res.returncode != 0
-    lines = res.stderr.splitlines()
-    ours = [line for line in lines if line.startswith("error:")]
-    assert ours == [f"error: {data}: line 15: key 'messages': missing (format 'ultrachat')"], res.stderr[-3000:]
-    assert not [line for line in lines if re.search(r'File ".*minispin', line)], res.stderr[-3000:]
-    assert not [line for line in lines if line.startswith("[spin]")] and res.stdout == ""
-    torchrun = [line for line in lines if line not in ours]
-    print(f"{len(lines)} lines on stderr: 1 from minispin, {len(torchrun)} from torchrun's failure block")
-    assert len(torchrun) <= 45, res.stderr  # torchrun's block (its traceback + failure summary), nothing else
-    assert "ChildFailedError" in res.stderr
+    res = _run(["-m", "minispin", "--nproc_per_node", "2", "--model", str(TINY_MODEL), "--tokenizer", str(tok),
+                "--data", str(data), "--out", str(tmp_path / "run"), "--train.device", "cpu"], tmp_path)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert res.stderr.splitlines() == [f"error: {data}: line 15: key 'messages': missing (format 'ultrachat')"]
+    assert res.stdout == ""
+
+
+def test_bad_nproc_per_node_is_one_line(tmp_path):
+    for value, expected in [("0", "error: --nproc_per_node: expected at least 1 rank, got 0"),
+                            ("two", "error: argument --nproc_per_node: invalid int value: 'two' "
+                                    "(see python -m minispin --help)")]:
+        res = _run(["-m", "minispin", "--nproc_per_node", value, "--model", str(TINY_MODEL), "--data",
+                    str(DPO_DATA)], tmp_path)
+        assert res.returncode == 2 and res.stderr.splitlines() == [expected], res.stderr

@@ -272,7 +272,8 @@ def test_tensorboard_missing_is_a_clear_error(monkeypatch):
 
 
 def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
-    """Each iteration ends with summary.json (pairs, steps, time, last-10%-of-steps means, model); the run
+    """Each iteration ends with summary.json (pairs, steps, time, last-10%-of-steps means, truncation counts,
+    model); the run
     ends with <run>/summary.json and a table of all iterations, also when every iteration was done earlier."""
     from minispin.driver import SpinConfig, spin
     from minispin.runs import metrics_summary, read_metrics
@@ -288,6 +289,8 @@ def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
         assert s["margins"] == pytest.approx(sum(r["margins"] for r in last) / len(last))
         assert {k: v for k, v in s.items() if k in metrics_summary(records)} == metrics_summary(records)
         assert s["model"] == str(run / f"iter{t}" / "model") and s["wall_seconds_this_call"] > 0
+        # the one long answer (tiny_run.LONG) is cut once per iteration's new pairs; no prompt is long
+        assert (s["pairs_truncated"], s["answers_truncated"], s["prompts_truncated"]) == (t + 1, t + 1, 0)
 
     resumed = copy_run(run, tmp_path / "run")
     capfd.readouterr()
@@ -297,4 +300,5 @@ def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
     rows = [line.split()[1:] for line in err[head + 2: head + 2 + ITERATIONS]]
     assert [r[:3] for r in rows] == [[str(t), str(8 * (t + 1)), str(STEPS[t])] for t in range(ITERATIONS)]
     assert [float(r[4]) for r in rows] == [pytest.approx(s["loss"], abs=6e-5) for s in total]
+    assert [r[-1] for r in rows] == [str(t + 1) for t in range(ITERATIONS)]  # the "cut" column
     assert err[head + 2 + ITERATIONS] == f"[spin] summary: {resumed / 'summary.json'}"

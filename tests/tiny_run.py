@@ -17,7 +17,8 @@ from minispin.training import TrainConfig
 from tiny import tiny_config, write_char_tokenizer
 
 ITERATIONS = 2
-STEPS = (4, 8)  # optimizer steps of iterations 0 and 1 (8 pairs, then 16 with the previous iteration's)
+STEPS = (4, 8)
+LONG = " (twice seven, which is an even number)"  # optimizer steps of iterations 0 and 1 (8 pairs, then 16 with the previous iteration's)
 
 
 def tiny_run(tmp_path_factory) -> Path:
@@ -33,8 +34,9 @@ def tiny_run(tmp_path_factory) -> Path:
     save_model(Transformer(tiny_config()), model_dir,
                extra_files=[str(model_dir / "tokenizer.json"), str(model_dir / "tokenizer_config.json")])
     data = root / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"what is {i}+{i}?", "response": f"it is {2 * i}."}) + "\n"
-                            for i in range(8)))
+    # the last answer is too long for max_length 48: one pair per iteration's new pairs is truncated
+    data.write_text("".join(json.dumps({"prompt": f"what is {i}+{i}?", "response": f"it is {2 * i}." + LONG * (i == 7)})
+                            + "\n" for i in range(8)))
     spin(SpinConfig(
         model=str(model_dir), data=str(data), output_dir=str(run), iterations=[{"lr": 1e-3, "beta": 0.1}],
         num_iterations=ITERATIONS, save_dtype="float32", max_prompt_length=24,

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import distributed as dist
 from .plateau import PlateauConfig, plateau_stages
-from .run import DemoConfig, demo_stages, launch_torchrun
+from .run import DemoConfig, demo_stages, launch_ranks
 from .seeds import run_seeds, with_seed
 
 REGIMES = ("default", "plateau")
@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--iterations must be >= 1 and belongs to the default regime (the plateau regime runs "
                          "iterations 0-3 with the paper's schedule shape)")
     if args.nproc > 1 and not dist.launched_by_torchrun():
-        return launch_torchrun("minispin.demo", argv, args.nproc)
+        return launch_ranks("minispin.demo", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")  # see launch_torchrun
+        os.environ.pop("TRITON_INTERPRET")  # see launch_ranks
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.iterations is not None:
         overrides["iterations"] = args.iterations

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
     if args.nproc > 1 and not dist.launched_by_torchrun():
-        return demo_run.launch_torchrun("minispin.demo.methods", argv, args.nproc)
+        return demo_run.launch_ranks("minispin.demo.methods", argv, args.nproc)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET")
     overrides: dict[str, Any] = {"seed": args.seed}

@@ -35,8 +35,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -342,13 +340,9 @@ def write_results(out: Path, config: Any, stages: list[dict[str, Any]], world_si
     return results
 
 
-def launch_torchrun(module: str, argv: list[str], nproc: int) -> int:
-    """Re-run `python -m module argv` under torchrun with `nproc` ranks; returns its exit code."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+def launch_ranks(module: str, argv: list[str], nproc: int) -> int:
+    """Re-run `python -m module argv` as `nproc` ranks (minispin.distributed.launch); returns its exit code."""
     # Triton's CPU interpreter (a test-suite setting) would make the demo's kernels crawl; on CPU the
     # kernels take their plain-torch path without it.
-    env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *argv]
-    return subprocess.call(cmd, env=env)
+    os.environ.pop("TRITON_INTERPRET", None)
+    return dist.launch(nproc, ["-m", module, *argv])

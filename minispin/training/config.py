@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..collate import TruncationReport
 from ..model import Transformer
 from ..tensorboard import tensorboard_available
 from ..config import records_given
@@ -106,3 +107,4 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)  # metrics of the steps run in this call
     metrics_path: Path | None = None
+    truncation: TruncationReport | None = None  # how many pairs were cut (None: the caller tokenized them)

@@ -115,6 +115,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     check_tokenizer_fits(tokenizer, policy.model.config.vocab_size, model if isinstance(model, (str, Path)) else
                          "being trained")
     pad_id = _pad_id(tokenizer, policy.model.config)
+    report = None
     if tokenized is None:
         report = TruncationReport()
         tokenized = tokenize_pairs(pairs, tokenizer, template=config.template, max_length=config.max_length,
@@ -169,7 +170,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
         if sink is not None:
             sink.close()
     return TrainResult(model=policy.model, policy=policy, steps=len(plan), history=history,
-                       metrics_path=run and run.metrics)
+                       metrics_path=run and run.metrics, truncation=report)
 
 
 def _report_truncation(report: TruncationReport, config: TrainConfig) -> None:
