@@ -160,6 +160,18 @@ def from_dict(cls: type[T], data: dict[str, Any], sources: dict[str, str] | None
         _BUILDING.reset(token)
 
 
+def resume_free_names(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the settings a resumed run may change because they do not change its result
+    (progress lines, batch sizes of exact passes, where files go): each config class lists its own in
+    a `RESUME_FREE` class attribute; nested configs are walked."""
+    names = [prefix + name for name in getattr(cls, "RESUME_FREE", ())]
+    for f in dataclasses.fields(cls):
+        sub = section_type(cls, f.name)
+        if sub is not None:
+            names += resume_free_names(sub, f"{prefix}{f.name}.")
+    return names
+
+
 def flat_names(data: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the leaves of a nested dict of settings (lists are leaves)."""
     out: list[str] = []

@@ -49,7 +49,7 @@ import torch
 from . import distributed as dist
 from .checkpoint import load_config, load_model
 from .collate import Pair, TruncationReport
-from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, to_dict, winner
+from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, resume_free_names, to_dict, winner
 from .config import replace as replace_config
 from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job
@@ -66,12 +66,6 @@ __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_me
            "PAPER_SCHEDULE", "iteration_configs", "run_record"]
 
 _SPIN_LEVEL_OVERRIDES = ("mix_previous",)
-# options a resumed run may change (num_iterations: a finished run may be extended by more iterations)
-_IGNORED_ON_RESUME = ("output_dir", "allow_config_change", "num_iterations", "train.progress", "train.status_every",
-                      "train.tensorboard", "train.device", "generation.progress", "generation.batch_size", "generation.compile",
-                      "generation.chunk_size", "generation.keep_parts", "train.save_steps",
-                      "train.reference_batch_size", "keep_train_state", "judge.timeout_s",
-                      "judge.prompts_per_call")
 
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -88,6 +82,10 @@ class SpinConfig:
     # settings of the whole run that generation and training share: they live here only (the driver
     # writes them into each iteration's TrainConfig / GenerationConfig, with train.method from `method`)
     RUN_LEVEL: ClassVar[tuple[str, ...]] = ("template", "max_prompt_length", "seed")
+    # may change between a run and its resume (minispin.config; num_iterations: a finished run may be
+    # extended by more iterations); the sections list their own
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("output_dir", "allow_config_change", "num_iterations",
+                                              "keep_train_state")
     SET_BY_RUN: ClassVar[tuple[str, ...]] = ("train.template", "train.max_prompt_length", "train.seed",
                                              "train.method", "generation.template",
                                              "generation.max_prompt_length", "generation.seed")
@@ -311,11 +309,12 @@ def _check_run_config(run: Path, config: SpinConfig) -> dict[str, Any] | None:
     # what must match is the EFFECTIVE settings: where a value came from ("given") may differ (a run's own
     # config.json given back as --config resumes it); iterations compare over the ones both have (extending
     # a run adds iterations)
-    allowed = [f"settings.{k}" for k in _IGNORED_ON_RESUME] + ["given", "iterations"]
+    free = resume_free_names(SpinConfig)
+    allowed = [f"settings.{k}" for k in free] + ["given", "iterations"]
     changed = check_manifest(path, current, allowed=allowed)
     recorded = read_manifest(path)
     if recorded is not None:
-        per_iteration = [k for k in _IGNORED_ON_RESUME if k.startswith(("train.", "generation."))]
+        per_iteration = [k for k in free if k.startswith(("train.", "generation."))]
         for t, (old, new) in enumerate(zip(recorded.get("iterations", []), current["iterations"])):
             changed |= {f"iterations[{t}].{k}": v for k, v in
                         changed_settings(old, new, allowed=per_iteration).items()}

@@ -28,23 +28,21 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 
 from . import distributed as dist
 from .config import records_given
 from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
-from .log import Progress, print0
+from .log import Progress, print0, warn0
 from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
 from .sampler import GeneratedSequence, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
 from .tokenizer import check_tokenizer_fits
 
-log = logging.getLogger("minispin.generation_job")
 
 # Settings that change the generated rows; a resumed job must use the same ones.
 _RESULT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_samples", "template",
@@ -55,6 +53,8 @@ _RESULT_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "num_
 @dataclass
 class GenerationConfig:
     """Settings of a generation job (SPIN's recipe: max_new_tokens 256, prompts of at most 512 tokens)."""
+    # may change between a run and its resume (minispin.config): samples do not depend on them
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("progress", "batch_size", "compile", "chunk_size", "keep_parts")
     max_new_tokens: int = 256
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
@@ -254,9 +254,8 @@ def run_generation_job(model: Any, tokenizer: Any, examples: Sequence[Example] |
         if skipped:
             write_rows_file(skipped_path, skipped)
             shown = "; ".join(f"row {s['index']}: {s['reason']}" for s in skipped[:3])
-            log.warning("%s: skipped %d malformed rows (listed in %s): %s%s", out_path, len(skipped),
-                        skipped_path.name, shown, " ..." if len(skipped) > 3 else "")
-            print0(f"skipped {len(skipped)} malformed rows, listed in {skipped_path}", prefix="generate")
+            warn0(f"{out_path}: skipped {len(skipped)} malformed rows (listed in {skipped_path}): {shown}"
+                  + (" ..." if len(skipped) > 3 else ""), prefix="generate")
         skipped_idx = {s["index"] for s in skipped}
         expected = {e.index for e in examples} - skipped_idx
         # every expected index exactly once, or MergeError (e.g. parts left by a job over other input)

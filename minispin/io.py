@@ -9,6 +9,9 @@
 - merge_parts / ChunkedJsonlWriter.finalize: check every expected key is there exactly once and
   write the final file (.jsonl, .json or .parquet) in key order, atomically. A final file that
   exists is therefore complete: the generation job may treat it as "done".
+
+The lowest leaf: imports nothing from minispin (the kill -9 tests load this file alone in each child,
+without torch), so it reports repairs through logging ("minispin.io"), not minispin.log.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ User errors (bad data, settings, paths; `UserError` and its subclasses DataError
 printed ONCE as one plain line "error: ..." without a traceback, by rank 0 - or, when only some ranks
 see the error, by the first rank that does - and the process exits non-zero (2 for usage errors, 1
 otherwise); the ranks that do not report exit quietly with the same code. `--debug` or MINISPIN_DEBUG=1
-shows the traceback. Under torchrun the launcher still adds its own "ChildFailedError" block when a rank
-exits non-zero; minispin's part is the one line.
+shows the traceback. Plain torchrun adds its own "ChildFailedError" block when a rank exits non-zero;
+`--nproc_per_node N` (minispin.distributed.launch) starts the ranks without it.
 """
 from __future__ import annotations
 

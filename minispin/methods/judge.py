@@ -13,7 +13,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -31,6 +31,8 @@ SCORES_FILE = "scores.jsonl"  # the cache's part files are <cache_dir>/scores.js
 @dataclass
 class JudgeConfig:
     """Where judge / preference scores come from, and the adaptive rule's settings."""
+    # may change between a run and its resume (minispin.config): cached scores are kept per prompt
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("timeout_s", "prompts_per_call")
 
     function: str | None = None  # "module:function" or "file.py:function": f(prompt messages, [responses]) -> [scores]
     command: str | None = None  # command line reading JSON lines on stdin, writing scores on stdout

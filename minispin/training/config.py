@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch.nn as nn
@@ -14,8 +15,6 @@ from ..config import records_given
 
 LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
-# TrainConfig fields that may change between a run and its resume (they do not change the result)
-RESUME_FREE = ("save_steps", "status_every", "progress", "device", "reference_batch_size", "tensorboard")
 
 
 class TrainingDiverged(RuntimeError):
@@ -26,6 +25,9 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class TrainConfig:
     """Training hyperparameters; defaults are the SPIN paper's (zephyr-7b, iteration 0)."""
+    # may change between a run and its resume: they do not change the result (minispin.config)
+    RESUME_FREE: ClassVar[tuple[str, ...]] = ("save_steps", "status_every", "progress", "device",
+                                              "reference_batch_size", "tensorboard")
 
     method: str = "spin"  # "spin": pairwise loss vs the frozen reference; "sft": NLL of the real answers
     loss: str = "sigmoid"  # sigmoid (logistic, default) | hinge | exponential | correlation | sppo

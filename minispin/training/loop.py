@@ -40,13 +40,14 @@ import torch
 from .. import distributed as dist
 from ..collate import (Pair, TokenizedPair, TruncationReport, collate_pairs, epoch_permutation, plan_steps,
                        tokenize_pairs)
+from ..config import resume_free_names
 from ..io import atomic_write_text
 from ..log import Progress, print0, warn0
 from ..model import Transformer
 from ..runs import changed_settings, describe_changes
 from ..tensorboard import TensorBoardSink
 from ..tokenizer import check_tokenizer_fits
-from .config import RESUME_FREE, TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult
 from .optim import build_optimizer, lr_at, optimizer_step
 from .policy import prepare_policy
 from .reference import reference_logprobs
@@ -237,7 +238,7 @@ def _resume(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, run: _Run
                          "same data and config are needed to resume (or delete the folder)")
     if meta["data_order"] != orders:
         raise ValueError(f"{run.state}: the saved data order differs from this run's (seed/epochs changed?)")
-    changed = changed_settings(meta["config"], asdict(config), allowed=RESUME_FREE)
+    changed = changed_settings(meta["config"], asdict(config), allowed=resume_free_names(TrainConfig))
     if changed:
         raise ValueError(f"{run.state}: saved by a run with other settings ({describe_changes(changed)}); resume "
                          "with the same config (or delete the folder to start over)")
