@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import re
@@ -26,7 +27,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .config import FILE, GIVEN, RECIPE, ConfigError, flat_names, from_dict, to_dict
+from .config import FILE, GIVEN, RECIPE, ConfigError, from_dict, to_dict
 from .driver import SpinConfig, SpinResult, spin
 from .driver import __doc__ as DRIVER_DOC
 from .distributed import launch, launched_by_torchrun
@@ -130,6 +131,7 @@ def _set_nested(data: dict, dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
+@functools.lru_cache(maxsize=None)  # inspect.getsource re-reads the file: once per class, not per option
 def _field_notes(cls: type) -> dict[str, str]:
     """{field: its comment in the class source} ("name: type = default  # comment", continued on
     comment-only lines below it; a comment block right above a field without its own comment is that

@@ -49,7 +49,7 @@ import torch
 from . import distributed as dist
 from .checkpoint import load_config, load_model
 from .collate import Pair, TruncationReport
-from .config import GIVEN, RECIPE, ConfigError, given_names, records_given, resume_free_names, to_dict, winner
+from .config import RECIPE, ConfigError, given_names, records_given, resume_free_names, to_dict, winner
 from .config import replace as replace_config
 from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job

@@ -38,7 +38,7 @@ from . import distributed as dist
 from .config import records_given
 from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
-from .log import Progress, print0, warn0
+from .log import Progress, warn0
 from .runs import check_manifest, part_files, part_path, read_manifest, remove_parts
 from .sampler import GeneratedSequence, completion_text, encode_prompt, iter_generate_tokens, tokenizer_stop_ids
 from .tokenizer import check_tokenizer_fits

@@ -112,6 +112,8 @@ def run_main(main: Callable[[], T], argv: list[str] | None = None) -> T:
 
 
 def _exit(code: int) -> None:
+    if not (dist.launched_by_torchrun() or dist.is_initialized()):
+        raise SystemExit(code)  # one plain process: a normal exit (and a caller such as runpy may catch it)
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)  # no teardown of a half-finished process group: the launcher sees the code at once

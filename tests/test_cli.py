@@ -1,15 +1,18 @@
 """One command-line surface: `python -m minispin` and every example take the same options (`--out`), give
 the same one-line errors without a traceback (`--debug` / MINISPIN_DEBUG=1 shows it), suggest the nearest
-option, read a single data file without split flags, and a user error under torchrun (2 CPU ranks, gloo)
-is printed once. Real processes throughout (CPU)."""
+option, read a single data file without split flags, and a user error under 2 ranks (CPU, gloo) is one
+line. On CPU. Each entry point runs as `python` would run it (runpy, sys.argv, the exit code; stderr
+captured) inside the test process - a child process per call would spend seconds importing torch -
+except where ranks or the interpreter's own exit path matter: those are real processes."""
 from __future__ import annotations
 
 import json
 import os
-import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,31 +36,59 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python cmd...` as a real child process."""
     return subprocess.run([sys.executable, *cmd], cwd=cwd, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
 
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """`python cmd...` run in this process, as the interpreter would run it: sys.argv, runpy as __main__
+    (`-m module` or a script path), SystemExit's code; returns returncode / stdout / stderr."""
+    def run(cmd: list[str], cwd: Path, **env: str) -> SimpleNamespace:
+        for name in ("TRITON_INTERPRET", "MINISPIN_DEBUG", "MINISPIN_TEST_KILL_AT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(cwd)
+        module = cmd[1] if cmd[0] == "-m" else None
+        monkeypatch.setattr(sys, "argv", [module or cmd[0], *cmd[2 if module else 1:]])
+        capsys.readouterr()
+        code = 0
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(cmd[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run
+
+
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).stem)
-def test_every_entry_point_same_one_line_errors(entry, tmp_path):
+def test_every_entry_point_same_one_line_errors(entry, tmp_path, run_here):
     nope = tmp_path / "nope"
-    res = _run([*entry, "--model", str(nope), "--data", str(DPO_DATA), "--out", str(tmp_path / "o")], tmp_path)
+    res = run_here([*entry, "--model", str(nope), "--data", str(DPO_DATA), "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 1
     assert res.stderr.splitlines() == [f"error: --model {nope}: no such folder (expected a Hugging Face model "
                                        f"folder with {MODEL_FILES})"]
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
-    res = _run([*entry, "--learning_rate", "1e-6", "--out", str(tmp_path / "o")], tmp_path)
+    res = run_here([*entry, "--learning_rate", "1e-6", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 2
     [line] = res.stderr.splitlines()
     assert line.startswith("error: unknown option(s) --learning_rate (did you mean --lr?)"), line
 
 
-def test_debug_switch_shows_the_traceback(tmp_path):
+def test_debug_switch_shows_the_traceback(tmp_path, run_here):
+    """Real processes: the interpreter's own exit path after the traceback."""
     argv = ["-m", "minispin", "--model", str(tmp_path / "nope"), "--data", str(DPO_DATA)]
     for res in (_run([*argv, "--debug"], tmp_path), _run(argv, tmp_path, MINISPIN_DEBUG="1")):
         assert res.returncode == 1 and "Traceback (most recent call last)" in res.stderr
         assert res.stderr.splitlines()[-1].startswith(f"error: --model {tmp_path / 'nope'}: no such folder")
-    res = _run(["-m", "minispin", "--model", str(TINY_MODEL), "--data", str(DPO_DATA), "--method", "dpo",
-                "--split", "train_prefs", "--lr", "fast"], tmp_path)
+    res = run_here(["-m", "minispin", "--model", str(TINY_MODEL), "--data", str(DPO_DATA), "--method", "dpo",
+                    "--split", "train_prefs", "--lr", "fast"], tmp_path)
     assert res.returncode == 2 and res.stderr.splitlines() == [
         "error: argument --train.lr/--lr: cannot read 'fast' as float: could not convert string to float: 'fast' "
         "(see python -m minispin --help)"]
@@ -76,7 +107,7 @@ def test_nearest_option():
     assert nearest_option("--zzzzzz", options) is None
 
 
-def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_path):
+def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_path, run_here):
     """examples/dpo.py (whose recipe names the train_prefs split of a folder) runs on the repo's single
     file with no split flag: a tiny real run (4 rows, 1 step); a split given for one file is refused
     with the flag that fixes it."""
@@ -87,7 +118,7 @@ def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_p
             "--limit", "4", "--max_steps", "1", "--global_batch_size", "2", "--micro_batch_size", "1",
             "--max_length", "64", "--max_prompt_length", "32", "--save_steps", "0", "--progress", "false",
             "--save_dtype", "float32"]
-    res = _run([str(REPO / "examples" / "dpo.py"), *argv], tmp_path)
+    res = run_here([str(REPO / "examples" / "dpo.py"), *argv], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.splitlines() == [json.dumps({"run_dir": str(out), "models": [str(out / "iter0" / "model")]})]
     assert (out / "iter0" / "model" / "model.safetensors").is_file()
@@ -97,7 +128,7 @@ def test_single_data_file_needs_no_split_and_a_given_split_says_which_flag(tmp_p
     assert (it["train"]["lr"], it["train"]["beta"], it["train"]["epochs"], it["train"]["max_steps"]) == \
         (5e-7, 0.1, 1.0, 1)
     assert "not the recipe's: max_steps 1 (recipe null)" in res.stderr
-    res = _run([str(REPO / "examples" / "dpo.py"), *argv, "--split", "train_prefs"], tmp_path)
+    res = run_here([str(REPO / "examples" / "dpo.py"), *argv, "--split", "train_prefs"], tmp_path)
     assert res.returncode == 1
     [line] = res.stderr.splitlines()
     assert line.startswith(f"error: --data {DPO_DATA}: a split ('train_prefs') only chooses among the files of "
@@ -123,10 +154,10 @@ def test_bad_row_under_two_ranks_is_one_line(tmp_path):
     assert res.stdout == ""
 
 
-def test_bad_nproc_per_node_is_one_line(tmp_path):
+def test_bad_nproc_per_node_is_one_line(tmp_path, run_here):
     for value, expected in [("0", "error: --nproc_per_node: expected at least 1 rank, got 0"),
                             ("two", "error: argument --nproc_per_node: invalid int value: 'two' "
                                     "(see python -m minispin --help)")]:
-        res = _run(["-m", "minispin", "--nproc_per_node", value, "--model", str(TINY_MODEL), "--data",
-                    str(DPO_DATA)], tmp_path)
+        res = run_here(["-m", "minispin", "--nproc_per_node", value, "--model", str(TINY_MODEL), "--data",
+                        str(DPO_DATA)], tmp_path)
         assert res.returncode == 2 and res.stderr.splitlines() == [expected], res.stderr

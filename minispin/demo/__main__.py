@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
 from .plateau import PlateauConfig, plateau_stages
-from .run import DemoConfig, demo_stages, launch_ranks
+from .run import DemoConfig, demo_stages, launch_if_asked
 from .seeds import run_seeds, with_seed
 
 REGIMES = ("default", "plateau")
@@ -43,17 +42,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.nproc < 1:
-        raise SystemExit("--nproc must be >= 1")
     if args.seeds is not None and args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
     if args.iterations is not None and (args.iterations < 1 or args.regime == "plateau"):
         raise SystemExit("--iterations must be >= 1 and belongs to the default regime (the plateau regime runs "
                          "iterations 0-3 with the paper's schedule shape)")
-    if args.nproc > 1 and not dist.launched_by_torchrun():
-        return launch_ranks("minispin.demo", argv, args.nproc)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")  # see launch_ranks
+    code = launch_if_asked("minispin.demo", argv, args.nproc, args.device)
+    if code is not None:
+        return code
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.iterations is not None:
         overrides["iterations"] = args.iterations

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import random
 import re
 import string
@@ -39,7 +38,7 @@ from typing import Any
 from .. import distributed as dist
 from ..config import replace as replace_config
 from ..driver import SpinConfig, spin
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_text
 from ..log import print0
 from ..methods import JudgeConfig
 from ..runs import check_manifest, describe_changes, write_manifest
@@ -290,12 +289,7 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
         results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
         table = markdown_tables(results)
         results["table"] = table
-        if dist.is_main():
-            atomic_write_json(out / "results.json", results)
-            atomic_write_text(out / "results.md", table + "\n")
-            print("\n" + table + "\n", flush=True)
-            _say(f"done in {results['seconds_this_run']:.0f}s; results in {out / 'results.md'}")
-        dist.barrier()
+        demo_run.publish_results(out, results, "results.md", _say)
         return results
     finally:
         dist.shutdown(info)
@@ -332,12 +326,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.nproc < 1:
-        raise SystemExit("--nproc must be >= 1")
-    if args.nproc > 1 and not dist.launched_by_torchrun():
-        return demo_run.launch_ranks("minispin.demo.methods", argv, args.nproc)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") and "triton" not in sys.modules:
-        os.environ.pop("TRITON_INTERPRET")
+    code = demo_run.launch_if_asked("minispin.demo.methods", argv, args.nproc, args.device)
+    if code is not None:
+        return code
     overrides: dict[str, Any] = {"seed": args.seed}
     if args.iterations is not None:
         if args.iterations < 1:

@@ -35,10 +35,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -331,18 +332,31 @@ def write_results(out: Path, config: Any, stages: list[dict[str, Any]], world_si
     results = {"config": asdict(config), "world_size": world_size, "device": device,
                "seconds_this_run": round(seconds, 1), "stages": stages, "stats": interval_rows(stages),
                "table": table, **extra}
-    if dist.is_main():
-        atomic_write_json(out / "results.json", results)
-        atomic_write_text(out / "results.txt", table + "\n")
-        print("\n" + table + "\n", flush=True)
-        _say(f"done in {seconds:.0f}s; results in {out / 'results.json'}")
-    dist.barrier()
+    publish_results(out, results, "results.txt", _say)
     return results
 
 
-def launch_ranks(module: str, argv: list[str], nproc: int) -> int:
-    """Re-run `python -m module argv` as `nproc` ranks (minispin.distributed.launch); returns its exit code."""
+def publish_results(out: Path, results: dict[str, Any], table_file: str, say: Callable[[str], None]) -> None:
+    """Rank 0: out/results.json, out/<table_file> (results["table"]), the table on stdout and a "done" line;
+    every rank waits for it."""
+    if dist.is_main():
+        atomic_write_json(out / "results.json", results)
+        atomic_write_text(out / table_file, results["table"] + "\n")
+        print("\n" + results["table"] + "\n", flush=True)
+        say(f"done in {results['seconds_this_run']:.0f}s; results in {out / table_file}")
+    dist.barrier()
+
+
+def launch_if_asked(module: str, argv: list[str], nproc: int, device: str) -> int | None:
+    """A demo command line with --nproc N > 1 outside torchrun: re-run `python -m module argv` as N ranks
+    (minispin.distributed.launch) and return its exit code; else None (run here)."""
+    if nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
     # Triton's CPU interpreter (a test-suite setting) would make the demo's kernels crawl; on CPU the
-    # kernels take their plain-torch path without it.
-    os.environ.pop("TRITON_INTERPRET", None)
-    return dist.launch(nproc, ["-m", module, *argv])
+    # kernels take their plain-torch path without it (it is read when triton is first imported).
+    if nproc > 1 and not dist.launched_by_torchrun():
+        os.environ.pop("TRITON_INTERPRET", None)
+        return dist.launch(nproc, ["-m", module, *argv])
+    if device == "cpu" and "triton" not in sys.modules:
+        os.environ.pop("TRITON_INTERPRET", None)
+    return None
