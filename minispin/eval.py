@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -163,7 +164,8 @@ def read_table(path: str | os.PathLike) -> dict[str, Any]:
 
 def table_from_demo(stages: Sequence[dict[str, Any]], skills: Sequence[str] | None = None) -> dict[str, Any]:
     """The demo's per-stage results (minispin.demo.run's evaluate_stage dicts, with "stage" and
-    "exact_match_by_skill") as the seeds' table: rows SFT, continued SFT (a baseline), iter0 ...;
+    "exact_match_by_skill") as the seeds' table: rows SFT, continued SFT (a baseline), iter0 ... (from
+    stages "<method>_iter<t>");
     columns the task's skills (exact match of greedy answers), in the order of `skills` if given."""
     skills = list(skills or [])
     for s in stages:
@@ -172,8 +174,9 @@ def table_from_demo(stages: Sequence[dict[str, Any]], skills: Sequence[str] | No
     rows = []
     for s in stages:
         name = s["stage"]
-        if name.startswith("spin_iter"):
-            name = "iter" + name[len("spin_iter"):]
+        iteration = re.fullmatch(r"\w+_iter(\d+)", name)  # spin_iter0, or a methods demo's dpo_iter0 ...
+        if iteration:
+            name = f"iter{iteration.group(1)}"
         elif name == "sft":
             name = "SFT"
         elif name == "continued_sft":

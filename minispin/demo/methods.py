@@ -38,6 +38,7 @@ from typing import Any
 from .. import distributed as dist
 from ..config import replace as replace_config
 from ..driver import SpinConfig, spin
+from ..eval import table_from_demo, write_table
 from ..io import atomic_write_text
 from ..log import print0
 from ..methods import JudgeConfig
@@ -284,6 +285,8 @@ def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") 
                      for i, m in enumerate(models)]
             results["methods"][name] = {"seconds": round(seconds, 1), "iterations": evals,
                                         "pair_stats": _pair_stats(out / name)}
+            if dist.is_main():  # the seeds' table of this method's run, for minispin.report
+                write_table(out / name, table_from_demo([sft, *evals], demo_task.SKILLS))
             _say(f"{LABELS[name]}: exact match by iteration "
                  + ", ".join(f"{e['exact_match']:.3f}" for e in evals) + f" ({seconds:.0f}s)")
         results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
