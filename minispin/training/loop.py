@@ -116,19 +116,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     check_tokenizer_fits(tokenizer, policy.model.config.vocab_size, model if isinstance(model, (str, Path)) else
                          "being trained")
     pad_id = _pad_id(tokenizer, policy.model.config)
-    report = None
-    if tokenized is None:
-        report = TruncationReport()
-        tokenized = tokenize_pairs(pairs, tokenizer, template=config.template, max_length=config.max_length,
-                                   max_prompt_length=config.max_prompt_length,
-                                   vocab_size=policy.model.config.vocab_size, report=report)
-        _report_truncation(report, config)
-    tokenized = list(tokenized)
-    _check_positions(tokenized, policy.model.config.max_position_embeddings)
-    if len(tokenized) < config.global_batch_size:
-        warn0(f"{len(tokenized)} pairs, fewer than one global batch ({config.global_batch_size}): every step "
-              f"trains on all {len(tokenized)} pairs (a smaller --global_batch_size keeps more steps)",
-              prefix="train")
+    tokenized, report = _tokenize_and_check(pairs, tokenized, tokenizer, policy.model.config, config)
     refs = None
     if config.needs_reference:
         refs = _ref_of(pairs, ref_logps)
@@ -172,6 +160,26 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
             sink.close()
     return TrainResult(model=policy.model, policy=policy, steps=len(plan), history=history,
                        metrics_path=run and run.metrics, truncation=report)
+
+
+def _tokenize_and_check(pairs: Sequence[Pair], tokenized: Sequence[TokenizedPair] | None, tokenizer: Any,
+                        model_config: Any, config: TrainConfig) -> tuple[list[TokenizedPair], TruncationReport | None]:
+    """The pairs as token rows (tokenized here unless given, with the truncation report), checked against
+    the model's positions; a warning when they do not fill one global batch."""
+    report = None
+    if tokenized is None:
+        report = TruncationReport()
+        tokenized = tokenize_pairs(pairs, tokenizer, template=config.template, max_length=config.max_length,
+                                   max_prompt_length=config.max_prompt_length, vocab_size=model_config.vocab_size,
+                                   report=report)
+        _report_truncation(report, config)
+    tokenized = list(tokenized)
+    _check_positions(tokenized, model_config.max_position_embeddings)
+    if len(tokenized) < config.global_batch_size:
+        warn0(f"{len(tokenized)} pairs, fewer than one global batch ({config.global_batch_size}): every step "
+              f"trains on all {len(tokenized)} pairs (a smaller --global_batch_size keeps more steps)",
+              prefix="train")
+    return tokenized, report
 
 
 def _report_truncation(report: TruncationReport, config: TrainConfig) -> None:
