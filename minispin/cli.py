@@ -10,6 +10,8 @@
 - Settings resolve by one rule (minispin.config): recipe < --config file < command line.
 - A mistake is one line "error: ..." and exit code 2 (1 for bad data / paths), no traceback (`--debug`
   or MINISPIN_DEBUG=1 shows it); an unknown option gets the nearest one suggested.
+- `--nproc_per_node N` starts N ranks on this machine (minispin.distributed.launch) once every option
+  has been checked; under torchrun it is not needed.
 """
 from __future__ import annotations
 
