@@ -354,7 +354,6 @@ def iter_generate_tokens(
 
     See `generate_tokens` for the arguments.
     """
-    n = len(prompt_ids)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -362,20 +361,8 @@ def iter_generate_tokens(
                          f"top_p={top_p} (in (0, 1]), top_k={top_k} (>= 0)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    indices = list(range(n)) if indices is None else [int(i) for i in indices]
-    sample_ids = [0] * n if sample_ids is None else [int(k) for k in sample_ids]
-    if len(indices) != n or len(sample_ids) != n:
-        raise ValueError(f"indices ({len(indices)}) and sample_ids ({len(sample_ids)}) must have one entry "
-                         f"per prompt ({n})")
-    prompts = [list(map(int, p)) for p in prompt_ids]
-    vocab = model.config.vocab_size
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ValueError(f"prompt {i} (index {indices[i]}) is empty: it needs at least one token")
-        bad = [t for t in p if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt {i} (index {indices[i]}) has token ids outside the vocabulary "
-                             f"[0, {vocab}): {bad[:5]}")
+    prompts, indices, sample_ids = _checked_prompts(prompt_ids, indices, sample_ids, model.config.vocab_size)
+    n = len(prompts)
     stop_strings = [s for s in (stop_strings or []) if s]
     if stop_strings and decode is None:
         raise ValueError("stop_strings need `decode` (token ids -> text), e.g. tokenizer.decode")
@@ -479,6 +466,27 @@ def iter_generate_tokens(
         stats.update(row_steps=row_steps, tokens=tokens_out, slots=slots, max_len=max_len)
     if not isinstance(progress, Progress):
         bar.close()
+
+
+def _checked_prompts(prompt_ids: Sequence[Sequence[int]], indices: Sequence[int] | None,
+                     sample_ids: Sequence[int] | None, vocab: int) -> tuple[list[list[int]], list[int], list[int]]:
+    """(prompts, indices, sample_ids) as int lists, one entry per prompt; an empty prompt or an id outside
+    [0, vocab) is refused naming the prompt."""
+    n = len(prompt_ids)
+    indices = list(range(n)) if indices is None else [int(i) for i in indices]
+    sample_ids = [0] * n if sample_ids is None else [int(k) for k in sample_ids]
+    if len(indices) != n or len(sample_ids) != n:
+        raise ValueError(f"indices ({len(indices)}) and sample_ids ({len(sample_ids)}) must have one entry "
+                         f"per prompt ({n})")
+    prompts = [list(map(int, p)) for p in prompt_ids]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} (index {indices[i]}) is empty: it needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} (index {indices[i]}) has token ids outside the vocabulary "
+                             f"[0, {vocab}): {bad[:5]}")
+    return prompts, indices, sample_ids
 
 
 def _has_stop_string(decode, tokens: list[int], stop_strings: list[str], checked: int) -> bool:
