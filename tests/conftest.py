@@ -11,6 +11,8 @@
 """
 import os
 
+import pytest
+
 from interpreter import in_child
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -19,9 +21,19 @@ if in_child():
 else:
     os.environ.pop("TRITON_INTERPRET", None)
 
+from minispin.tokenizer import load_tokenizer  # noqa: E402 (after the environment above: imports torch)
+from tiny import make_model_dir  # noqa: E402
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs the Triton kernels in Triton's CPU interpreter "
                                        "(in its own child process; see tests/interpreter.py)")
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); compares with a CPU reference "
                                        "(benchmarks/run_cuda_tests.py runs these)")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model_dir = make_model_dir(root)
+    return root, model_dir, load_tokenizer(model_dir)

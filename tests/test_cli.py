@@ -161,3 +161,81 @@ def test_bad_nproc_per_node_is_one_line(tmp_path, run_here):
         res = run_here(["-m", "minispin", "--nproc_per_node", value, "--model", str(TINY_MODEL), "--data",
                         str(DPO_DATA)], tmp_path)
         assert res.returncode == 2 and res.stderr.splitlines() == [expected], res.stderr
+
+
+def test_cli_parses_nested_flat_and_json_options():
+    from minispin.cli import parse_config
+    from minispin.config import ConfigError
+    from minispin.driver import SpinConfig, iteration_configs
+
+    cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
+                                    "--seed", "3", "--mix_previous", "false",
+                                    "--iterations", '[{"epochs": 1, "loss": "hinge"}]', "--limit", "none",
+                                    "--max-prompt-length", "100", "--activation_checkpointing"])
+    assert cfg.train.lr == 5e-7 and cfg.train.beta == 0.5 and cfg.mix_previous is False
+    assert cfg.seed == 3  # one home: training seed 3, generation seed 3 + iteration
+    assert [(t.seed, g.seed) for t, g, _ in iteration_configs(cfg)] == [(3, 3)]
+    assert cfg.iterations == [{"epochs": 1, "loss": "hinge"}] and cfg.limit is None
+    assert cfg.max_prompt_length == 100
+    assert [(t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)] == [(100, 100)]
+    assert cfg.train.activation_checkpointing is True
+    with pytest.raises(ConfigError, match="unknown option"):
+        parse_config(SpinConfig, ["--no_such_option", "1"])
+    with pytest.raises(ConfigError, match="--train.seed"):  # a run-level setting has no section option
+        parse_config(SpinConfig, ["--train.seed", "7"])
+
+
+def _example(args, tmp_path):
+    return subprocess.run([sys.executable, str(REPO / "examples" / "spin_zephyr.py"), *args], cwd=tmp_path,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+
+
+def test_zephyr_example_help(tmp_path):
+    proc = _example(["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--model", "--data", "--output_dir", "--out", "--train.lr", "--iterations"):
+        assert option in proc.stdout
+    assert "| 1    | iter-0 + iter-1 (100k)        | 5e-7 | 0.1  |" in proc.stdout  # the docstring's layout kept
+    assert "pairs per optimizer step, over all ranks and accumulation steps (default: 64)" in \
+        " ".join(proc.stdout.split())  # each option: what it is and its default
+    assert not (tmp_path / "runs").exists()
+    dpo = subprocess.run([sys.executable, str(REPO / "examples" / "dpo.py"), "--help"], cwd=tmp_path, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert dpo.returncode == 0 and "DPO on preference data" in dpo.stdout and "--out" in dpo.stdout
+
+
+def test_zephyr_example_path_errors(tmp_path):
+    data = tmp_path / "ultrachat"
+    data.mkdir()
+    (data / "train_sft-00000-of-00001.jsonl").write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+
+    proc = _example(["--data", str(data)], tmp_path)
+    assert proc.returncode != 0 and "--model is required" in proc.stderr
+
+    proc = _example(["--model", str(tmp_path / "nope"), "--data", str(data)], tmp_path)
+    assert proc.returncode != 0 and str(tmp_path / "nope") in proc.stderr and "config.json" in proc.stderr
+
+    proc = _example(["--model", str(model), "--data", str(data)], tmp_path)
+    assert proc.returncode != 0
+    for missing in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert missing in proc.stderr
+
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors.index.json").write_text("{}")
+    (model / "tokenizer.model").write_bytes(b"")
+    proc = _example(["--model", str(model), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], tmp_path)
+    assert proc.returncode != 0 and str(tmp_path / "missing") in proc.stderr and "train_sft" in proc.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _example(["--model", str(model), "--data", str(empty)], tmp_path)
+    assert proc.returncode != 0 and str(empty) in proc.stderr and "train_sft" in proc.stderr
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "test_sft.parquet").write_bytes(b"")
+    proc = _example(["--model", str(model), "--data", str(other)], tmp_path)
+    assert proc.returncode != 0 and "train_sft" in proc.stderr and "test_sft.parquet" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()  # nothing started

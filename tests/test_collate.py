@@ -1,6 +1,7 @@
 """Token-exact pairs (CPU): real answers are the answer's slice of the jointly encoded conversation, generated
 answers are trained on their sampled ids (also where decode -> encode does not round-trip), old text-only
-data still loads with one note. References are built independently of minispin's tokenizer wrapper: the
+data still loads with one note; pair batches (truncation, the flat token list) and the
+balanced step plan. References are built independently of minispin's tokenizer wrapper: the
 template rendered with jinja2 directly and encoded with the `tokenizers` library / `sentencepiece`."""
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 from tokenizers import Tokenizer as RustTokenizer
 
 from minispin import generation_job
-from minispin.collate import Pair, collate_pairs, tokenize_answer, tokenize_pairs
+from minispin.collate import (IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_answer,
+                              tokenize_pairs, truncate)
 from minispin.data import Example, read_examples
 from minispin.evaluate import answer_logprobs
 from minispin.sampler import GeneratedSequence, encode_prompt
@@ -23,6 +25,7 @@ from minispin.generation_job import GenerationConfig, run_generation_job, sample
 from minispin.methods import JudgeConfig, judge_pairs, spin_pairs, sppo_pairs
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import SPIN_TEMPLATE, load_tokenizer
+from tiny import make_pairs
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tokenizers"
 ZEPHYR, LLAMA2 = FIXTURES / "zephyr", FIXTURES / "llama2"
@@ -253,3 +256,57 @@ def test_evaluation_scores_the_tokens_training_uses(zephyr):
         ref = torch.log_softmax(logits, -1)
         expected = sum(float(ref[len(tp.prompt_ids) - 1 + k, t]) for k, t in enumerate(tp.chosen_ids))
         assert n == len(tp.chosen_ids) and logp == pytest.approx(expected, abs=1e-4)
+
+
+def test_tokenize_truncate_and_flat_token_list(setup):
+    _, _, tok = setup
+    pairs = make_pairs(5) + [Pair(5, [{"role": "user", "content": "x" * 40}], "y" * 30, "z" * 3)]
+    tps = tokenize_pairs(pairs, tok, max_length=48, max_prompt_length=20)
+    for p, tp in zip(pairs[:5], tps[:5]):
+        assert tp.prompt_ids == encode_prompt(tok, p.prompt, None)  # the generation job's encoding
+        assert tp.chosen_ids == tok.encode(p.chosen, add_special_tokens=False) + [tok.eos_id]
+        assert tp.rejected_ids == tok.encode(p.rejected, add_special_tokens=False) + [tok.eos_id]
+    long = tps[5]  # prompt 1 + 2 + 40 + 1 = 44 tokens, answer 31 > 48: prompt keeps BOS + its end
+    full = encode_prompt(tok, pairs[5].prompt, None)
+    assert long.prompt_ids == [full[0]] + full[-19:] and len(long.prompt_ids) == 20
+    assert len(long.chosen_ids) == 48 - 20 and long.rejected_ids[-1] == tok.eos_id
+    # the paper's rule: prompt cut only when needed, answers cut to max_length - max_prompt_length
+    assert truncate([1, 5, 6, 7], [[8, 9]], 10, 3, bos_id=1) == ([1, 5, 6, 7], [[8, 9]])
+    assert truncate([1, 5, 6, 7, 8], [[9] * 8], 10, 3, bos_id=1) == ([1, 7, 8], [[9] * 7])
+
+    batch = collate_pairs(tps[:3], tok.pad_id, pairs=pairs[:3], ref_logps={i: (-1.0 * i, -2.0 * i) for i in range(3)})
+    R, T = batch.input_ids.shape
+    assert R == 6 and T == max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tps[:3])
+    assert batch.ref_logps.tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
+    # every label in the flat list is the token right after its hidden-state position, on response rows only
+    # the row-aligned labels [R, T] (IGNORE_INDEX on prompt and padding), built here from the pairs
+    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
+    for r, tp in enumerate(tps[:3] + tps[:3]):
+        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
+        labels_2d[r, len(tp.prompt_ids): len(tp.prompt_ids) + len(answer)] = torch.tensor(answer)
+    rows, cols = batch.token_index // T, batch.token_index % T
+    assert torch.equal(rows, batch.seq_index)
+    assert torch.equal(batch.labels, labels_2d[rows, cols + 1])
+    assert int((labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
+    for r, tp in enumerate(tps[:3] + tps[:3]):
+        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
+        n = len(tp.prompt_ids) + len(answer)
+        assert batch.input_ids[r, :n].tolist() == tp.prompt_ids + answer
+        assert (batch.input_ids[r, n:] == tok.pad_id).all()
+        assert (labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
+    sft = collate_pairs(tps[:3], tok.pad_id, sft=True)
+    assert sft.input_ids.shape[0] == 3 and sft.ref_logps is None
+
+
+def test_step_plan_is_balanced_and_length_grouped():
+    lengths = [5, 50, 7, 49, 30, 31, 8, 2, 9, 40, 41]
+    plan = plan_steps(list(range(11)), lengths, global_batch_size=8, micro_batch_size=2, world_size=2)
+    assert len(plan) == 2
+    for step in plan:
+        assert len({len(rank_mbs) for rank_mbs in step}) == 1  # same micro-batch count on every rank
+    items = sorted(i for step in plan for rank_mbs in step for mb in rank_mbs for i in mb)
+    assert items == list(range(11))
+    first = [mb for rank_mbs in plan[0] for mb in rank_mbs]
+    assert first[0] == [1, 3]  # longest two together
+    # fewer items than ranks: an empty micro-batch (run as a zero-weight dummy) keeps ranks in step
+    assert split_step([4], lengths, 2, 2) == [[[4]], [[]]]

@@ -1,10 +1,16 @@
-"""Shared test helpers: a character-level tokenizer with a tiny chat template, and tiny Llama configs."""
+"""Shared test helpers: a character-level tokenizer with a tiny chat template, tiny Llama configs, a tiny
+checkpoint folder and random arithmetic pairs."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from minispin.model import ModelConfig
+import torch
+
+from minispin.checkpoint import save_model
+from minispin.collate import Pair
+from minispin.model import ModelConfig, Transformer
+from minispin.tokenizer import load_tokenizer
 
 CHARS = list("0123456789+-=?.,!: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
     [chr(c) for c in range(ord("A"), ord("Z") + 1)]
@@ -38,3 +44,24 @@ def tiny_config(vocab_size: int = VOCAB_SIZE, tie: bool = False, layers: int = 2
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                        torch_dtype="float32", tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
                        architecture="LlamaForCausalLM")
+
+
+def make_model_dir(folder: Path, seed: int = 0, tie: bool = False) -> Path:
+    """An HF checkpoint folder (fp32 tiny Llama + char tokenizer)."""
+    tok_files = write_char_tokenizer(folder / "tok")
+    tok = load_tokenizer(folder / "tok")
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(tok.vocab_size, tie))
+    save_model(model, folder / "model", extra_files=tok_files)
+    return folder / "model"
+
+
+def make_pairs(n: int, seed: int = 0) -> list[Pair]:
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        a, b = torch.randint(0, 200, (2,), generator=g).tolist()
+        junk = "".join(CHARS[j] for j in torch.randint(0, 36, (int(torch.randint(0, 9, (1,), generator=g)),),
+                                                      generator=g).tolist())
+        pairs.append(Pair(i, [{"role": "user", "content": f"What is {a}+{b}?"}], str(a + b), junk))
+    return pairs

@@ -1,6 +1,5 @@
-"""Training loop tests (CPU, tiny models): collation, loss/rewards/gradients against a float64
-recomputation, gradient accumulation, 2-rank FSDP2 (gloo) == 1 rank, resume after kill -9 under FSDP2,
-NaN stop, trainer state without pickle, clear errors, the CLI helper."""
+"""minispin.training.loop, train() end to end (CPU, tiny models; one CUDA test): SFT loss and accumulation
+against float64, 2-rank FSDP2 (gloo) == 1 rank, resume after kill -9, NaN stop, clear errors, truncation."""
 from __future__ import annotations
 
 import copy
@@ -18,160 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minispin.checkpoint import save_model
-from minispin.collate import IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_pairs, truncate
+from minispin.collate import Pair, tokenize_pairs
 from minispin.sampler import encode_prompt
 from minispin.model import Transformer
 from minispin.tokenizer import load_tokenizer
-from minispin.training import (PolicyHead, TrainConfig, TrainingDiverged, batch_loss, lr_at, save_trained_model,
-                            train)
-from tiny import CHARS, tiny_config, write_char_tokenizer
+from minispin.training import TrainConfig, TrainingDiverged, save_trained_model, train
+from tiny import make_model_dir, make_pairs, tiny_config
+from train_helpers import _float64_stats
+
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_model_dir(folder: Path, seed: int = 0, tie: bool = False) -> Path:
-    """An HF checkpoint folder (fp32 tiny Llama + char tokenizer)."""
-    tok_files = write_char_tokenizer(folder / "tok")
-    tok = load_tokenizer(folder / "tok")
-    torch.manual_seed(seed)
-    model = Transformer(tiny_config(tok.vocab_size, tie))
-    save_model(model, folder / "model", extra_files=tok_files)
-    return folder / "model"
-
-
-def make_pairs(n: int, seed: int = 0) -> list[Pair]:
-    g = torch.Generator().manual_seed(seed)
-    pairs = []
-    for i in range(n):
-        a, b = torch.randint(0, 200, (2,), generator=g).tolist()
-        junk = "".join(CHARS[j] for j in torch.randint(0, 36, (int(torch.randint(0, 9, (1,), generator=g)),),
-                                                      generator=g).tolist())
-        pairs.append(Pair(i, [{"role": "user", "content": f"What is {a}+{b}?"}], str(a + b), junk))
-    return pairs
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model_dir = make_model_dir(root)
-    return root, model_dir, load_tokenizer(model_dir)
-
-
-# ----------------------------------------------------------------------------- collation
-
-def test_tokenize_truncate_and_flat_token_list(setup):
-    _, _, tok = setup
-    pairs = make_pairs(5) + [Pair(5, [{"role": "user", "content": "x" * 40}], "y" * 30, "z" * 3)]
-    tps = tokenize_pairs(pairs, tok, max_length=48, max_prompt_length=20)
-    for p, tp in zip(pairs[:5], tps[:5]):
-        assert tp.prompt_ids == encode_prompt(tok, p.prompt, None)  # the generation job's encoding
-        assert tp.chosen_ids == tok.encode(p.chosen, add_special_tokens=False) + [tok.eos_id]
-        assert tp.rejected_ids == tok.encode(p.rejected, add_special_tokens=False) + [tok.eos_id]
-    long = tps[5]  # prompt 1 + 2 + 40 + 1 = 44 tokens, answer 31 > 48: prompt keeps BOS + its end
-    full = encode_prompt(tok, pairs[5].prompt, None)
-    assert long.prompt_ids == [full[0]] + full[-19:] and len(long.prompt_ids) == 20
-    assert len(long.chosen_ids) == 48 - 20 and long.rejected_ids[-1] == tok.eos_id
-    # the paper's rule: prompt cut only when needed, answers cut to max_length - max_prompt_length
-    assert truncate([1, 5, 6, 7], [[8, 9]], 10, 3, bos_id=1) == ([1, 5, 6, 7], [[8, 9]])
-    assert truncate([1, 5, 6, 7, 8], [[9] * 8], 10, 3, bos_id=1) == ([1, 7, 8], [[9] * 7])
-
-    batch = collate_pairs(tps[:3], tok.pad_id, pairs=pairs[:3], ref_logps={i: (-1.0 * i, -2.0 * i) for i in range(3)})
-    R, T = batch.input_ids.shape
-    assert R == 6 and T == max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tps[:3])
-    assert batch.ref_logps.tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
-    # every label in the flat list is the token right after its hidden-state position, on response rows only
-    # the row-aligned labels [R, T] (IGNORE_INDEX on prompt and padding), built here from the pairs
-    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
-    for r, tp in enumerate(tps[:3] + tps[:3]):
-        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
-        labels_2d[r, len(tp.prompt_ids): len(tp.prompt_ids) + len(answer)] = torch.tensor(answer)
-    rows, cols = batch.token_index // T, batch.token_index % T
-    assert torch.equal(rows, batch.seq_index)
-    assert torch.equal(batch.labels, labels_2d[rows, cols + 1])
-    assert int((labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
-    for r, tp in enumerate(tps[:3] + tps[:3]):
-        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
-        n = len(tp.prompt_ids) + len(answer)
-        assert batch.input_ids[r, :n].tolist() == tp.prompt_ids + answer
-        assert (batch.input_ids[r, n:] == tok.pad_id).all()
-        assert (labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
-    sft = collate_pairs(tps[:3], tok.pad_id, sft=True)
-    assert sft.input_ids.shape[0] == 3 and sft.ref_logps is None
-
-
-def test_step_plan_is_balanced_and_length_grouped():
-    lengths = [5, 50, 7, 49, 30, 31, 8, 2, 9, 40, 41]
-    plan = plan_steps(list(range(11)), lengths, global_batch_size=8, micro_batch_size=2, world_size=2)
-    assert len(plan) == 2
-    for step in plan:
-        assert len({len(rank_mbs) for rank_mbs in step}) == 1  # same micro-batch count on every rank
-    items = sorted(i for step in plan for rank_mbs in step for mb in rank_mbs for i in mb)
-    assert items == list(range(11))
-    first = [mb for rank_mbs in plan[0] for mb in rank_mbs]
-    assert first[0] == [1, 3]  # longest two together
-    # fewer items than ranks: an empty micro-batch (run as a zero-weight dummy) keeps ranks in step
-    assert split_step([4], lengths, 2, 2) == [[[4]], [[]]]
-
-
-def test_lr_schedule_warmup_then_linear_decay():
-    cfg = TrainConfig(lr=1.0, warmup_ratio=0.1)
-    lrs = [lr_at(s, 20, cfg) for s in range(20)]
-    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warmup = ceil(2) steps
-    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 18)
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
-
-
-# ----------------------------------------------------------------------------- float64 recomputation
-
-def _float64_stats(model: Transformer, tok, pairs, refs, beta, loss_type):
-    """Plain torch, float64, full logits: per-sequence summed log-probs, loss and grads."""
-    m64 = copy.deepcopy(model).double()
-    seqs_real, seqs_gen = [], []
-    for p in pairs:
-        prompt = encode_prompt(tok, p.prompt, None)
-        for answer, out in ((p.chosen, seqs_real), (p.rejected, seqs_gen)):
-            ids = prompt + tok.encode(answer, add_special_tokens=False) + [tok.eos_id]
-            logp = torch.log_softmax(m64(torch.tensor([ids]))[0], dim=-1)
-            targets = torch.tensor(ids[len(prompt):])
-            out.append(logp[len(prompt) - 1: len(ids) - 1].gather(1, targets[:, None]).sum())
-    real, gen = torch.stack(seqs_real), torch.stack(seqs_gen)
-    ref = torch.tensor(refs, dtype=torch.float64)
-    P = len(pairs)
-    r_real, r_gen = beta * (real - ref[:P]), beta * (gen - ref[P:])
-    z = r_real - r_gen
-    per = torch.nn.functional.softplus(-z) if loss_type == "sigmoid" else torch.relu(1 - z)
-    loss = per.mean()
-    loss.backward()
-    grads = {n: p.grad for n, p in m64.named_parameters()}
-    return loss.item(), real.detach(), gen.detach(), r_real.detach(), r_gen.detach(), grads
-
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
-def test_loss_rewards_and_grads_match_float64(setup, loss_type):
-    _, model_dir, tok = setup
-    from minispin.checkpoint import load_model
-
-    model = load_model(model_dir, dtype=torch.float32)
-    pairs = make_pairs(4, seed=1)
-    refs = [-20.0, -15.5, -30.25, -12.0, -25.0, -18.0, -9.5, -40.0]
-    beta = 0.7
-    cfg = TrainConfig(beta=beta, loss=loss_type, device="cpu")
-    tps = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
-    batch = collate_pairs(tps, tok.pad_id, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
-    policy = PolicyHead(model)
-    loss, seq, _ = batch_loss(policy, batch, cfg)
-    loss.backward()
-    loss64, real64, gen64, r_real64, r_gen64, grads64 = _float64_stats(model, tok, pairs, refs, beta, loss_type)
-    assert loss.item() == pytest.approx(loss64, rel=1e-5, abs=1e-6)
-    assert torch.allclose(seq[:4].double(), real64, rtol=1e-5, atol=1e-4)
-    assert torch.allclose(seq[4:].double(), gen64, rtol=1e-5, atol=1e-4)
-    rewards_real = beta * (seq[:4].double() - torch.tensor(refs[:4], dtype=torch.float64))
-    assert torch.allclose(rewards_real, r_real64, atol=1e-4)
-    for name, p in model.named_parameters():
-        g64 = grads64[name]
-        scale = g64.abs().max().item() + 1e-6
-        assert (p.grad.double() - g64).abs().max().item() <= 2e-4 * scale + 1e-7, name
 
 
 def test_sft_loss_is_mean_token_nll(setup):
@@ -220,8 +75,6 @@ def test_accumulation_and_metrics_match_float64(setup):
         assert rec["grad_norm"] == pytest.approx(norm64, rel=1e-4)
         assert rec["pairs"] == 4 and rec["tokens_per_s"] > 0 and rec["lr"] > 0
 
-
-# ----------------------------------------------------------------------------- distributed
 
 WORKER = textwrap.dedent('''
     import json, sys, torch
@@ -419,30 +272,6 @@ def test_single_gpu_bf16_training_matches_fp32_cpu(tmp_path):
         assert torch.isfinite(w2[k]).all() and torch.allclose(w1[k], w2[k], atol=1e-3, rtol=0), k
 
 
-# ----------------------------------------------------------------------------- state, NaN, errors
-
-def test_trainer_state_is_safetensors_and_json(setup, tmp_path):
-    _, model_dir, tok = setup
-    from minispin.checkpoint import load_model
-
-    model = load_model(model_dir, dtype=torch.float32)
-    cfg = TrainConfig(lr=1e-4, epochs=1, global_batch_size=2, micro_batch_size=2, save_steps=1, progress=False,
-                      device="cpu")
-    train(model, tok, make_pairs(4), cfg, run_dir=tmp_path)
-    state_dir = tmp_path / "train_state"
-    assert sorted(p.name for p in state_dir.iterdir()) == ["model.safetensors", "optimizer.safetensors",
-                                                           "trainer_state.json"]
-    optim = load_file(state_dir / "optimizer.safetensors")
-    assert "state.model.layers.0.self_attn.q_proj.weight.square_avg" in optim
-    assert optim["state.model.layers.0.self_attn.q_proj.weight.step"].item() == 2
-    meta = json.loads((state_dir / "trainer_state.json").read_text())
-    assert meta["step"] == meta["total_steps"] == 2
-    assert sorted(meta["data_order"][0]) == [0, 1, 2, 3] and isinstance(meta["rng"][0]["torch"], str)
-    weights = load_file(state_dir / "model.safetensors")
-    for name, p in model.named_parameters():
-        assert torch.equal(weights["model." + name], p.detach())
-
-
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
     _, model_dir, tok = setup
     train_mod = importlib.import_module("minispin.training.optim")  # where optimizer_step finds batch_loss
@@ -489,56 +318,6 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
         TrainConfig(loss="ipo")
 
 
-def test_cli_parses_nested_flat_and_json_options():
-    from minispin.cli import parse_config
-    from minispin.config import ConfigError
-    from minispin.driver import SpinConfig, iteration_configs
-
-    cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
-                                    "--seed", "3", "--mix_previous", "false",
-                                    "--iterations", '[{"epochs": 1, "loss": "hinge"}]', "--limit", "none",
-                                    "--max-prompt-length", "100", "--activation_checkpointing"])
-    assert cfg.train.lr == 5e-7 and cfg.train.beta == 0.5 and cfg.mix_previous is False
-    assert cfg.seed == 3  # one home: training seed 3, generation seed 3 + iteration
-    assert [(t.seed, g.seed) for t, g, _ in iteration_configs(cfg)] == [(3, 3)]
-    assert cfg.iterations == [{"epochs": 1, "loss": "hinge"}] and cfg.limit is None
-    assert cfg.max_prompt_length == 100
-    assert [(t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)] == [(100, 100)]
-    assert cfg.train.activation_checkpointing is True
-    with pytest.raises(ConfigError, match="unknown option"):
-        parse_config(SpinConfig, ["--no_such_option", "1"])
-    with pytest.raises(ConfigError, match="--train.seed"):  # a run-level setting has no section option
-        parse_config(SpinConfig, ["--train.seed", "7"])
-
-
-def test_memory_model_fits_7b_on_one_h200():
-    """CPU. The step's memory model (printed by bench_train next to the measured peak) for Mistral-7B on one
-    H200 (139 GiB) at the default micro batch and length: RMSProp and AdamW fit, with activation
-    checkpointing on or off; the optimizer updates one tensor at a time (no full-size temporaries)."""
-    from minispin.model import ModelConfig
-    from minispin.training.optim import build_optimizer, memory_estimate
-
-    mistral_7b = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-                             torch_dtype="bfloat16", architecture="MistralForCausalLM")
-    figures = {}
-    for optimizer in ("rmsprop", "adamw"):
-        for ac in (False, True):
-            m = memory_estimate(mistral_7b, TrainConfig(optimizer=optimizer, activation_checkpointing=ac))
-            assert m["total"] == pytest.approx(sum(v for k, v in m.items() if k != "total"))
-            assert m["total"] < 139, (optimizer, ac, m)
-            figures[optimizer, ac] = m
-    params = 7.24e9  # Mistral-7B
-    assert figures["rmsprop", False]["weights_fp32"] == pytest.approx(4 * params / 2**30, rel=0.01)
-    assert figures["adamw", False]["optimizer_state"] == pytest.approx(2 * figures["rmsprop", False]["optimizer_state"])
-    assert figures["adamw", True]["activations"] < figures["adamw", False]["activations"] / 10
-    assert figures["adamw", True]["total"] < 139 - 20  # headroom with checkpointing
-    assert figures["rmsprop", False]["optimizer_temp"] < 1  # one tensor's temporary, not a model's
-    for optimizer in ("rmsprop", "adamw"):
-        opt = build_optimizer(torch.nn.Linear(3, 3), TrainConfig(optimizer=optimizer, device="cpu"))
-        assert opt.defaults["foreach"] is False, optimizer
-
-
 def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path, monkeypatch):
     """NaN at step 3 with a state saved at step 2: the message names it; NaN at step 1: none saved yet."""
     _, model_dir, tok = setup
@@ -557,25 +336,6 @@ def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path
         cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False, device="cpu")
         with pytest.raises(TrainingDiverged, match=expected):
             train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path / f"run{bad_call}")
-
-
-def test_a_damaged_train_state_file_is_named(setup, tmp_path):
-    _, model_dir, tok = setup
-    cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=2, micro_batch_size=1, save_steps=1, progress=False, device="cpu")
-    train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
-    weights = tmp_path / "train_state" / "model.safetensors"
-    size = weights.stat().st_size
-    with open(weights, "r+b") as f:
-        f.truncate(1000)
-    with pytest.raises(ValueError, match=f"{weights}: damaged train state file \\(1000 bytes, written with {size}\\); "
-                                         "delete .*train_state to restart"):
-        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
-    (tmp_path / "train_state" / "optimizer.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"train_state/model.safetensors: damaged"):  # the first damaged file
-        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
-    weights.unlink()
-    with pytest.raises(ValueError, match=r"train_state/model.safetensors: missing from the train state"):
-        train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path)
 
 
 def test_truncation_report_small_data_and_positions_are_told_up_front(setup, capsys):
