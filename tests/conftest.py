@@ -8,6 +8,10 @@
   which is the one place the variable is set.
 - Tests say which device they mean: CPU tests pass device="cpu" (or --device cpu), so on a CUDA machine
   they still run on the CPU; CUDA tests are skipped without a GPU and compare with a CPU reference.
+- The tree mirrors the code (tests/training/, tests/methods/, ...; no __init__.py files, so every test file's
+  basename is unique). pytest's default "prepend" import mode puts this folder on sys.path when it imports
+  this file, so the shared helpers here (tiny.py, tiny_run.py, interpreter.py) import by name from every
+  subfolder, and a subfolder's own helper module imports by name from its test files.
 """
 import os
 
@@ -34,6 +38,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A tiny model folder (fp32 Llama + char tokenizer) and its tokenizer, once per test module that asks
+    (the training and collation tests)."""
     root = tmp_path_factory.mktemp("train")
     model_dir = make_model_dir(root)
     return root, model_dir, load_tokenizer(model_dir)

@@ -26,9 +26,10 @@ def in_child() -> bool:
     return os.environ.get(CHILD_FLAG) == "1"
 
 
-def run_interpreter_tests(test_file: str | Path, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """Run `test_file`'s tests marked `interpreter` in a child pytest with TRITON_INTERPRET=1."""
+def run_interpreter_tests(test_path: str | Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run the tests marked `interpreter` in `test_path` (a file or a folder) in a child pytest with
+    TRITON_INTERPRET=1."""
     env = {k: v for k, v in os.environ.items() if k != "MINISPIN_AUTOTUNE"}
     env.update({"TRITON_INTERPRET": "1", CHILD_FLAG: "1"})
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file),
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_path),
                            "-m", "interpreter"], env=env, capture_output=True, text=True, timeout=timeout)

@@ -9,8 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from minispin import load_model, save_model
 from minispin.checkpoint import CheckpointError, iter_safetensors, parse_size
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tiny import FIXTURES
 
 
 def tensors_of(folder):

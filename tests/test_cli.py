@@ -3,7 +3,8 @@ the same one-line errors without a traceback (`--debug` / MINISPIN_DEBUG=1 shows
 option, read a single data file without split flags, and a user error under 2 ranks (CPU, gloo) is one
 line. On CPU. Each entry point runs as `python` would run it (runpy, sys.argv, the exit code; stderr
 captured) inside the test process - a child process per call would spend seconds importing torch -
-except where ranks or the interpreter's own exit path matter: those are real processes."""
+except where ranks or the interpreter's own exit path matter: those are real processes. Also the option
+parser (nested, flat and JSON options) and examples/spin_zephyr.py's --help and path checks."""
 from __future__ import annotations
 
 import json
@@ -18,10 +19,8 @@ import pytest
 
 from minispin.cli import nearest_option
 from minispin.driver import MODEL_FILES
-from tiny import write_char_tokenizer
+from tiny import FIXTURES, REPO, write_char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 TINY_MODEL = FIXTURES / "hf-tiny-llama"  # vocab 512: the char tokenizer's ids fit
 DPO_DATA = FIXTURES / "data" / "dpo_en_demo.json"  # 300 sharegpt preference rows, one file
 ENTRY_POINTS = [["-m", "minispin"]] + [[str(REPO / "examples" / f"{name}.py")] for name in

@@ -6,7 +6,6 @@ template rendered with jinja2 directly and encoded with the `tokenizers` library
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import jinja2
@@ -25,9 +24,10 @@ from minispin.generation_job import GenerationConfig, run_generation_job, sample
 from minispin.methods import JudgeConfig, judge_pairs, spin_pairs, sppo_pairs
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import SPIN_TEMPLATE, load_tokenizer
+import tiny
 from tiny import make_pairs
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tokenizers"
+FIXTURES = tiny.FIXTURES / "tokenizers"
 ZEPHYR, LLAMA2 = FIXTURES / "zephyr", FIXTURES / "llama2"
 # Llama-2's chat format (system turn left out): "<s>[INST] q [/INST] a </s>"
 LLAMA2_CHAT = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'].strip() "

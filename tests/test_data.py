@@ -2,15 +2,15 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from minispin.errors import UserError
 from minispin.data import (DataError, Example, PreferenceExample, ReadResult, data_files, load_rows,
                            read_examples, read_preferences, to_spin_row)
+import tiny
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = tiny.FIXTURES / "data"
 SPIN_PARQUET = FIXTURES / "spin_format_test_prefs.parquet"
 ALPACA = FIXTURES / "alpaca_en_demo.json"
 DPO = FIXTURES / "dpo_en_demo.json"
@@ -396,7 +396,7 @@ def test_malformed_preference_row(tmp_path, row, key, reason):
 def test_data_modules_do_not_import_torch():
     # load the modules without the package __init__ (which imports the model, hence torch): an empty
     # package object whose path is the source folder, so their relative imports (minispin.errors) resolve
-    package = Path(__file__).resolve().parent.parent / "minispin"
+    package = tiny.REPO / "minispin"
     code = ("import sys, types\n"
             "pkg = sys.modules['minispin'] = types.ModuleType('minispin')\n"
             f"pkg.__path__ = [r'{package}']\n"

@@ -26,9 +26,8 @@ from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, run_r
 from minispin.errors import UserError
 from minispin.training import TrainConfig
 from minispin.runs import RunError, temp_files
-from tiny import VOCAB_SIZE, tiny_config, write_char_tokenizer
+from tiny import REPO, VOCAB_SIZE, tiny_config, write_char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 N_PROMPTS = 10
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from minispin.eval import (SEED_TASKS, TABLE_JSON, TABLE_MD, EvalError, EvalTask, _read_cell, evaluate_run,
                            parse_task, pick_metric, run_models)
+from tiny import FIXTURES, REPO
 from tiny_run import copy_run, tiny_run
 
-REPO = Path(__file__).resolve().parents[1]
-TASKS_DIR = REPO / "tests" / "fixtures" / "lm_eval_tasks"
+TASKS_DIR = FIXTURES / "lm_eval_tasks"
 TASKS = [EvalTask("minispin_add", 0), EvalTask("minispin_letters", 1, "acc,none")]
 
 

@@ -16,11 +16,10 @@ from minispin.data import DataError, Example
 from minispin.generation_job import GenerationConfig, run_generation_job
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import load_tokenizer
+from tiny import FIXTURES, REPO
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER = FIXTURES / "tokenizers" / "zephyr"
 ALPACA = FIXTURES / "data" / "alpaca_en_demo.json"
-ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = dict(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=11, batch_size=4, chunk_size=2,
                 limit=12, max_prompt_length=64, progress=False)
@@ -81,7 +80,7 @@ def run_worker(tmp_path, model_dir, out, settings, env_extra=None, nproc=1):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(script), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
 
 
 def test_rows_in_source_order_and_spin_format(reference_rows, tokenizer):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import minispin
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # module name -> source file (minispin.kernels lives in the top-level kernels/ folder, see setup.py)
 ROOTS = {"minispin": REPO / "minispin", "minispin.kernels": REPO / "kernels"}
 # in-function imports allowed: the kernels, whose import must wait for the caller's TRITON_INTERPRET

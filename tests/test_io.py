@@ -17,9 +17,10 @@ from minispin.data import read_examples, to_spin_row
 from minispin.io import (ChunkedJsonlWriter, CorruptFileError, MergeError, atomic_replace_dir,
                          atomic_write_bytes, atomic_write_json, atomic_write_text, merge_parts,
                          read_jsonl_part, recover_replaced_dir, write_rows_file)
+from tiny import FIXTURES
 
 IO_FILE = Path(mio.__file__).resolve()
-ALPACA = Path(__file__).parent / "fixtures" / "data" / "alpaca_en_demo.json"
+ALPACA = FIXTURES / "data" / "alpaca_en_demo.json"
 
 
 def listdir(path):

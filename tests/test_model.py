@@ -1,6 +1,5 @@
 """The hand-written model against logits computed by Hugging Face transformers, and config parsing."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,8 @@ from safetensors.torch import load_file
 from minispin import load_model
 import minispin.model as model_mod
 from minispin.model import ConfigError, ModelConfig, Transformer
+from tiny import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
 
 

@@ -13,9 +13,8 @@ import torch
 
 from minispin.checkpoint import save_model
 from minispin.model import Transformer
-from tiny import tiny_config, write_char_tokenizer
+from tiny import REPO, tiny_config, write_char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = re.compile(r"^MODEL, DATA, SPLIT, DEVICE = .*$", re.M)
 
 

@@ -18,10 +18,10 @@ from minispin.eval import TABLE_JSON, read_table, table_from_demo, write_table
 from minispin.report import PANELS, ReportError, _moving_average, find_runs, read_metrics, write_report
 from minispin.tensorboard import TensorBoardSink
 from tiny_run import ITERATIONS, STEPS, copy_run, tiny_run
+from tiny import REPO
 
 pytest.importorskip("matplotlib")
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # demo-shaped stage results (minispin.demo.evaluate_stage's keys)

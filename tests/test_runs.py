@@ -14,8 +14,8 @@ import pytest
 
 from minispin.runs import (RunError, RunLock, changed_inputs, damaged_files, digest_files, fingerprint_inputs,
                            lock_run, phase_done, record_phase, remove_temp_files, temp_files)
+from tiny import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys
 from minispin.runs import RunLock

@@ -1,7 +1,5 @@
 """The batched sampler: KV-cache decode vs full recompute, greedy vs step-by-step argmax, padding and
 batch-size independence, seeded sampling, stop tokens/strings, the counter-based RNG, encode_prompt."""
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,8 +8,8 @@ from minispin import load_model
 from minispin.sampler import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
                                iter_generate_tokens, sample_from_logits)
 from minispin.model import KVCache
+from tiny import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
 
 

@@ -4,13 +4,13 @@ import json
 import random
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from minispin.tokenizer import SPIN_TEMPLATE, _compile_chat_template, load_tokenizer
+import tiny
 
-FIXTURES = Path(__file__).parent / "fixtures" / "tokenizers"
+FIXTURES = tiny.FIXTURES / "tokenizers"
 ZEPHYR = FIXTURES / "zephyr"
 LLAMA2 = FIXTURES / "llama2"
 

@@ -1,5 +1,6 @@
 """Shared test helpers: a character-level tokenizer with a tiny chat template, tiny Llama configs, a tiny
-checkpoint folder and random arithmetic pairs."""
+checkpoint folder and random arithmetic pairs; the repository's and the fixtures' paths (one place, so a
+test file's depth in tests/ never matters)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,9 @@ from minispin.checkpoint import save_model
 from minispin.collate import Pair
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]  # the repository root
+FIXTURES = REPO / "tests" / "fixtures"
 
 CHARS = list("0123456789+-=?.,!: ") + [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
     [chr(c) for c in range(ord("A"), ord("Z") + 1)]

@@ -1,13 +1,14 @@
 """benchmarks/bench_load.py --smoke runs end to end (CPU): load times, memory and speed next to transformers."""
 import json
-from pathlib import Path
+
+from tiny import REPO
 
 
 def test_load_benchmark_smoke_runs():
     import subprocess
     import sys
 
-    bench = Path(__file__).parent.parent / "benchmarks" / "bench_load.py"
+    bench = REPO / "benchmarks" / "bench_load.py"
     out = subprocess.run([sys.executable, str(bench), "--smoke"], capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

@@ -4,13 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tiny import REPO
 
-CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "check_kernels.py"
+CHECK_SCRIPT = REPO / "benchmarks" / "check_kernels.py"
 
 
 @pytest.mark.cuda

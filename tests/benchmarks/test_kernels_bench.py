@@ -2,11 +2,12 @@
 agree with naive."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+from tiny import REPO
+
+BENCH_DIR = REPO / "benchmarks"
 
 
 def _load(name):

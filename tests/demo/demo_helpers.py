@@ -1,11 +1,8 @@
 """Shared by the demo tests (CPU): the child processes' environment and a hand-made per-stage result."""
 import os
-from pathlib import Path
 
 from minispin.demo import task as demo_task
-
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny import REPO
 
 
 def _env():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
 import pytest
+
+from tiny import REPO
 
 
 def test_demo_judge_scores_and_margins():
@@ -68,7 +69,7 @@ def test_methods_demo_small_runs_adaptive_and_sppo(tmp_path):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = tmp_path / "demo_methods"
     res = subprocess.run([sys.executable, "-m", "minispin.demo.methods", "--small", "--nproc", "1", "--out", str(out),
                           "--methods", "adaptive,sppo"], env=env, capture_output=True, text=True, timeout=300)

@@ -132,8 +132,6 @@ def test_linear_logprobs_default_chunk_sizes_bound_memory():
 
 KERNEL_RULE_CASES = [(k, n, d) for k in ("forward", "backward") for n in (1, 64, 65, 1003, 16384, 1 << 20)
                      for d in ("bfloat16", "float16", "float32")]
-
-
 KERNEL_RULE_SCRIPT = r"""
 import importlib, json, sys, torch
 llp = importlib.import_module("minispin.kernels.linear_logprobs")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from minispin.data import Example
 
-
 PROMPT = [{"role": "user", "content": "What is 2+3?"}]
 
 

@@ -3,7 +3,6 @@ or module) or a command (JSON lines; examples/judge_command.py), and their resum
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -11,6 +10,7 @@ from minispin.methods import (FLIPPED, KEPT, SMOOTHED, JudgeConfig, adaptive_pai
                               attach_sample_scores, judge_decision, judge_pairs, load_scorer, score_prompts,
                               sppo_pairs, summarize_pairs)
 from methods_helpers import PROMPT, ex
+from tiny import REPO
 
 
 def test_judge_flips_only_when_generated_scores_strictly_higher():
@@ -60,7 +60,6 @@ def score(prompt, responses):
 def bad(prompt, responses):
     return [1.0]
 '''
-
 
 COMMAND_SOURCE = '''
 import json, sys
@@ -147,8 +146,7 @@ def test_attach_scores_for_judge_spin_and_sppo(tmp_path):
 
 
 def test_example_judge_command_speaks_the_protocol():
-    repo = Path(__file__).resolve().parents[1]
-    judge = JudgeConfig(command=f"{sys.executable} {repo / 'examples' / 'judge_command.py'}")
+    judge = JudgeConfig(command=f"{sys.executable} {REPO / 'examples' / 'judge_command.py'}")
     q = [{"role": "user", "content": "What is 2+3?"}]
     assert load_scorer(judge)([(0, q, ["5", "6"]), (1, [{"role": "user", "content": "Sort ba"}], ["ab", "ba"])]) == \
         [[10.0, pytest.approx(3.6)], [10.0, 0.0]]

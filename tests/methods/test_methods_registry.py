@@ -15,6 +15,7 @@ from minispin.collate import collate_pairs, tokenize_pairs
 from minispin.methods import (FLIPPED, KEPT, SMOOTHED, JudgeConfig, adaptive_decision, adaptive_pairs, sppo_choice,
                               sppo_pairs)
 from methods_helpers import ex
+from tiny import REPO
 
 
 def _seq_logps64(model, tok, pairs):
@@ -95,8 +96,6 @@ def score(prompt, responses):
             out.append(0.0)
     return out
 '''
-
-
 N_E2E = 8
 
 
@@ -127,7 +126,7 @@ def _spin_cli(root: Path, model_dir: Path, out: str, *extra: str, data: str = "s
             "--save_steps", "0", "--progress", "false", "--optimizer", "adamw", "--device", "cpu",
             *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINISPIN_TEST_KILL_AT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     if kill_at:
         env["MINISPIN_TEST_KILL_AT"] = kill_at
     res = subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True, text=True,

@@ -22,11 +22,8 @@ from minispin.sampler import encode_prompt
 from minispin.model import Transformer
 from minispin.tokenizer import load_tokenizer
 from minispin.training import TrainConfig, TrainingDiverged, save_trained_model, train
-from tiny import make_model_dir, make_pairs, tiny_config
+from tiny import REPO, make_model_dir, make_pairs, tiny_config
 from train_helpers import _float64_stats
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_sft_loss_is_mean_token_nll(setup):
