@@ -184,13 +184,11 @@ def test_cli_parses_nested_flat_and_json_options():
         parse_config(SpinConfig, ["--train.seed", "7"])
 
 
-def _example(args, tmp_path):
-    return subprocess.run([sys.executable, str(REPO / "examples" / "spin_zephyr.py"), *args], cwd=tmp_path,
-                          env=_env(), capture_output=True, text=True, timeout=120)
+ZEPHYR = str(REPO / "examples" / "spin_zephyr.py")
 
 
-def test_zephyr_example_help(tmp_path):
-    proc = _example(["--help"], tmp_path)
+def test_zephyr_example_help(tmp_path, run_here):
+    proc = run_here([ZEPHYR, "--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     for option in ("--model", "--data", "--output_dir", "--out", "--train.lr", "--iterations"):
         assert option in proc.stdout
@@ -198,25 +196,24 @@ def test_zephyr_example_help(tmp_path):
     assert "pairs per optimizer step, over all ranks and accumulation steps (default: 64)" in \
         " ".join(proc.stdout.split())  # each option: what it is and its default
     assert not (tmp_path / "runs").exists()
-    dpo = subprocess.run([sys.executable, str(REPO / "examples" / "dpo.py"), "--help"], cwd=tmp_path, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    dpo = run_here([str(REPO / "examples" / "dpo.py"), "--help"], tmp_path)
     assert dpo.returncode == 0 and "DPO on preference data" in dpo.stdout and "--out" in dpo.stdout
 
 
-def test_zephyr_example_path_errors(tmp_path):
+def test_zephyr_example_path_errors(tmp_path, run_here):
     data = tmp_path / "ultrachat"
     data.mkdir()
     (data / "train_sft-00000-of-00001.jsonl").write_text("")
     model = tmp_path / "model"
     model.mkdir()
 
-    proc = _example(["--data", str(data)], tmp_path)
+    proc = run_here([ZEPHYR, "--data", str(data)], tmp_path)
     assert proc.returncode != 0 and "--model is required" in proc.stderr
 
-    proc = _example(["--model", str(tmp_path / "nope"), "--data", str(data)], tmp_path)
+    proc = run_here([ZEPHYR, "--model", str(tmp_path / "nope"), "--data", str(data)], tmp_path)
     assert proc.returncode != 0 and str(tmp_path / "nope") in proc.stderr and "config.json" in proc.stderr
 
-    proc = _example(["--model", str(model), "--data", str(data)], tmp_path)
+    proc = run_here([ZEPHYR, "--model", str(model), "--data", str(data)], tmp_path)
     assert proc.returncode != 0
     for missing in ("config.json", "model.safetensors", "tokenizer.json"):
         assert missing in proc.stderr
@@ -224,17 +221,17 @@ def test_zephyr_example_path_errors(tmp_path):
     (model / "config.json").write_text("{}")
     (model / "model.safetensors.index.json").write_text("{}")
     (model / "tokenizer.model").write_bytes(b"")
-    proc = _example(["--model", str(model), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], tmp_path)
+    proc = run_here([ZEPHYR, "--model", str(model), "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")], tmp_path)
     assert proc.returncode != 0 and str(tmp_path / "missing") in proc.stderr and "train_sft" in proc.stderr
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = _example(["--model", str(model), "--data", str(empty)], tmp_path)
+    proc = run_here([ZEPHYR, "--model", str(model), "--data", str(empty)], tmp_path)
     assert proc.returncode != 0 and str(empty) in proc.stderr and "train_sft" in proc.stderr
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "test_sft.parquet").write_bytes(b"")
-    proc = _example(["--model", str(model), "--data", str(other)], tmp_path)
+    proc = run_here([ZEPHYR, "--model", str(model), "--data", str(other)], tmp_path)
     assert proc.returncode != 0 and "train_sft" in proc.stderr and "test_sft.parquet" in proc.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "o").exists()  # nothing started

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from minispin.eval import read_table
 from tiny import REPO
 
 
@@ -88,3 +89,8 @@ def test_methods_demo_small_runs_adaptive_and_sppo(tmp_path):
     assert "vs SFT [95% CI, paired]" in table and "adaptive iter 1" in table and "SPPO iter 0" in table
     assert all(len(e["correct"]) == results["sft"]["n_test"] for r in results["methods"].values()
                for e in r["iterations"])
+    for name, r in results["methods"].items():  # each method's run has the seeds' table, for minispin.report
+        table = read_table(out / name)
+        assert [row["name"] for row in table["rows"]] == ["SFT", "iter0", "iter1"]
+        assert [c["key"] for c in table["columns"]] == ["reverse", "sort", "add"]
+        assert [row["scores"] for row in table["rows"][1:]] == [e["exact_match_by_skill"] for e in r["iterations"]]
