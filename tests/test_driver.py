@@ -378,15 +378,20 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+LAUNCHERS = {"torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "minispin"],
+             "nproc_per_node": ["-m", "minispin", "--nproc_per_node", "2"]}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_kill_of_the_torchrun_process_group_leaves_no_rank_running(base, tmp_path):
-    """A real 2-rank torchrun run (CPU, gloo): SIGKILL to torchrun's process group mid-run (the ranks run
-    in sessions of their own, so the signal does not reach them); a few seconds later no rank is alive."""
+@pytest.mark.parametrize("launcher_name", list(LAUNCHERS))
+def test_kill_of_the_launcher_process_group_leaves_no_rank_running(base, tmp_path, launcher_name):
+    """A real 2-rank run (CPU, gloo), started by torchrun or by minispin's --nproc_per_node: SIGKILL to the
+    launcher's process group mid-run (the ranks run in sessions of their own, so the signal does not reach
+    them); a few seconds later no rank is alive."""
     root, model_dir, data = base
     out = tmp_path / "run-torchrun"
     argv = _one_iteration(_argv(model_dir, data, out))
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", "-m", "minispin", *argv], env=_env(),
+    launcher = subprocess.Popen([sys.executable, *LAUNCHERS[launcher_name], *argv], env=_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: (out / "state.json").is_file() or launcher.poll() is not None, what="the run to start")
