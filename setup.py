@@ -28,7 +28,7 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "eval": ["lm-eval[hf]>=0.4.13"],
         "tensorboard": ["tensorboard>=2.10"],
-        "test": ["pytest>=7", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "matplotlib>=3.7",
+        "test": ["pytest>=7", "pytest-xdist>=3", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "matplotlib>=3.7",
                  "lm-eval[hf]>=0.4.13", "tensorboard>=2.10", "protobuf>=3.20"],
     },
 )
