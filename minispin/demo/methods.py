@@ -4,6 +4,7 @@ SPPO and DPO, compared on held-out exact-match accuracy over iterations (CPU, no
     python -m minispin.demo.methods                      # 2 torchrun ranks on CPU -> runs/demo_methods
     python -m minispin.demo.methods --methods spin,sppo   # a subset
     python -m minispin.demo.methods --small              # the reduced size the test suite runs
+    python -m minispin.demo.methods --seeds 3             # seeds 0..2 -> runs/demo_methods_seeds/seed<s>, seeds.md
 
 Setup (everything deterministic in the seed; see docs/methods.md for the numbers):
 - The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo`: reverse / sort letters,
@@ -43,9 +44,10 @@ from ..io import atomic_write_text
 from ..log import print0
 from ..methods import JudgeConfig
 from ..runs import check_manifest, describe_changes, write_manifest
-from ..stats import format_stage_table, stage_table
+from ..stats import format_stage_table
 from . import run as demo_run
 from . import task as demo_task
+from .seeds import run_seeds, with_seed
 
 ALL_METHODS = ("continued_sft", "spin", "judge_spin", "noise_spin", "adaptive", "sppo", "dpo")
 LABELS = {"continued_sft": "continued SFT", "spin": "SPIN", "judge_spin": "judge-SPIN", "noise_spin": "noise-SPIN",
@@ -204,14 +206,6 @@ def _pair_stats(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _per_question(results: dict[str, Any]) -> dict[str, list[int]]:
-    """Stage label -> per-question correctness (SFT first, then every method's iterations)."""
-    stages = {"SFT": results["sft"]["correct"]}
-    for name, r in results["methods"].items():
-        stages.update({f"{LABELS[name]} iter {i}": e["correct"] for i, e in enumerate(r["iterations"])})
-    return stages
-
-
 def markdown_tables(results: dict[str, Any]) -> str:
     """Exact match per method and iteration, per skill at the last iteration, and the pair counts."""
     sft = results["sft"]
@@ -235,8 +229,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(f"{by_skill.get(s, float('nan')):.3f}" for s in skills)
                      + f" | {e['mean_logprob']:.3f} | {secs:.0f} |")
     lines += ["", "Every stage with its 95% interval (Wilson) and its paired difference from SFT over the same "
-              "questions (paired bootstrap, 95%):", "", "```", format_stage_table(stage_table(_per_question(results), "SFT"),
-                                                                             "SFT"), "```"]
+              "questions (paired bootstrap, 95%):", "", "```", format_stage_table(results["stats"], "SFT"), "```"]
     stats = [(n, s) for n, r in results["methods"].items() for s in r.get("pair_stats", [])]
     if stats:
         lines += ["", "Pairs per iteration (new + mixed-in previous iteration's):", "",
@@ -251,51 +244,61 @@ def markdown_tables(results: dict[str, Any]) -> str:
 def run_methods_demo(out: Path, config: MethodsDemoConfig, device: str = "cpu") -> dict[str, Any]:
     """Run (or continue) the comparison; call on every rank. Returns the results (also in <out>/results.json)."""
     info = dist.init_distributed(device)
-    t_start = time.perf_counter()
     try:
-        d = config.demo
-        paths = {"task": out / "task", "init": out / "init", "sft": out / "sft", "data": out / "methods_data",
-                 "eval": out / "eval"}
-        if dist.is_main():
-            _check_settings(out, config)
-            task = demo_run.make_task(paths["task"], d)
-            demo_run.init_model(paths["init"], task["tokenizer"], d)
-            data = write_method_data(task["train"], paths["data"], d.n_spin, config.label_noise, d.seed)
-        dist.barrier()
-        data = {"spin": paths["data"] / "spin_data.jsonl", "preferences": paths["data"] / "preferences.jsonl"}
-        test = paths["task"] / "test_sft.jsonl"
-        _say(f"run dir {out}; {info.world_size} rank(s); methods {', '.join(config.methods)}; "
-             f"{d.n_spin} self-play prompts, label noise {config.label_noise:g}")
-
-        t = time.perf_counter()
-        sft_model = demo_run.run_sft(paths["init"], paths["task"] / "train_sft.jsonl", paths["sft"], d, device,
-                                 lr=d.sft_lr, limit=None)
-        sft = dict(demo_run.evaluate_stage("sft", sft_model, test, paths["eval"], device),
-                   train_seconds=round(time.perf_counter() - t, 1))
-        _say(f"SFT: exact match {sft['exact_match']:.3f}")
-        results: dict[str, Any] = {"config": asdict(config), "world_size": info.world_size, "device": device,
-                                   "sft": sft, "methods": {}}
-        for name in config.methods:
-            t = time.perf_counter()
-            cfg = method_config(name, sft_model, data, out, config, device)
-            _say(f"{LABELS[name]}: {cfg.total_iterations} iteration(s)")
-            models = spin(cfg).models
-            seconds = time.perf_counter() - t
-            evals = [demo_run.evaluate_stage(f"{name}_iter{i}", m, test, paths["eval"], device)
-                     for i, m in enumerate(models)]
-            results["methods"][name] = {"seconds": round(seconds, 1), "iterations": evals,
-                                        "pair_stats": _pair_stats(out / name)}
-            if dist.is_main():  # the seeds' table of this method's run, for minispin.report
-                write_table(out / name, table_from_demo([sft, *evals], demo_task.SKILLS))
-            _say(f"{LABELS[name]}: exact match by iteration "
-                 + ", ".join(f"{e['exact_match']:.3f}" for e in evals) + f" ({seconds:.0f}s)")
-        results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
-        table = markdown_tables(results)
-        results["table"] = table
-        demo_run.publish_results(out, results, "results.md", _say)
-        return results
+        return methods_stages(out, config, device, info.world_size)
     finally:
         dist.shutdown(info)
+
+
+def methods_stages(out: Path, config: MethodsDemoConfig, device: str, world_size: int) -> dict[str, Any]:
+    """SFT, then every method's iterations, in `out` (on every rank of an initialized process group). The
+    results carry "stages" (sft, then "<method>_iter<t>") and their "stats" (interval rows), as a demo run's
+    do, so that minispin.demo.seeds summarizes seeds of either."""
+    t_start = time.perf_counter()
+    d = config.demo
+    paths = {"task": out / "task", "init": out / "init", "sft": out / "sft", "data": out / "methods_data",
+             "eval": out / "eval"}
+    if dist.is_main():
+        _check_settings(out, config)
+        task = demo_run.make_task(paths["task"], d)
+        demo_run.init_model(paths["init"], task["tokenizer"], d)
+        data = write_method_data(task["train"], paths["data"], d.n_spin, config.label_noise, d.seed)
+    dist.barrier()
+    data = {"spin": paths["data"] / "spin_data.jsonl", "preferences": paths["data"] / "preferences.jsonl"}
+    test = paths["task"] / "test_sft.jsonl"
+    _say(f"run dir {out}; {world_size} rank(s); seed {d.seed}; methods {', '.join(config.methods)}; "
+         f"{d.n_spin} self-play prompts, label noise {config.label_noise:g}")
+
+    t = time.perf_counter()
+    sft_model = demo_run.run_sft(paths["init"], paths["task"] / "train_sft.jsonl", paths["sft"], d, device,
+                                 lr=d.sft_lr, limit=None)
+    sft = dict(demo_run.evaluate_stage("sft", sft_model, test, paths["eval"], device),
+               train_seconds=round(time.perf_counter() - t, 1), label="SFT")
+    _say(f"SFT: exact match {sft['exact_match']:.3f}")
+    results: dict[str, Any] = {"config": asdict(config), "world_size": world_size, "device": device,
+                               "sft": sft, "methods": {}}
+    stages = [sft]
+    for name in config.methods:
+        t = time.perf_counter()
+        cfg = method_config(name, sft_model, data, out, config, device)
+        _say(f"{LABELS[name]}: {cfg.total_iterations} iteration(s)")
+        models = spin(cfg).models
+        seconds = time.perf_counter() - t
+        evals = [dict(demo_run.evaluate_stage(f"{name}_iter{i}", m, test, paths["eval"], device),
+                      label=f"{LABELS[name]} iter {i}") for i, m in enumerate(models)]
+        stages += evals
+        results["methods"][name] = {"seconds": round(seconds, 1), "iterations": evals,
+                                    "pair_stats": _pair_stats(out / name)}
+        if dist.is_main():  # the seeds' table of this method's run, for minispin.report
+            write_table(out / name, table_from_demo([sft, *evals], demo_task.SKILLS))
+        _say(f"{LABELS[name]}: exact match by iteration "
+             + ", ".join(f"{e['exact_match']:.3f}" for e in evals) + f" ({seconds:.0f}s)")
+    results["stages"] = stages
+    results["stats"] = demo_run.interval_rows(stages)
+    results["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
+    results["table"] = markdown_tables(results)
+    demo_run.publish_results(out, results, "results.md", _say)
+    return results
 
 
 _say = functools.partial(print0, prefix="methods-demo")  # status lines, rank 0
@@ -314,14 +317,18 @@ def _check_settings(out: Path, config: MethodsDemoConfig) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minispin.demo.methods", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo_methods", help="run folder (re-running the same command continues)")
+    p.add_argument("--out", default=None, help="run folder (re-running the same command continues); default "
+                   "runs/demo_methods, with --seeds runs/demo_methods_seeds")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help="comma-separated subset of " + ",".join(ALL_METHODS))
     p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
     p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
     p.add_argument("--iterations", type=int, default=None, help="iterations per method (default 2)")
     p.add_argument("--label-noise", type=float, default=MethodsDemoConfig.label_noise)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, label noise and "
+                   "sampling (the first one with --seeds)")
+    p.add_argument("--seeds", type=int, default=None, help="run K seeds (seed, seed+1, ...) and print mean ± SE "
+                   "(minispin.demo.seeds)")
     p.add_argument("--device", default="cpu")
     return p
 
@@ -329,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
     code = demo_run.launch_if_asked("minispin.demo.methods", argv, args.nproc, args.device)
     if code is not None:
         return code
@@ -343,7 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         config = MethodsDemoConfig(demo=demo_config, methods=methods, label_noise=args.label_noise)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    run_methods_demo(Path(args.out), config, args.device)
+    out = Path(args.out or ("runs/demo_methods_seeds" if args.seeds else "runs/demo_methods"))
+    if args.seeds is None:
+        run_methods_demo(out, config, args.device)
+        return 0
+    info = dist.init_distributed(args.device)
+    try:
+        run_seeds(out, [with_seed(config, args.seed + k) for k in range(args.seeds)], methods_stages, args.device,
+                  info.world_size)
+    finally:
+        dist.shutdown(info)
     return 0
 
 
