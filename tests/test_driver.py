@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minispin import TrainConfig
 from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer

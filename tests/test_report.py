@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from minispin.cli import parse_args
-from minispin.eval import TABLE_JSON, read_table, table_from_demo, write_table
+from minispin.eval import read_table, table_from_demo, write_table
 from minispin.report import PANELS, ReportError, _moving_average, find_runs, read_metrics, write_report
 from minispin.tensorboard import TensorBoardSink
 from tiny_run import ITERATIONS, STEPS, copy_run, tiny_run
@@ -275,7 +275,7 @@ def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
     """Each iteration ends with summary.json (pairs, steps, time, last-10%-of-steps means, truncation counts,
     model); the run
     ends with <run>/summary.json and a table of all iterations, also when every iteration was done earlier."""
-    from minispin.driver import SpinConfig, spin
+    from minispin.driver import spin
     from minispin.runs import metrics_summary, read_metrics
 
     total = json.loads((run / "summary.json").read_text())["iterations"]
