@@ -184,6 +184,8 @@ def table_from_demo(stages: Sequence[dict[str, Any]], skills: Sequence[str] | No
         rows.append({"name": name, "model": s.get("model"), "baseline": s["stage"] == "continued_sft",
                      "scores": dict(s["exact_match_by_skill"]), "exact_match_all": s.get("exact_match"),
                      "n_test": s.get("n_test")})
+    names = [r["name"] for r in rows]
+    assert len(set(names)) == len(names), f"one table row per stage name, got {names}"  # e.g. two methods' iter0
     columns = [{"key": k, "label": k, "metric": "exact match"} for k in skills]
     return make_table(columns, rows, source="minispin demo: exact match of greedy answers on held-out questions")
 
