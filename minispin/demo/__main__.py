@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import distributed as dist
 from .plateau import PlateauConfig, plateau_stages
-from .run import DemoConfig, demo_stages, launch_if_asked
+from .run import DemoConfig, add_common_options, demo_stages, launch_if_asked
 from .seeds import run_seeds, with_seed
 
 REGIMES = ("default", "plateau")
@@ -25,29 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minispin.demo", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--out", default=None, help="run folder (re-running with the same one continues; the plateau "
                    "regime shares the demo's SFT model in it); default runs/demo, with --seeds runs/demo_seeds")
-    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
-    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
     p.add_argument("--regime", choices=REGIMES, default="default",
                    help="default: short SFT, then continued SFT and SPIN; plateau: from the demo's SFT model, SFT "
                    "epochs on a fixed set until the validation accuracy stops rising, then continued SFT and SPIN "
                    "iterations 0-3 on the same prompts")
     p.add_argument("--iterations", type=int, default=None, help="SPIN iterations of the default regime (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and sampling (the first "
-                   "one with --seeds)")
-    p.add_argument("--seeds", type=int, default=None, help="run K seeds (seed, seed+1, ...) and print mean ± SE")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_common_options(p, "the model init, data order and sampling")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.seeds is not None and args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
     if args.iterations is not None and (args.iterations < 1 or args.regime == "plateau"):
         raise SystemExit("--iterations must be >= 1 and belongs to the default regime (the plateau regime runs "
                          "iterations 0-3 with the paper's schedule shape)")
-    code = launch_if_asked("minispin.demo", argv, args.nproc, args.device)
+    code = launch_if_asked("minispin.demo", argv, args)
     if code is not None:
         return code
     overrides: dict[str, Any] = {"seed": args.seed}

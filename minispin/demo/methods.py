@@ -321,24 +321,16 @@ def _parser() -> argparse.ArgumentParser:
                    "runs/demo_methods, with --seeds runs/demo_methods_seeds")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help="comma-separated subset of " + ",".join(ALL_METHODS))
-    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
-    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
     p.add_argument("--iterations", type=int, default=None, help="iterations per method (default 2)")
     p.add_argument("--label-noise", type=float, default=MethodsDemoConfig.label_noise)
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order, label noise and "
-                   "sampling (the first one with --seeds)")
-    p.add_argument("--seeds", type=int, default=None, help="run K seeds (seed, seed+1, ...) and print mean ± SE "
-                   "(minispin.demo.seeds)")
-    p.add_argument("--device", default="cpu")
+    demo_run.add_common_options(p, "the model init, data order, label noise and sampling")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if args.seeds is not None and args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
-    code = demo_run.launch_if_asked("minispin.demo.methods", argv, args.nproc, args.device)
+    code = demo_run.launch_if_asked("minispin.demo.methods", argv, args)
     if code is not None:
         return code
     overrides: dict[str, Any] = {"seed": args.seed}

@@ -32,6 +32,7 @@ larger lrs made SPIN worse than the SFT model on this task.
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -347,16 +348,29 @@ def publish_results(out: Path, results: dict[str, Any], table_file: str, say: Ca
     dist.barrier()
 
 
-def launch_if_asked(module: str, argv: list[str], nproc: int, device: str) -> int | None:
-    """A demo command line with --nproc N > 1 outside torchrun: re-run `python -m module argv` as N ranks
-    (minispin.distributed.launch) and return its exit code; else None (run here)."""
-    if nproc < 1:
+def add_common_options(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The options every demo command line shares: ranks, size, seed(s), device."""
+    p.add_argument("--nproc", type=int, default=2, help="processes (torchrun ranks); 1 = no torchrun")
+    p.add_argument("--small", action="store_true", help="the reduced size used by the test suite")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of {seed_help} (the first one with --seeds)")
+    p.add_argument("--seeds", type=int, default=None, help="run K seeds (seed, seed+1, ...) and print mean ± SE "
+                   "(minispin.demo.seeds)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+
+
+def launch_if_asked(module: str, argv: list[str], args: argparse.Namespace) -> int | None:
+    """A demo command line (`add_common_options`) checked; with --nproc N > 1 outside torchrun: re-run
+    `python -m module argv` as N ranks (minispin.distributed.launch) and return its exit code; else None
+    (run here)."""
+    if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
+    if args.seeds is not None and args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
     # Triton's CPU interpreter (a test-suite setting) would make the demo's kernels crawl; on CPU the
     # kernels take their plain-torch path without it (it is read when triton is first imported).
-    if nproc > 1 and not dist.launched_by_torchrun():
+    if args.nproc > 1 and not dist.launched_by_torchrun():
         os.environ.pop("TRITON_INTERPRET", None)
-        return dist.launch(nproc, ["-m", module, *argv])
-    if device == "cpu" and "triton" not in sys.modules:
+        return dist.launch(args.nproc, ["-m", module, *argv])
+    if args.device == "cpu" and "triton" not in sys.modules:
         os.environ.pop("TRITON_INTERPRET", None)
     return None
