@@ -7,8 +7,9 @@ setup(
     description="Minimal PyTorch library for self-play fine-tuning (SPIN, SPPO, DPO) of Llama/Mistral LLMs",
     python_requires=">=3.10",
     packages=["minispin", "minispin.training", "minispin.methods", "minispin.demo", "minispin.kernels"],
-    # The Triton kernels live in the top-level kernels/ folder but import as minispin.kernels
-    # (a top-level "kernels" package would collide with other distributions).
+    # The Triton kernels live in the top-level kernels/ folder (no __init__.py: it must never import as a
+    # top-level "kernels", Hugging Face's package of that name); the wheel puts them in minispin/kernels/,
+    # the path that the module minispin/kernels.py gives its package.
     package_dir={"minispin": "minispin", "minispin.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

@@ -12,7 +12,7 @@ import pytest
 import minispin
 from tiny import REPO
 
-# module name -> source file (minispin.kernels lives in the top-level kernels/ folder, see setup.py)
+# module name -> source file (the package minispin.kernels is the top-level kernels/ folder, see minispin/kernels.py)
 ROOTS = {"minispin": REPO / "minispin", "minispin.kernels": REPO / "kernels"}
 # in-function imports allowed: the kernels, whose import must wait for the caller's TRITON_INTERPRET
 LAZY_OK = ("minispin.kernels",)
