@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from . import distributed as dist
+from .errors import UserError
 from .io import atomic_replace_dir, recover_replaced_dir, with_path
 from .model import ModelConfig, Transformer, hf_key, our_key
 
@@ -35,7 +36,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint folder or file that does not match the model it should hold."""
 
 

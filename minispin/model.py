@@ -20,13 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .errors import UserError
+
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ConfigError(ValueError):
-    """A config.json we cannot run faithfully (unknown architecture, rope type, unsupported feature)."""
+class ModelConfigError(UserError):
+    """A model config we cannot run faithfully (unknown architecture, rope type, unsupported feature)."""
 
 
 @dataclass
@@ -55,22 +57,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                     f"{self.num_attention_heads}; set head_dim explicitly"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
         if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"architecture {self.architecture!r} is not supported "
+            raise ModelConfigError(f"architecture {self.architecture!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"rope_scaling type {rope_type!r} is not supported "
+            raise ModelConfigError(f"rope_scaling type {rope_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
     @property
@@ -81,8 +83,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         """Read a Hugging Face config.json dict (transformers 4.x or 5.x layout); refuse what we cannot run."""
 
-        def bad(key: str, why: str) -> ConfigError:
-            return ConfigError(f"{source}: field {key!r} {why}")
+        def bad(key: str, why: str) -> ModelConfigError:
+            return ModelConfigError(f"{source}: field {key!r} {why}")
 
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")

@@ -41,6 +41,8 @@ import re
 from datetime import datetime
 from typing import Any
 
+from .errors import UserError
+
 SPIN_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
 """The instruction template of the SPIN paper's public generation code."""
 
@@ -58,6 +60,10 @@ _MISSING = object()
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+class TokenizerError(UserError):
+    """A tokenizer folder or file we cannot use as given (bad JSON, unknown token, vocabulary mismatch)."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config files
 
@@ -70,7 +76,7 @@ def _read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: malformed JSON ({err})") from err
+        raise TokenizerError(f"{path}: malformed JSON ({err})") from err
 
 
 def _read_json_object(path: str) -> dict:
@@ -78,7 +84,7 @@ def _read_json_object(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+        raise TokenizerError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
 
 
@@ -88,7 +94,7 @@ def _token_content(value: Any, key: str, source: str) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
-    raise ValueError(f"{source}: {key} must be a string, a {{\"content\": ...}} object or null, got {value!r}")
+    raise TokenizerError(f"{source}: {key} must be a string, a {{\"content\": ...}} object or null, got {value!r}")
 
 
 def _bool_setting(config: dict, key: str, default: bool, source: str) -> bool:
@@ -96,18 +102,18 @@ def _bool_setting(config: dict, key: str, default: bool, source: str) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+        raise TokenizerError(f"{source}: {key} must be true or false, got {value!r}")
     return value
 
 
 def _find_files(path: str, backend: str | None) -> tuple[str, str, str]:
     """(folder, tokenizer file, kind) for a folder or a tokenizer file; kind is 'tokenizers' or 'sentencepiece'."""
     if backend not in (None, "tokenizers", "sentencepiece"):
-        raise ValueError(f"backend must be None, 'tokenizers' or 'sentencepiece', got {backend!r}")
+        raise TokenizerError(f"backend must be None, 'tokenizers' or 'sentencepiece', got {backend!r}")
     if os.path.isfile(path):
         kind = "tokenizers" if path.endswith(".json") else "sentencepiece"
         if backend is not None and backend != kind:
-            raise ValueError(f"{path}: backend {backend!r} asked for, but this is a {kind} file")
+            raise TokenizerError(f"{path}: backend {backend!r} asked for, but this is a {kind} file")
         return os.path.dirname(os.path.abspath(path)), path, kind
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -142,7 +148,7 @@ def _read_chat_templates(folder: str, config: dict, config_path: str) -> tuple[d
         isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
     ):
         return {t["name"]: t["template"] for t in value}, source
-    raise ValueError(f"{source}: chat_template must be a string or a list of {{name, template}} objects")
+    raise TokenizerError(f"{source}: chat_template must be a string or a list of {{name, template}} objects")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +213,7 @@ def _check_messages(messages: Any) -> list[dict]:
         raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"message {i} must be a dict with a string 'role', got {message!r}")
+            raise TokenizerError(f"message {i} must be a dict with a string 'role', got {message!r}")
     return [copy.deepcopy(dict(m)) for m in messages]
 
 
@@ -219,14 +225,14 @@ def render_spin_prompt(messages: list[dict]) -> str:
     start = 1 if roles[:1] == ["system"] else 0
     shape = roles[start:]
     if shape not in (["user"], ["user", "assistant"]):
-        raise ValueError(
+        raise TokenizerError(
             "the 'spin' template renders [system?, user, assistant?] (one instruction and its answer); "
             f"got roles {roles}"
         )
     contents = [m.get("content") for m in messages]
     for role, content in zip(roles, contents):
         if not isinstance(content, str):
-            raise ValueError(f"the 'spin' template needs string contents; the {role} message has {content!r}")
+            raise TokenizerError(f"the 'spin' template needs string contents; the {role} message has {content!r}")
     prompt = contents[start]
     if start:
         prompt = contents[0] + "\n\n" + prompt
@@ -277,7 +283,7 @@ class Tokenizer:
             if token is not None:
                 token_id = self.token_to_id(token)
                 if token_id is None:
-                    raise ValueError(f"{source}: {key} {token!r} is not in the vocabulary of {self.tokenizer_file}")
+                    raise TokenizerError(f"{source}: {key} {token!r} is not in the vocabulary of {self.tokenizer_file}")
             setattr(self, key, token)
             setattr(self, key[: -len("token")] + "id", token_id)
         self.additional_special_tokens = self._additional_special_tokens(config, special_map, special_map_path)
@@ -287,7 +293,7 @@ class Tokenizer:
         self.add_eos_token = _bool_setting(config, "add_eos_token", default_eos, self.config_path)
         for flag, key in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
             if getattr(self, flag) and getattr(self, key) is None:
-                raise ValueError(f"{self.config_path}: {flag} is true but no {key} is configured")
+                raise TokenizerError(f"{self.config_path}: {flag} is true but no {key} is configured")
         if self.pad_id is None:
             self.pad_id = self.eos_id  # padding is masked out, any valid id will do
 
@@ -322,12 +328,12 @@ class Tokenizer:
         else:
             values, source = special_map.get("additional_special_tokens") or [], special_map_path
         if not isinstance(values, list):
-            raise ValueError(f"{source}: additional_special_tokens must be a list, got {values!r}")
+            raise TokenizerError(f"{source}: additional_special_tokens must be a list, got {values!r}")
         tokens = []
         for value in values:
             token = _token_content(value, "additional_special_tokens", source)
             if token is None or self.token_to_id(token) is None:
-                raise ValueError(
+                raise TokenizerError(
                     f"{source}: additional_special_tokens entry {token!r} is not in the vocabulary of {self.tokenizer_file}"
                 )
             tokens.append(token)
@@ -339,7 +345,7 @@ class Tokenizer:
         extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
         for token_id in extra:
             if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
-                raise ValueError(f"{generation_config_path}: eos_token_id {token_id!r} is not a valid token id")
+                raise TokenizerError(f"{generation_config_path}: eos_token_id {token_id!r} is not a valid token id")
             if token_id not in stop:
                 stop.append(token_id)
         return stop
@@ -377,7 +383,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size}) of {self.tokenizer_file}")
+            raise TokenizerError(f"token id {bad} is outside the vocabulary (size {self.vocab_size}) of {self.tokenizer_file}")
         return self._decode_ids(ids, skip_special_tokens)
 
     def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
@@ -388,7 +394,7 @@ class Tokenizer:
         """(kind, source) for a template argument: kind 'spin' or a Jinja string."""
         if template is None or template == "chat":
             if self.chat_template is None:
-                raise ValueError(
+                raise TokenizerError(
                     f"tokenizer {self.path!r} has no chat_template (looked in {self.config_path} and "
                     f"{' / '.join(CHAT_TEMPLATE_FILES)}); use template='spin' or pass a Jinja template string"
                 )
@@ -399,7 +405,7 @@ class Tokenizer:
             return self.chat_templates[template], f"chat template {template!r} of {self.chat_template_source}"
         if "{{" in template or "{%" in template:
             return template, "the given Jinja template"
-        raise ValueError(
+        raise TokenizerError(
             f"unknown template {template!r}: expected 'chat', 'spin', a named template of this tokenizer "
             f"{sorted(self.chat_templates)} or a Jinja template string"
         )
@@ -424,7 +430,7 @@ class Tokenizer:
         except ImportError:
             raise
         except Exception as err:  # jinja2.TemplateSyntaxError and friends
-            raise ValueError(f"cannot compile {origin}: {err}") from err
+            raise TokenizerError(f"cannot compile {origin}: {err}") from err
         variables = {key: getattr(self, key) for key in SPECIAL_TOKEN_KEYS if getattr(self, key) is not None}
         if self.additional_special_tokens:
             variables["additional_special_tokens"] = list(self.additional_special_tokens)
@@ -436,7 +442,7 @@ class Tokenizer:
                 messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **variables
             )
         except (_TemplateError, TemplateError) as err:  # raise_exception(), undefined names, sandbox violations
-            raise ValueError(f"{origin} failed on this conversation: {err}") from err
+            raise TokenizerError(f"{origin} failed on this conversation: {err}") from err
 
     def render_prompt(self, messages: list[dict], template: str | None = None) -> str:
         """The prompt text, ending where the assistant's answer begins: apply_chat_template(prompt
@@ -447,7 +453,7 @@ class Tokenizer:
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         if not messages:
-            raise ValueError("render_prompt needs at least one non-assistant message")
+            raise TokenizerError("render_prompt needs at least one non-assistant message")
         return self.apply_chat_template(messages, add_generation_prompt=True, template=template)
 
 
@@ -462,7 +468,7 @@ class HFTokenizersTokenizer(Tokenizer):
         try:
             self._tokenizer = RustTokenizer.from_file(self.tokenizer_file)
         except Exception as err:
-            raise ValueError(f"{self.tokenizer_file}: not a valid tokenizers file ({err})") from err
+            raise TokenizerError(f"{self.tokenizer_file}: not a valid tokenizers file ({err})") from err
         # A truncation/padding block left in tokenizer.json must not silently cut or pad our sequences.
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
@@ -512,7 +518,7 @@ class SentencePieceTokenizer(Tokenizer):
                 self._sp if self.legacy else sentencepiece.SentencePieceProcessor(model_proto=_without_dummy_prefix(model_proto))
             )
         except (RuntimeError, OSError, ValueError) as err:
-            raise ValueError(f"{self.tokenizer_file}: not a valid sentencepiece model ({err})") from err
+            raise TokenizerError(f"{self.tokenizer_file}: not a valid sentencepiece model ({err})") from err
         sp = self._sp
         self._pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         self._piece_ids = {piece: i for i, piece in enumerate(self._pieces)}
@@ -523,14 +529,14 @@ class SentencePieceTokenizer(Tokenizer):
         self._added = {}  # id -> content
         decoder = config.get("added_tokens_decoder") or {}
         if not isinstance(decoder, dict):
-            raise ValueError(f"{self.config_path}: added_tokens_decoder must be an object")
+            raise TokenizerError(f"{self.config_path}: added_tokens_decoder must be an object")
         for key, value in decoder.items():
             content = _token_content(value, f"added_tokens_decoder[{key}]", self.config_path)
             if not key.isdigit() or content is None:
-                raise ValueError(f"{self.config_path}: bad added_tokens_decoder entry {key!r}: {value!r}")
+                raise TokenizerError(f"{self.config_path}: bad added_tokens_decoder entry {key!r}: {value!r}")
             token_id = int(key)
             if token_id < len(self._pieces) and self._pieces[token_id] != content:
-                raise ValueError(
+                raise TokenizerError(
                     f"{self.config_path}: added_tokens_decoder[{key}] is {content!r} but {self.tokenizer_file} "
                     f"has {self._pieces[token_id]!r} at id {token_id}"
                 )
@@ -622,7 +628,7 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:
         if pos >= len(buf):
-            raise ValueError("truncated protobuf varint")
+            raise TokenizerError("truncated protobuf varint")
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -669,7 +675,7 @@ def _without_dummy_prefix(model_proto: bytes) -> bytes:
                 found = True
                 continue
         else:
-            raise ValueError(f"unexpected protobuf wire type {wire_type}")
+            raise TokenizerError(f"unexpected protobuf wire type {wire_type}")
         out += model_proto[start:pos]
     if not found:
         out += _varint(3 << 3 | 2) + _varint(2) + b"\x18\x00"
@@ -695,6 +701,6 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, model: Any = "the mode
     size = len(tokenizer)
     if size > vocab_size:
         source = getattr(tokenizer, "path", None) or getattr(tokenizer, "name_or_path", None) or "the tokenizer"
-        raise ValueError(f"tokenizer {source} and model {model} do not match: the tokenizer has {size} tokens "
+        raise TokenizerError(f"tokenizer {source} and model {model} do not match: the tokenizer has {size} tokens "
                          f"but the model's vocabulary has {vocab_size} (ids >= {vocab_size} cannot be embedded); "
                          "use the tokenizer the model was trained with (--tokenizer, default: the model folder)")

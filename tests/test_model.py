@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from minispin import load_model
 import minispin.model as model_mod
-from minispin.model import ConfigError, ModelConfig, Transformer
+from minispin.model import ModelConfigError, ModelConfig, Transformer
 from tiny import FIXTURES
 
 TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
@@ -173,7 +173,7 @@ def test_config_round_trips_through_hf_layout():
     ({"hidden_size": None}, "hidden_size"),
 ])
 def test_unsupported_config_is_refused_naming_the_field(change, field):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ModelConfigError, match=field):
         ModelConfig.from_hf({**BASE, **change}, source="x/config.json")
 
 
