@@ -634,7 +634,8 @@ def _read_data(config: SpinConfig, method: Method) -> list:
                                  on_error=config.on_bad_row, warn=warn,
                                  require_generated=method.needs_generation and not config.generate)
     if not examples:
-        raise ValueError(f"{config.data}: no usable rows")
+        raise DataError("no usable rows (every row was empty or skipped); check the file and --data_format",
+                        source=f"--data {config.data}")
     return examples
 
 

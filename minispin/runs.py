@@ -182,6 +182,9 @@ class RunLock:
         """Take the lock or raise RunError naming the job that holds it (pid, host, start time)."""
         import fcntl
 
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunError(f"--output_dir {self.path.parent} is a file, not a folder: give a new or existing run "
+                           "folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -38,32 +36,6 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subproces
     """`python cmd...` as a real child process."""
     return subprocess.run([sys.executable, *cmd], cwd=cwd, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture
-def run_here(monkeypatch, capsys):
-    """`python cmd...` run in this process, as the interpreter would run it: sys.argv, runpy as __main__
-    (`-m module` or a script path), SystemExit's code; returns returncode / stdout / stderr."""
-    def run(cmd: list[str], cwd: Path, **env: str) -> SimpleNamespace:
-        for name in ("TRITON_INTERPRET", "MINISPIN_DEBUG", "MINISPIN_TEST_KILL_AT"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.chdir(cwd)
-        module = cmd[1] if cmd[0] == "-m" else None
-        monkeypatch.setattr(sys, "argv", [module or cmd[0], *cmd[2 if module else 1:]])
-        capsys.readouterr()
-        code = 0
-        try:
-            if module:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-            else:
-                runpy.run_path(cmd[0], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).stem)

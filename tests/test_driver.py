@@ -311,7 +311,7 @@ def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: key 'response'"):
         spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
-    with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
+    with pytest.raises(ValueError, match="--method 'dpo-magic' is not a method"):
         spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
                         train=cpu))
 

@@ -309,7 +309,7 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
     with pytest.raises(ValueError, match=f"do not match: the tokenizer has {len(tok)} tokens but the model's "
                                          "vocabulary has 10"):  # checked at load, before any pair
         train(small, tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
-    with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\).*outside the model's vocabulary of 10"):
         tokenize_pairs(make_pairs(2), tok, vocab_size=10)
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="ipo")
