@@ -214,7 +214,6 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "attention_bias": self.attention_bias,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
             "use_cache": True,
@@ -226,6 +225,8 @@ class ModelConfig:
         else:
             hf["mlp_bias"] = False
             hf["pretraining_tp"] = 1
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):  # the families with this field
+            hf["attention_bias"] = self.attention_bias
         return hf
 
 

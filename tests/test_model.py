@@ -169,7 +169,8 @@ def test_qwen_config_fields_read_as_transformers_reads_them(name):
     hf.update(attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=2)
     ref = transformers.AutoConfig.for_model(**hf)
     cfg = ModelConfig.from_hf(hf)
-    assert cfg.head_dim == getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
+    assert cfg.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
+    assert cfg.head_dim == (128 if name.endswith("qwen3") else 16)
     assert set(ref.layer_types) == {"full_attention"} and cfg.sliding_window is None
     assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == ((True, False, False) if name.endswith("qwen2") else
                                                        (True, True, True))
