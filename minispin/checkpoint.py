@@ -270,7 +270,7 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> Transformer:
-    """Load a Hugging Face Llama/Mistral safetensors folder (single file or sharded) into a Transformer.
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 safetensors folder (single file or sharded) into a Transformer.
 
     dtype None keeps the config's torch_dtype; device None means CPU.
     """
