@@ -298,10 +298,6 @@ class KVCache:
         self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.max_len = max_len
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        """Forget everything stored for these batch rows (their slots become empty)."""
-        self.positions[rows] = -1
-
 
 def _sdpa_has_enable_gqa() -> bool:
     """torch's scaled_dot_product_attention takes `enable_gqa` (torch >= 2.5)."""
@@ -521,9 +517,6 @@ class Transformer(nn.Module):
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_index))
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def hf_key(name: str) -> str:

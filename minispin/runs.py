@@ -336,15 +336,6 @@ def phase_done(folder: str | os.PathLike, phase: str) -> bool:
     return True
 
 
-def forget_phase(folder: str | os.PathLike, phase: str) -> None:
-    """Rank 0: drop a phase's record (its outputs are about to be rewritten)."""
-    path = Path(folder) / PHASES_NAME
-    phases = read_manifest(path)
-    if phases and phase in phases:
-        del phases[phase]
-        atomic_write_json(path, phases)
-
-
 # ----------------------------------------------------------------------------- input fingerprints
 
 def input_files(path: str | os.PathLike) -> list[Path]:

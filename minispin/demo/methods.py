@@ -170,31 +170,35 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
     d = config.demo
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
+
+    def schedule(entry: dict[str, Any]) -> list[dict[str, Any]]:  # the same settings in every iteration
+        return [entry] * d.iterations
+
     kw: dict[str, Any] = dict(
-        model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
+        model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name),
         save_dtype="float32", mix_previous=True, **demo_run.run_settings(d),
         train=demo_run.train_config(d, device, epochs=d.spin_epochs), generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
-        return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
+        return SpinConfig(method="sft", iterations=schedule({"lr": d.continued_lr}), **kw)
     if name == "spin":
-        return SpinConfig(method="spin", iterations=[base], **kw)
+        return SpinConfig(method="spin", iterations=schedule(base), **kw)
     if name == "judge_spin":
-        return SpinConfig(method="judge_spin", iterations=[base], judge=judge, **kw)
+        return SpinConfig(method="judge_spin", iterations=schedule(base), judge=judge, **kw)
     if name == "noise_spin":
-        return SpinConfig(method="spin", iterations=[dict(base, label_smoothing=config.noise_label_smoothing,
-                                                          neftune_alpha=config.neftune_alpha)], **kw)
+        noisy = dict(base, label_smoothing=config.noise_label_smoothing, neftune_alpha=config.neftune_alpha)
+        return SpinConfig(method="spin", iterations=schedule(noisy), **kw)
     if name == "adaptive":
-        return SpinConfig(method="adaptive", iterations=[base], judge=judge, **kw)
+        return SpinConfig(method="adaptive", iterations=schedule(base), judge=judge, **kw)
     if name == "sppo":
         kw["mix_previous"] = False  # SPPO trains on each iteration's own pairs, K samples of its own
         kw["generation"] = replace_config(kw["generation"], num_samples=config.sppo_samples,
                                           temperature=config.sppo_temperature, top_p=config.sppo_top_p)
-        return SpinConfig(method="sppo", judge=judge, iterations=[{
-            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}], **kw)
+        return SpinConfig(method="sppo", judge=judge, iterations=schedule({
+            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}), **kw)
     if name == "dpo":
         kw["data"] = str(data["preferences"])
-        return SpinConfig(method="dpo", iterations=[base], **kw)
+        return SpinConfig(method="dpo", iterations=schedule(base), **kw)
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -152,7 +152,7 @@ def test_adaptive_two_iterations_end_to_end_counts_and_cache(e2e):
     root, model_dir = e2e
     options = ("--method", "adaptive", "--judge.function", f"{root / 'judge.py'}:score", "--judge.tau", "5",
                "--judge.smoothing", "0.2", "--judge.prompts_per_call", "3",
-               "--iterations", '[{"lr": 1e-3, "beta": 0.1}]', "--num_iterations", "2", "--neftune_alpha", "5")
+               "--iterations", '[{"lr": 1e-3, "beta": 0.1}, {"lr": 1e-3, "beta": 0.1}]', "--neftune_alpha", "5")
     run, stderr = _spin_cli(root, model_dir, "adaptive", *options)
     _spin_cli(root, model_dir, "adaptive_killed", *options, kill_at="judge:rows=3")
     killed, _ = _spin_cli(root, model_dir, "adaptive_killed", *options)
