@@ -8,7 +8,7 @@ loser one. Every loss gets the log-ratios of its P pairs,
     lw = pi_w - ref_w,   ll = pi_l - ref_l     (summed log-probs; ref = 0 when reference-free)
 
 and beta; `LOSSES` says which loss also takes label smoothing or SPPO's targets. A new loss is one function
-here and one entry in `LOSSES`.
+here and one entry in `LOSSES` (IPO is the example).
 """
 from __future__ import annotations
 
@@ -52,6 +52,12 @@ def sppo(lw: Tensor, ll: Tensor, beta: float, targets: Tensor) -> Tensor:
     return ((lw - eta * (targets[:P] - 0.5)) ** 2 + (ll - eta * (targets[P:] - 0.5)) ** 2) / 2
 
 
+def ipo(lw: Tensor, ll: Tensor, beta: float) -> Tensor:
+    """IPO (Azar et al. 2023): (h - 1/(2 beta))^2, h = lw - ll from summed log-probs as in the paper, h not
+    scaled by beta. TRL's "ipo" divides each sequence's log-prob by its length first; this one does not."""
+    return (lw - ll - 1 / (2 * beta)) ** 2
+
+
 @dataclass(frozen=True)
 class PairLoss:
     """A registered loss: its per-pair function and the extra inputs it takes."""
@@ -66,6 +72,7 @@ LOSSES: dict[str, PairLoss] = {
     "exponential": PairLoss(exponential),
     "correlation": PairLoss(correlation),
     "sppo": PairLoss(sppo, targets=True),
+    "ipo": PairLoss(ipo),
 }
 LOSS_TYPES = tuple(LOSSES)
 

@@ -1,13 +1,19 @@
 """minispin.training.losses (CPU): every registered pair loss equals its float64 formula, forward and gradient
 w.r.t. the per-sequence log-probs (odd pair counts, sequences without tokens, with and without a reference);
-bad inputs."""
+IPO is the paper's formula on summed log-probs; bad inputs; `python -m minispin --loss ipo` end to end."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from minispin.kernels import sequence_logps_reference
 from minispin.training import LOSS_TYPES, LOSSES, TrainConfig, pair_loss
+from tiny import REPO, make_model_dir
 
 
 def _formula(loss, lw, ll, beta, eps, targets):
@@ -20,6 +26,7 @@ def _formula(loss, lw, ll, beta, eps, targets):
         "exponential": lambda: torch.exp(-z),
         "correlation": lambda: 1 - z,
         "sppo": lambda: ((lw - (targets[:P] - 0.5) / beta) ** 2 + (ll - (targets[P:] - 0.5) / beta) ** 2) / 2,
+        "ipo": lambda: (lw - ll - 1 / (2 * beta)) ** 2,
     }[loss]().mean()
 
 
@@ -67,8 +74,31 @@ def test_every_loss_is_its_float64_formula_forward_and_gradient(P):
                 assert torch.allclose(grad32.double(), want_grad, rtol=1e-4, atol=1e-6 * want_grad.abs().max()), case
 
 
+def test_ipo_is_the_papers_formula_on_summed_logprobs():
+    """IPO (Azar et al. 2023): mean of (h - 1/(2 beta))^2, h = (pi_real - ref_real) - (pi_gen - ref_gen) from
+    summed log-probs, h not scaled by beta, no division by length."""
+    # by hand: lw = 1, ll = -1, h = 2, 1/(2 beta) = 1 -> 1 (a beta-scaled h would give 0)
+    assert pair_loss(torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -4.0]), 0.5, "ipo").item() == 1.0
+    # summed, not averaged: a 1-token and a 5-token answer with the same sum give the same loss
+    tokens = torch.tensor([-2.0, -0.5, -0.5, -0.25, -0.5, -0.25, -1.0], dtype=torch.float64, requires_grad=True)
+    seq = sequence_logps_reference(tokens, torch.tensor([0, 1, 1, 1, 1, 1, -1]), 2)
+    loss = pair_loss(seq, None, 0.25, "ipo")
+    assert seq.tolist() == [-2.0, -2.0] and loss.item() == 4.0  # h = 0: (0 - 2)^2
+    # random pairs against the float64 formula, and the gradient 2 (h - 1/(2 beta)) / P on lw, minus it on ll
+    g = torch.Generator().manual_seed(0)
+    P, beta = 5, 0.1
+    pi = (-torch.rand(2 * P, generator=g, dtype=torch.float64) * 40).requires_grad_()
+    ref = -torch.rand(2 * P, generator=g, dtype=torch.float64) * 40
+    h = (pi[:P] - ref[:P]) - (pi[P:] - ref[P:])
+    loss = pair_loss(pi, ref, beta, "ipo")
+    assert torch.allclose(loss, ((h - 1 / (2 * beta)) ** 2).mean(), rtol=1e-14)
+    (grad,) = torch.autograd.grad(loss, pi)
+    d = (2 * (h - 1 / (2 * beta)) / P).detach()
+    assert torch.allclose(grad, torch.cat([d, -d]), rtol=1e-12)
+
+
 def test_loss_types_come_from_the_registry_and_the_config_takes_each():
-    assert LOSS_TYPES == tuple(LOSSES)
+    assert LOSS_TYPES == tuple(LOSSES) and "ipo" in LOSS_TYPES
     for loss in LOSS_TYPES:
         assert TrainConfig(loss=loss).loss == loss
     with pytest.raises(ValueError, match="loss must be one of"):
@@ -88,7 +118,7 @@ def test_pair_loss_bad_inputs():
     with pytest.raises(ValueError, match="needs targets"):
         pair_loss(seq, ref, 0.001, "sppo")
     with pytest.raises(ValueError, match="only used by loss='sppo'"):
-        pair_loss(seq, ref, 0.1, "hinge", targets=torch.rand(4))
+        pair_loss(seq, ref, 0.1, "ipo", targets=torch.rand(4))
     with pytest.raises(ValueError, match="targets are probabilities"):
         pair_loss(seq, ref, 0.001, "sppo", targets=torch.tensor([0.5, 1.5, 0.2, 0.1]))
     with pytest.raises(ValueError, match=r"per-pair label_smoothing must have shape \(2,\)"):
@@ -97,3 +127,26 @@ def test_pair_loss_bad_inputs():
         pair_loss(seq, ref, 0.1, "hinge", 0.1)
     with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\]"):
         pair_loss(seq, ref, 0.1, "sigmoid", 1.5)
+
+
+def test_cli_trains_with_ipo_end_to_end(tmp_path):
+    """`python -m minispin ... --loss ipo`: one SPIN iteration (generation, reference pass, training, saved
+    model) on a tiny model. The first step's policy is the reference, so h = 0 and the loss is 1/(4 beta^2)."""
+    model_dir = make_model_dir(tmp_path / "base")
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "response": f"It is {2 * i}."}) + "\n"
+                            for i in range(4)))
+    out = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--data", str(data), "--output_dir", str(out), "--loss", "ipo",
+            "--iterations", '[{"lr": 1e-3, "beta": 0.5}]', "--num_iterations", "1", "--epochs", "1",
+            "--global_batch_size", "2", "--micro_batch_size", "2", "--max_length", "48", "--max_prompt_length",
+            "24", "--max_new_tokens", "6", "--progress", "false", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1",
+                                                                               "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-m", "minispin", *argv], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "loss ipo" in res.stderr + res.stdout
+    metrics = [json.loads(line) for line in (out / "iter0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and metrics[0]["loss"] == pytest.approx(1 / (4 * 0.5 ** 2), rel=1e-4)
+    assert (out / "iter0" / "model" / "model.safetensors").is_file()
