@@ -297,15 +297,15 @@ def test_single_gpu_bf16_training_matches_fp32_cpu(tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
     _, model_dir, tok = setup
-    train_mod = importlib.import_module("minispin.training.optim")  # where optimizer_step finds batch_loss
+    train_mod = importlib.import_module("minispin.training.step")  # where optimizer_step finds batch_loss
 
     calls = {"n": 0}
     real_batch_loss = train_mod.batch_loss
 
     def poisoned(policy, batch, config):
         calls["n"] += 1
-        loss, seq, logps = real_batch_loss(policy, batch, config)
-        return (loss * float("nan") if calls["n"] == 3 else loss), seq, logps
+        loss, seq = real_batch_loss(policy, batch, config)
+        return (loss * float("nan") if calls["n"] == 3 else loss), seq
 
     monkeypatch.setattr(train_mod, "batch_loss", poisoned)
     cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False,
@@ -338,24 +338,24 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
     with pytest.raises(ValueError, match=r"row 1 \(1-based\).*outside the model's vocabulary of 10"):
         tokenize_pairs(make_pairs(2), tok, vocab_size=10)
     with pytest.raises(ValueError, match="loss must be one of"):
-        TrainConfig(loss="ipo")
+        TrainConfig(loss="dpop")
 
 
 def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path, monkeypatch):
     """NaN at step 3 with a state saved at step 2: the message names it; NaN at step 1: none saved yet."""
     _, model_dir, tok = setup
-    optim_mod = importlib.import_module("minispin.training.optim")
-    real_batch_loss = optim_mod.batch_loss
+    step_mod = importlib.import_module("minispin.training.step")
+    real_batch_loss = step_mod.batch_loss
     for bad_call, expected in ((3, r"the last good state, step 2, is in .*train_state"),
                                (1, r"no train state saved yet in .*train_state \(the first is written after step 2\)")):
         calls = {"n": 0}
 
         def poisoned(policy, batch, config, _bad=bad_call):
             calls["n"] += 1
-            loss, seq, logps = real_batch_loss(policy, batch, config)
-            return (loss * float("nan") if calls["n"] == _bad else loss), seq, logps
+            loss, seq = real_batch_loss(policy, batch, config)
+            return (loss * float("nan") if calls["n"] == _bad else loss), seq
 
-        monkeypatch.setattr(optim_mod, "batch_loss", poisoned)
+        monkeypatch.setattr(step_mod, "batch_loss", poisoned)
         cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False, device="cpu")
         with pytest.raises(TrainingDiverged, match=expected):
             train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path / f"run{bad_call}")
