@@ -7,7 +7,7 @@ SPPO and DPO, compared on held-out exact-match accuracy over iterations (CPU, no
     python -m minispin.demo.methods --seeds 3             # seeds 0..2 -> runs/demo_methods_seeds/seed<s>, seeds.md
 
 Setup (everything deterministic in the seed; see docs/methods.md for the numbers):
-- The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo`: reverse / sort letters,
+- The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo.toy`: reverse / sort letters,
   add two numbers; SFT deliberately short so the model is partly right).
 - Self-play data: the first `n_spin` SFT prompts. Their real answers carry LABEL NOISE: a fraction
   `label_noise` (default 0.2) is replaced by a near miss (a sum off by 1-9, two letters swapped) - the

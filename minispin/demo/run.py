@@ -1,10 +1,10 @@
 """The built-in demo: the whole SPIN pipeline on CPU in minutes, with no model or data to download.
 
-    python -m minispin.demo                 # 2 torchrun ranks on CPU, results in ./runs/demo
-    python -m minispin.demo --nproc 1       # one process
-    python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
-    python -m minispin.demo --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
-    python -m minispin.demo --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
+    python -m minispin.demo.toy                 # 2 torchrun ranks on CPU, results in ./runs/demo
+    python -m minispin.demo.toy --nproc 1       # one process
+    python -m minispin.demo.toy --small         # the reduced size the test suite runs (~20 seconds)
+    python -m minispin.demo.toy --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
+    python -m minispin.demo.toy --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
 
 Stages (each skipped when its output exists, so re-running with the same --out continues):
 1. task       a small task with checkable answers (`minispin.demo.task`: reverse / sort letters, add two
