@@ -32,7 +32,10 @@ setup(
         "plot": ["matplotlib>=3.7"],
         "eval": ["lm-eval[hf]>=0.4.13"],
         "tensorboard": ["tensorboard>=2.10"],
+        # minispin.load_model / load_tokenizer / python -m minispin.convert on llama.cpp .gguf files
+        "gguf": ["gguf>=0.19"],
+        # accelerate: transformers' own GGUF loading, the tests' reference
         "test": ["pytest>=7", "pytest-xdist>=3", "jinja2>=3.0", "pyarrow>=12", "transformers>=4.40", "matplotlib>=3.7",
-                 "lm-eval[hf]>=0.4.13", "tensorboard>=2.10", "protobuf>=3.20"],
+                 "lm-eval[hf]>=0.4.13", "tensorboard>=2.10", "protobuf>=3.20", "gguf>=0.19", "accelerate>=1.0"],
     },
 )

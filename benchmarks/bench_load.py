@@ -7,9 +7,12 @@ Both map the file, so "load" (the call returning) can leave pages unread: each p
 element of every 4 KiB page of every parameter, and "ready" (load + touch) is the comparable time.
 Reported per case: best and median seconds of both, CPU seconds, the ratio transformers / minispin
 (> 1: minispin faster), and minispin's peak resident memory over the checkpoint's size (target <= 1.3).
-One JSON line per case.
+One JSON line per case. Then the real model (minispin.pinned, SmolLM2-135M-Instruct Q4_1): its GGUF file
+dequantized to float32 (minispin.load_model vs transformers' from_pretrained(gguf_file=...)), and the
+Hugging Face folder `python -m minispin.convert` writes from it (float32), warm cache.
 
-    python benchmarks/bench_load.py                   # ~2 GB bf16 checkpoint (Mistral-7B layer shapes, 3 layers)
+    python benchmarks/bench_load.py                   # ~2 GB bf16 checkpoint (Mistral-7B layer shapes, 3 layers) + real model
+    python benchmarks/bench_load.py --real-only       # only the real model (GGUF and converted folder)
     python benchmarks/bench_load.py --smoke           # seconds, for CI (single file, cold cache only)
     python benchmarks/bench_load.py --layers 32       # the whole 7B shape (~14.5 GB bf16)
 """
@@ -44,6 +47,9 @@ def child(folder: str, dtype: str, loader: str) -> None:
         import transformers
 
         def load(path, dt):
+            if path.endswith(".gguf"):  # transformers' own GGUF loading (dequantizes with the gguf package)
+                p = Path(path)
+                return transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dt)
             return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt)
     else:
         from minispin import load_model as load
@@ -71,7 +77,7 @@ def child(folder: str, dtype: str, loader: str) -> None:
 
 def drop_from_page_cache(folder: Path) -> None:
     """Evict the checkpoint's pages from the page cache (clean pages; no privileges needed)."""
-    for f in folder.glob("*.safetensors"):
+    for f in checkpoint_files(folder):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -84,8 +90,13 @@ def drop_from_page_cache(folder: Path) -> None:
 OFFLINE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
+def checkpoint_files(path: Path) -> list[Path]:
+    """A checkpoint folder's safetensors files, or a GGUF file itself."""
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+
+
 def checkpoint_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return sum(f.stat().st_size for f in checkpoint_files(folder))
 
 
 def main() -> None:
@@ -99,6 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None,
                     help="fresh processes per loader and case (default 3; smoke 1)")
     ap.add_argument("--no-transformers", action="store_true", help="minispin only")
+    ap.add_argument("--real-only", action="store_true", help="only the real model (GGUF file and converted folder)")
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
@@ -121,7 +133,10 @@ def main() -> None:
     loaders = ["minispin"] + ([] if args.no_transformers or not _has_transformers() else ["transformers"])
     try:
         caches, layouts = (("cold",), ("single",)) if args.smoke else (("warm", "cold"), ("single", "sharded"))
-        run_cases(cfg, dtype, shard, root, args.load_dtype or args.dtype, repeats, loaders, caches, layouts)
+        if not args.real_only:
+            run_cases(cfg, dtype, shard, root, args.load_dtype or args.dtype, repeats, loaders, caches, layouts)
+        if args.real_only or not args.smoke:
+            run_real(root, repeats, loaders)
     finally:
         if args.dir is None:  # the 7B-shaped checkpoints are tens of GB: do not leave them in /tmp
             shutil.rmtree(root, ignore_errors=True)
@@ -137,8 +152,6 @@ def _has_transformers() -> bool:
 
 def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int, loaders: list[str],
               caches: tuple[str, ...] = ("warm", "cold"), layouts: tuple[str, ...] = ("single", "sharded")) -> None:
-    import statistics
-
     import torch
 
     from minispin import save_model
@@ -155,44 +168,66 @@ def run_cases(cfg, dtype, shard: str, root: Path, dtype_name: str, repeats: int,
     print(f"# checkpoints in {root}; torch {torch.__version__}; {os.cpu_count()} CPUs; loaders {loaders}",
           file=sys.stderr)
     for layout in layouts:
-        folder = root / layout
-        size = checkpoint_bytes(folder)
         for cache in caches:
-            runs: dict[str, list[dict]] = {name: [] for name in loaders}
-            if cache == "warm":  # read once so that the first timed process finds it cached too
-                for f in folder.glob("*.safetensors"):
-                    with open(f, "rb") as fh:
-                        while fh.read(1 << 26):
-                            pass
-            for _ in range(repeats):
-                for name in loaders:  # alternate, so that drifting machine load hits both alike
-                    if cache == "cold":
-                        drop_from_page_cache(folder)
-                    out = subprocess.run([sys.executable, __file__, "--_child", str(folder), dtype_name, name],
-                                         capture_output=True, text=True, check=True, env=OFFLINE_ENV)
-                    runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            sums = {name: r[0]["touch_sum"] for name, r in runs.items()}
-            assert len({round(v, 2) for v in sums.values()}) == 1, f"the loaders read different weights: {sums}"
-            record = {"bench": "load", "layout": layout, "cache": cache, "checkpoint_bytes": size,
-                      "checkpoint_dtype": str(dtype).replace("torch.", ""), "load_dtype": dtype_name,
-                      "repeats": repeats}
-            for name, r in runs.items():
-                ready = [x["ready_s"] for x in r]
-                peak = max(x["peak_rss_kib"] for x in r) * 1024
-                record[name] = {"ready_s_best": round(min(ready), 3),
-                                "ready_s_median": round(statistics.median(ready), 3),
-                                "load_s_best": round(min(x["load_s"] for x in r), 3),
-                                "cpu_s_median": round(statistics.median(x["cpu_s"] for x in r), 3),
-                                "GB_per_s_best": round(size / min(ready) / 1e9, 2),
-                                "peak_rss_over_checkpoint": round(peak / size, 3),
-                                "peak_rss_over_model": round(peak / r[0]["param_bytes"], 3),
-                                "loading_rss_over_checkpoint": round(
-                                    max(x["peak_rss_kib"] - x["base_rss_kib"] for x in r) * 1024 / size, 3)}
-            if "transformers" in runs:
-                m, t = record["minispin"], record["transformers"]
-                record["speed_vs_transformers_best"] = round(t["ready_s_best"] / m["ready_s_best"], 2)
-                record["speed_vs_transformers_median"] = round(t["ready_s_median"] / m["ready_s_median"], 2)
-            print(json.dumps(record), flush=True)
+            run_case(root / layout, cache, {"layout": layout, "checkpoint_dtype": str(dtype).replace("torch.", "")},
+                     dtype_name, repeats, loaders)
+
+
+def run_real(root: Path, repeats: int, loaders: list[str]) -> None:
+    """The pinned real model: its GGUF file (dequantized) and the HF folder minispin.convert writes, float32."""
+    from minispin import pinned
+    from minispin.convert import convert
+
+    gguf_file = pinned.fetch()
+    folder = root / "real-converted"
+    if not (folder / "config.json").is_file():
+        convert(gguf_file, folder, dtype="float32")
+    name = pinned.SMOLLM2.name
+    run_case(gguf_file, "warm", {"layout": "gguf", "model": name, "checkpoint_dtype": "Q4_1/Q8_0/F32"},
+             "float32", repeats, loaders)
+    run_case(folder, "warm", {"layout": "converted", "model": name, "checkpoint_dtype": "float32"},
+             "float32", repeats, loaders)
+
+
+def run_case(path: Path, cache: str, labels: dict, dtype_name: str, repeats: int, loaders: list[str]) -> None:
+    """Load `path` (a folder or a GGUF file) in fresh processes, alternating the loaders; one JSON line."""
+    import statistics
+
+    size = checkpoint_bytes(path)
+    runs: dict[str, list[dict]] = {name: [] for name in loaders}
+    if cache == "warm":  # read once so that the first timed process finds it cached too
+        for f in checkpoint_files(path):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 26):
+                    pass
+    for _ in range(repeats):
+        for name in loaders:  # alternate, so that drifting machine load hits both alike
+            if cache == "cold":
+                drop_from_page_cache(path)
+            out = subprocess.run([sys.executable, __file__, "--_child", str(path), dtype_name, name],
+                                 capture_output=True, text=True, check=True, env=OFFLINE_ENV)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    sums = {name: r[0]["touch_sum"] for name, r in runs.items()}
+    assert len({round(v, 2) for v in sums.values()}) == 1, f"the loaders read different weights: {sums}"
+    record = {"bench": "load", **labels, "cache": cache, "checkpoint_bytes": size, "load_dtype": dtype_name,
+              "repeats": repeats}
+    for name, r in runs.items():
+        ready = [x["ready_s"] for x in r]
+        peak = max(x["peak_rss_kib"] for x in r) * 1024
+        record[name] = {"ready_s_best": round(min(ready), 3),
+                        "ready_s_median": round(statistics.median(ready), 3),
+                        "load_s_best": round(min(x["load_s"] for x in r), 3),
+                        "cpu_s_median": round(statistics.median(x["cpu_s"] for x in r), 3),
+                        "GB_per_s_best": round(size / min(ready) / 1e9, 2),
+                        "peak_rss_over_checkpoint": round(peak / size, 3),
+                        "peak_rss_over_model": round(peak / r[0]["param_bytes"], 3),
+                        "loading_rss_over_checkpoint": round(
+                            max(x["peak_rss_kib"] - x["base_rss_kib"] for x in r) * 1024 / size, 3)}
+    if "transformers" in runs:
+        m, t = record["minispin"], record["transformers"]
+        record["speed_vs_transformers_best"] = round(t["ready_s_best"] / m["ready_s_best"], 2)
+        record["speed_vs_transformers_median"] = round(t["ready_s_median"] / m["ready_s_median"], 2)
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from . import distributed as dist
+from . import gguf
 from .errors import UserError
 from .io import atomic_replace_dir, recover_replaced_dir, with_path
 from .model import ModelConfig, Transformer, hf_key, our_key
@@ -41,7 +42,10 @@ class CheckpointError(UserError):
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
-    """Read `path/config.json` into a ModelConfig (refusing architectures and features we do not run)."""
+    """Read `path/config.json` (or a GGUF file's metadata) into a ModelConfig (refusing architectures and
+    features we do not run)."""
+    if gguf.is_gguf(path):
+        return gguf.read_config(path)
     recover_replaced_dir(path)  # a crash in the middle of a save leaves the old folder aside
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
@@ -197,6 +201,17 @@ def checkpoint_files(path: str | os.PathLike) -> list[Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint folder {path}")
 
 
+def _checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(Hugging Face key, CPU tensor, file name) of every tensor of a checkpoint folder or GGUF file."""
+    if gguf.is_gguf(path):
+        for key, tensor in gguf.iter_tensors(path):
+            yield key, tensor, Path(path).name
+        return
+    for file in checkpoint_files(path):
+        for key, tensor in iter_safetensors(file):
+            yield key, tensor, file.name
+
+
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
@@ -219,8 +234,8 @@ def _local_piece(full: torch.Tensor, param: DTensor) -> tuple[torch.Tensor, torc
 
 def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
                          device: torch.device | str | None = None) -> Transformer:
-    """Stream a checkpoint folder's tensors into `model`, checking names and shapes: the one loader for
-    plain and sharded models. A meta or materialised model gets each tensor as its parameter (on
+    """Stream a checkpoint folder's (or GGUF file's) tensors into `model`, checking names and shapes: the
+    one loader for plain and sharded models. A meta or materialised model gets each tensor as its parameter (on
     `device`, in `dtype`); an FSDP2-sharded model (DTensor parameters, already on their device) copies
     only this rank's shard of every tensor into its local storage (no full copy per rank)."""
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens.weight
@@ -230,28 +245,27 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
     loaded: set[str] = set()
     unexpected: list[str] = []
     wrong_shape: list[str] = []
-    for file in checkpoint_files(path):
-        for key, tensor in iter_safetensors(file):
-            name = our_key(key)
-            if name is None or (tied and name == "lm_head.weight"):
+    for key, tensor, file in _checkpoint_tensors(path):
+        name = our_key(key)
+        if name is None or (tied and name == "lm_head.weight"):
+            continue
+        if name not in expected:
+            unexpected.append(f"{key} ({file})")
+            continue
+        param = expected[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+            continue
+        if isinstance(param, DTensor):
+            piece, local = _local_piece(tensor, param)
+            if piece.shape != local.shape:
+                wrong_shape.append(f"{key}: shard {tuple(piece.shape)} vs local {tuple(local.shape)}")
                 continue
-            if name not in expected:
-                unexpected.append(f"{key} ({file.name})")
-                continue
-            param = expected[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
-                continue
-            if isinstance(param, DTensor):
-                piece, local = _local_piece(tensor, param)
-                if piece.shape != local.shape:
-                    wrong_shape.append(f"{key}: shard {tuple(piece.shape)} vs local {tuple(local.shape)}")
-                    continue
-                with torch.no_grad():
-                    local.copy_(piece.to(dtype=local.dtype))
-            else:
-                _assign(model, name, tensor.to(device=device, dtype=dtype or param.dtype))
-            loaded.add(name)
+            with torch.no_grad():
+                local.copy_(piece.to(dtype=local.dtype))
+        else:
+            _assign(model, name, tensor.to(device=device, dtype=dtype or param.dtype))
+        loaded.add(name)
     missing = sorted(hf_key(n) for n in expected if n not in loaded)
     problems = []
     if missing:
@@ -270,9 +284,10 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> Transformer:
-    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 safetensors folder (single file or sharded) into a Transformer.
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 safetensors folder (single file or sharded), or a llama.cpp
+    GGUF file (dequantized, see minispin.gguf), into a Transformer.
 
-    dtype None keeps the config's torch_dtype; device None means CPU.
+    dtype None keeps the config's torch_dtype (float32 for a quantized GGUF); device None means CPU.
     """
     config = load_config(path)
     model = build_model(config, "meta")
@@ -304,11 +319,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike,
 
 def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int | str = "5GB",
                state_dict: dict[str, torch.Tensor] | None = None,
-               extra_files: list[str | os.PathLike] = ()) -> Path:
+               extra_files: list[str | os.PathLike] = (), extra_texts: dict[str, str] | None = None) -> Path:
     """Write an HF checkpoint folder atomically: config.json, safetensors shard(s) (+ index), extra files.
 
     `state_dict` (our parameter names) replaces model.state_dict(), e.g. a full state dict gathered from
-    FSDP; `extra_files` (e.g. tokenizer files) are copied alongside so the folder is self-contained.
+    FSDP; `extra_files` (e.g. tokenizer files) are copied alongside so the folder is self-contained, and
+    `extra_texts` ({file name: text}, e.g. the tokenizer files of a GGUF file) are written there.
     """
     path = Path(path)
     config: ModelConfig = model.config
@@ -350,6 +366,8 @@ def save_model(model: Transformer, path: str | os.PathLike, max_shard_size: int 
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
+        for name, text in (extra_texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         dist.kill_point("stage_model")
         atomic_replace_dir(tmp, path)  # fsyncs, then renames into place
     except BaseException as e:

@@ -54,6 +54,7 @@ from .config import (RECIPE, ConfigError, field_default, given_names, lookup, re
 from .config import replace as replace_config
 from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job
+from .gguf import is_gguf
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
 from .log import UserError, print0, warn0
 from .runs import (PHASES_NAME, RunError, changed_inputs, changed_settings, check_manifest, describe_changes,
@@ -573,16 +574,8 @@ def _write_run_summary(run: Path, summaries: list[dict[str, Any] | None]) -> Non
 MODEL_FILES = "config.json, model.safetensors (or model.safetensors.index.json + shards) and tokenizer files"
 
 
-def _check_inputs(config: SpinConfig) -> SpinConfig:
-    """Before any work: the model folder, the data and the method's needs, each refused with one clear
-    message naming the option that fixes it. Returns the config with the split resolved (a split only
-    chooses inside a folder: an unasked one - e.g. an example's default - is dropped for a single file)."""
-    if not config.model:
-        raise ConfigError(f"--model is required: the starting model's Hugging Face folder ({MODEL_FILES})")
-    model = Path(config.model)
-    if not model.is_dir():
-        raise UserError(f"--model {config.model}: no such folder (expected a Hugging Face model folder with "
-                        f"{MODEL_FILES})")
+def _check_model_folder(model: Path, config: SpinConfig) -> None:
+    """A Hugging Face model folder holds a config, weights and (unless --tokenizer) a tokenizer."""
     lacks = [name for name, ok in (
         ("config.json", (model / "config.json").is_file()),
         ("model.safetensors or model.safetensors.index.json (+ its shards)",
@@ -592,6 +585,24 @@ def _check_inputs(config: SpinConfig) -> SpinConfig:
     ) if not ok]
     if lacks:
         raise UserError(f"--model {config.model} lacks {'; '.join(lacks)}")
+
+
+def _check_inputs(config: SpinConfig) -> SpinConfig:
+    """Before any work: the model folder, the data and the method's needs, each refused with one clear
+    message naming the option that fixes it. Returns the config with the split resolved (a split only
+    chooses inside a folder: an unasked one - e.g. an example's default - is dropped for a single file)."""
+    if not config.model:
+        raise ConfigError(f"--model is required: the starting model's Hugging Face folder ({MODEL_FILES}) "
+                          "or llama.cpp .gguf file")
+    model = Path(config.model)
+    if is_gguf(model):
+        if not model.is_file():
+            raise UserError(f"--model {config.model}: no such GGUF file")
+    elif not model.is_dir():
+        raise UserError(f"--model {config.model}: no such folder (expected a Hugging Face model folder with "
+                        f"{MODEL_FILES}, or a llama.cpp .gguf file)")
+    else:
+        _check_model_folder(model, config)
     if config.tokenizer is not None and not Path(config.tokenizer).exists():
         raise UserError(f"--tokenizer {config.tokenizer}: no such file or folder")
     if not config.data:

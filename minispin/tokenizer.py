@@ -2,8 +2,9 @@
 
 `load_tokenizer(path)` reads a Hugging Face tokenizer folder: `tokenizer.json` through the `tokenizers`
 library when present, else `tokenizer.model` through `sentencepiece`; special tokens and `add_bos_token`
-come from `tokenizer_config.json` / `special_tokens_map.json`. Nothing is fetched, nothing is unpickled,
-no remote code runs.
+come from `tokenizer_config.json` / `special_tokens_map.json`. A GGUF file's tokenizer metadata becomes
+the same pair in memory (minispin.gguf.read_tokenizer). Nothing is fetched, nothing is unpickled, no
+remote code runs.
 
 Compatibility notes (checked against transformers 5.23, see tests/test_tokenizer.py):
 
@@ -41,6 +42,7 @@ import re
 from datetime import datetime
 from typing import Any
 
+from . import gguf
 from .errors import UserError
 
 SPIN_TEMPLATE = "### Instruction: {prompt}\n\n### Response: "
@@ -129,13 +131,14 @@ def _find_files(path: str, backend: str | None) -> tuple[str, str, str]:
 
 
 def _read_chat_templates(folder: str, config: dict, config_path: str) -> tuple[dict[str, str], str]:
-    """Named chat templates ("default" is the tokenizer's own) and where they were found."""
-    jinja_path = os.path.join(folder, "chat_template.jinja")
+    """Named chat templates ("default" is the tokenizer's own) and where they were found (folder None:
+    only `config`'s own)."""
+    jinja_path = os.path.join(folder, "chat_template.jinja") if folder is not None else ""
     if os.path.isfile(jinja_path):
         with open(jinja_path, encoding="utf-8") as f:
             return {"default": f.read()}, jinja_path
-    json_path = os.path.join(folder, "chat_template.json")
-    json_data = _read_json_object(json_path)
+    json_path = os.path.join(folder, "chat_template.json") if folder is not None else ""
+    json_data = _read_json_object(json_path) if folder is not None else {}
     if "chat_template" in json_data:
         value, source = json_data["chat_template"], json_path
     else:
@@ -257,14 +260,18 @@ class Tokenizer:
     """
 
     backend = ""
+    files_in_memory: dict[str, str] = {}  # {file name: text} an HF folder needs, for a tokenizer read from no folder
 
-    def __init__(self, path: str, folder: str, tokenizer_file: str):
+    def __init__(self, path: str, folder: str | None, tokenizer_file: str, settings: dict | None = None):
+        """`settings`: tokenizer_config.json's content given in memory (a GGUF file's metadata); then no
+        file beside `tokenizer_file` is read (folder None)."""
         self.path = path
         self.tokenizer_file = tokenizer_file
-        self.config_path = os.path.join(folder, CONFIG_FILE)
-        config = _read_json_object(self.config_path)
-        special_map_path = os.path.join(folder, SPECIAL_TOKENS_MAP_FILE)
-        special_map = _read_json_object(special_map_path)
+        in_memory = settings is not None
+        self.config_path = f"{tokenizer_file} (tokenizer metadata)" if in_memory else os.path.join(folder, CONFIG_FILE)
+        config = settings if in_memory else _read_json_object(self.config_path)
+        special_map_path = "" if in_memory else os.path.join(folder, SPECIAL_TOKENS_MAP_FILE)
+        special_map = {} if in_memory else _read_json_object(special_map_path)
         self._config = config
         self.legacy = _bool_setting(config, "legacy", True, self.config_path)
         self._load_backend(config)
@@ -297,7 +304,7 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = self.eos_id  # padding is masked out, any valid id will do
 
-        self.stop_ids = self._stop_ids(os.path.join(folder, GENERATION_CONFIG_FILE))
+        self.stop_ids = self._stop_ids(None if in_memory else os.path.join(folder, GENERATION_CONFIG_FILE))
         self.chat_templates, self.chat_template_source = _read_chat_templates(folder, config, self.config_path)
         self.chat_template = self.chat_templates.get("default")
 
@@ -339,9 +346,9 @@ class Tokenizer:
             tokens.append(token)
         return tokens
 
-    def _stop_ids(self, generation_config_path: str) -> list[int]:
+    def _stop_ids(self, generation_config_path: str | None) -> list[int]:
         stop = [] if self.eos_id is None else [self.eos_id]
-        extra = _read_json_object(generation_config_path).get("eos_token_id")
+        extra = _read_json_object(generation_config_path).get("eos_token_id") if generation_config_path else None
         extra = [] if extra is None else extra if isinstance(extra, list) else [extra]
         for token_id in extra:
             if not isinstance(token_id, int) or not 0 <= token_id < self.vocab_size:
@@ -462,11 +469,23 @@ class HFTokenizersTokenizer(Tokenizer):
 
     backend = "tokenizers"
 
+    def __init__(self, path: str, folder: str | None, tokenizer_file: str, settings: dict | None = None,
+                 tokenizer_json: str | None = None):
+        """`tokenizer_json`: the tokenizer.json text given in memory (with `settings`, see Tokenizer)."""
+        self._tokenizer_json = tokenizer_json
+        super().__init__(path, folder, tokenizer_file, settings)
+        if tokenizer_json is not None:
+            self.files_in_memory = {"tokenizer.json": tokenizer_json,
+                                    "tokenizer_config.json": json.dumps(settings, indent=2, ensure_ascii=False) + "\n"}
+
     def _load_backend(self, config: dict) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
-            self._tokenizer = RustTokenizer.from_file(self.tokenizer_file)
+            if self._tokenizer_json is not None:
+                self._tokenizer = RustTokenizer.from_str(self._tokenizer_json)
+            else:
+                self._tokenizer = RustTokenizer.from_file(self.tokenizer_file)
         except Exception as err:
             raise TokenizerError(f"{self.tokenizer_file}: not a valid tokenizers file ({err})") from err
         # A truncation/padding block left in tokenizer.json must not silently cut or pad our sequences.
@@ -683,12 +702,18 @@ def _without_dummy_prefix(model_proto: bytes) -> bytes:
 
 
 def load_tokenizer(path: str | os.PathLike, backend: str | None = None) -> Tokenizer:
-    """Load the tokenizer in folder `path` (or the tokenizer.model / tokenizer.json file `path`).
+    """Load the tokenizer in folder `path` (or the tokenizer.model / tokenizer.json / GGUF file `path`).
 
     tokenizer.json is preferred (via `tokenizers`), tokenizer.model is the fallback (via `sentencepiece`);
-    backend="tokenizers" / "sentencepiece" forces one. Config files are read from the same folder.
+    backend="tokenizers" / "sentencepiece" forces one. Config files are read from the same folder. A
+    GGUF file's tokenizer is built in memory from its metadata (`tokenizers` backend, nothing else read).
     """
     path = os.fspath(path)
+    if gguf.is_gguf(path):
+        if backend not in (None, "tokenizers"):
+            raise TokenizerError(f"{path}: backend {backend!r} asked for, but a GGUF tokenizer uses 'tokenizers'")
+        tokenizer_json, settings = gguf.read_tokenizer(path)
+        return HFTokenizersTokenizer(path, None, path, settings=settings, tokenizer_json=tokenizer_json)
     folder, tokenizer_file, kind = _find_files(path, backend)
     cls = HFTokenizersTokenizer if kind == "tokenizers" else SentencePieceTokenizer
     return cls(path, folder, tokenizer_file)

@@ -145,14 +145,15 @@ def save_trained_model(policy: PolicyHead, path: str | os.PathLike, *, tokenizer
         if target is not None:
             sd = {k: v.to(target) for k, v in sd.items()}
         save_model(model, path, max_shard_size=max_shard_size, state_dict=sd,
-                   extra_files=tokenizer_files(tokenizer))
+                   extra_files=tokenizer_files(tokenizer), extra_texts=getattr(tokenizer, "files_in_memory", None))
     dist.barrier()
     return path
 
 
 def tokenizer_files(tokenizer: Any) -> list[str]:
-    """The files of a loaded tokenizer's folder that an HF checkpoint folder should carry."""
-    if tokenizer is None:
+    """The files of a loaded tokenizer's folder that an HF checkpoint folder should carry (none for one
+    read from a GGUF file: its files are written from memory, never taken from beside the .gguf)."""
+    if tokenizer is None or getattr(tokenizer, "files_in_memory", None):
         return []
     folder = Path(getattr(tokenizer, "tokenizer_file", "") or "").parent
     names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
