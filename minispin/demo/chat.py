@@ -156,7 +156,7 @@ def start_samples(model: str, heldout: list[dict[str, str]], out: Path, config: 
         net, tok = load_model(model, dtype=torch.float32, device=device), load_tokenizer(model)
         done = generate(net, tok, [[{"role": "user", "content": p}] for p, _ in _examples(heldout)],
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                        seed=config.seed, max_prompt_length=config.max_prompt_length)
+                        seed=config.seed, max_prompt_length=config.max_prompt_length, progress=True)
         atomic_write_json(path, [c.text for c in done])
     dist.barrier()
     return json.loads(path.read_text(encoding="utf-8"))
