@@ -11,6 +11,7 @@ setup(
     # top-level "kernels", Hugging Face's package of that name); the wheel puts them in minispin/kernels/,
     # the path that the module minispin/kernels.py gives its package.
     package_dir={"minispin": "minispin", "minispin.kernels": "kernels"},
+    package_data={"minispin.demo": ["data/*.json", "data/*.md"]},  # the real-model demo's Alpaca rows
     install_requires=[
         "torch>=2.6",
         "triton>=3.2",
@@ -23,6 +24,8 @@ setup(
         # jinja2 renders a tokenizer's chat template; pyarrow reads/writes parquet; transformers is only
         # a reference in tests.
         "chat": ["jinja2>=3.0"],
+        # python -m minispin.demo: the pinned GGUF model, its chat template, the run figures
+        "demo": ["jinja2>=3.0", "gguf>=0.10", "matplotlib>=3.7"],
         "parquet": ["pyarrow>=12"],
         # python -m minispin.report (figures); python -m minispin.eval (lm-evaluation-harness, hf models);
         # TrainConfig.tensorboard (a TensorBoard copy of the metrics)

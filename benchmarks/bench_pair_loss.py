@@ -1,11 +1,12 @@
-"""Benchmark: the pairwise SPIN/DPO/SPPO loss from per-token log-probs (minispin.kernels.pair_loss).
+"""Benchmark: the pairwise SPIN/DPO loss from per-token log-probs (minispin.kernels.sequence_logps, then
+minispin.training.pair_loss on the per-sequence sums).
 
 Two parts, forward + backward each:
   loss     per-sequence sums + pair loss alone, from token_logps [N] (2P sequences of N/(2P) tokens):
-           naive = the public trainer's masked [2P, T] sum then logsigmoid, vs minispin.pair_loss.
+           naive = the public trainer's masked [2P, T] sum then logsigmoid, vs minispin's.
   e2e      the whole SPIN head step: hidden [N, H] -> LM head -> per-token log-probs -> pair loss.
            naive = logits, fp32 log_softmax, gather, masked sums, loss (what the trainers run), vs
-           minispin = linear_logprobs + pair_loss. TFLOP/s count 6NHV; the bf16 matmul rate of
+           minispin = linear_logprobs + sequence_logps + pair_loss. TFLOP/s count 6NHV; the bf16 matmul rate of
            [N, H] @ [H, V] is measured in the same run.
 One JSON line per (part, shape, method) on stdout; ratios are vs naive.
 
@@ -25,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as common  # noqa: E402
 from bench_logprobs import naive_logps  # noqa: E402
 
-from minispin.kernels import linear_logprobs, pair_loss  # noqa: E402
+from minispin.kernels import linear_logprobs, sequence_logps  # noqa: E402
+from minispin.training import pair_loss  # noqa: E402
 
 IGNORE = -100
 FULL_LOSS_SHAPES = [(4096, 8), (16384, 8), (16384, 64)]  # (tokens N, pairs P)
@@ -55,6 +57,12 @@ def naive_pair_loss(token_logps_2d, mask, ref, beta, loss):
         raise ValueError("naive sppo is not part of this benchmark")
     z = beta * (ratios[:P] - ratios[P:])
     return -F.logsigmoid(z).mean()
+
+
+def minispin_pair_loss(token_logps, seq, ref, beta):
+    """minispin's loss: fused per-sequence sums, then the sigmoid pair loss on them."""
+    return pair_loss(sequence_logps(token_logps, seq, ref.shape[0], check_values=False), ref, beta,
+                     check_values=False)
 
 
 def _run_methods(part, shape_fields, methods, device, warmup, repeats, flops=None, mm_rate=None):
@@ -111,11 +119,11 @@ def bench_loss(N, P, device, warmup, repeats, beta, gen):
             return naive_pair_loss(tok2d, mask, ref, beta, "sigmoid")
 
     def ours_step():
-        return torch.autograd.grad(pair_loss(token_logps, seq, ref, beta, check_values=False)[0], token_logps)
+        return torch.autograd.grad(minispin_pair_loss(token_logps, seq, ref, beta), token_logps)
 
     def ours_fwd():
         with torch.no_grad():
-            return pair_loss(token_logps, seq, ref, beta, check_values=False)[0]
+            return minispin_pair_loss(token_logps, seq, ref, beta)
 
     # correctness vs naive, reported once
     g_naive, g_ours = naive_step()[0], ours_step()[0]
@@ -140,8 +148,7 @@ def bench_e2e(N, H, V, P, dtype, device, warmup, repeats, beta, gen, mm_rate):
         return naive_pair_loss(logps, mask2d, ref, beta, "sigmoid")
 
     def ours_loss():
-        return pair_loss(linear_logprobs(hidden, weight, labels, check_labels=False), seq, ref, beta,
-                         check_values=False)[0]
+        return minispin_pair_loss(linear_logprobs(hidden, weight, labels, check_labels=False), seq, ref, beta)
 
     def make_step(loss_fn):
         def step():

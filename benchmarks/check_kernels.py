@@ -5,7 +5,8 @@ For each linear_logprobs case, inputs are drawn on the device, copied to the CPU
 elements, which float64 on the CPU would make slow); the Triton backend and the torch backend on the
 device are both compared with it by max|a - b| / max|b|. The large cases have element offsets past
 2**31 (N*H for hidden and d_hidden, V*H for weight and d_weight), which 32-bit index arithmetic would
-corrupt. pair_loss is compared with float64 on the CPU for every loss type. The tensors sit on the
+corrupt. sequence_logps (the per-sequence sums and their gradient), and every pair loss on top of it, is
+compared with float64 on the CPU. The tensors sit on the
 last GPU (with 2+ GPUs not the current one: the kernels must launch on the data's device). Each case
 prints a JSON line (errors, tolerance, the kernel configs' registers and spills); exit status 1 if
 any case fails.
@@ -23,8 +24,9 @@ import time
 
 import torch
 
-from minispin.kernels import linear_logprobs, linear_logprobs_reference, pair_loss, pair_loss_reference
+from minispin.kernels import linear_logprobs, linear_logprobs_reference, sequence_logps, sequence_logps_reference
 from minispin.kernels.interpreter import interpreter_clash, kernels_interpreted
+from minispin.training import LOSS_TYPES, LOSSES, pair_loss
 
 llp = importlib.import_module("minispin.kernels.linear_logprobs")  # (the package attribute is the function)
 
@@ -33,9 +35,9 @@ FULL_LOGPROBS = [[1003, 4096, 32003, "bfloat16", 2e-2], [257, 1000, 5003, "float
                  [67, 96, 1003, "float32", 1e-5], [1, 64, 300, "bfloat16", 2e-2],
                  [(1 << 17) + 3, 16400, 256, "bfloat16", 2e-2],   # N * H > 2**31
                  [69, 16400, (1 << 17) + 17, "bfloat16", 2e-2]]   # V * H > 2**31
-FULL_PAIR_LOSS = [[1, 40], [3, 1000], [40, 20000]]  # [pairs, tokens]
+FULL_SEQUENCE_LOGPS = [[1, 40], [3, 1000], [40, 20000]]  # [pairs, tokens]
 SMOKE_LOGPROBS = [[37, 40, 1003, "float32", 1e-5], [33, 64, 203, "bfloat16", 2e-2]]
-SMOKE_PAIR_LOSS = [[3, 100]]
+SMOKE_SEQUENCE_LOGPS = [[3, 100]]
 FLOAT64_LIMIT = 1 << 28  # reference in float64 up to this many N*H*V multiply-adds, else float32
 
 
@@ -96,23 +98,28 @@ def check_logprobs(N, H, V, dtype_name, tol, device, g) -> dict:
     return record
 
 
-def check_pair_loss(P, N, device, g) -> dict:
+def check_sequence_logps(P, N, device, g) -> dict:
+    """The sums and their gradient for a random upstream, then each pair loss on them (value and token
+    gradient), against the same composition in float64 on the CPU."""
     tok = -torch.rand(N, device=device, generator=g) * 3
     seq = torch.randint(-1, 2 * P, (N,), device=device, generator=g)
     ref = torch.randn(2 * P, device=device, generator=g) * 5 - 20
-    record = {"check": "pair_loss", "P": P, "N": N, "tol": 1e-5, "reference": "cpu float64"}
-    ok = True
-    for loss in ("sigmoid", "hinge", "exponential", "correlation"):
-        x = tok.clone().requires_grad_()
-        l1, s1 = pair_loss(x, seq, ref, 0.1, loss, backend="triton")
-        (g1,) = torch.autograd.grad(l1, x)
-        x64 = tok.cpu().double().requires_grad_()
-        l2, s2 = pair_loss_reference(x64, seq.cpu(), ref.cpu().double(), 0.1, loss)
-        (g2,) = torch.autograd.grad(l2, x64)
-        errs = [rel(l1, l2), rel(s1, s2), rel(g1, g2)]
-        record[loss] = errs
-        ok = ok and max(errs) <= 1e-5
-    record["status"] = "ok" if ok else "failed"
+    targets = torch.rand(2 * P, device=device, generator=g)
+    upstream = torch.randn(2 * P, device=device, generator=g)
+    record = {"check": "sequence_logps", "P": P, "N": N, "tol": 1e-5, "reference": "cpu float64"}
+    x, x64 = tok.clone().requires_grad_(), tok.cpu().double().requires_grad_()
+    s1, s2 = sequence_logps(x, seq, 2 * P, backend="triton"), sequence_logps_reference(x64, seq.cpu(), 2 * P)
+    (g1,), (g2,) = torch.autograd.grad(s1, x, upstream), torch.autograd.grad(s2, x64, upstream.cpu().double())
+    record["sums"] = [rel(s1, s2), rel(g1, g2)]
+    for loss in LOSS_TYPES:
+        beta = 0.001 if loss == "sppo" else 0.1
+        kw, kw64 = ({"targets": targets}, {"targets": targets.cpu().double()}) if LOSSES[loss].targets else ({}, {})
+        x, x64 = tok.clone().requires_grad_(), tok.cpu().double().requires_grad_()
+        l1 = pair_loss(sequence_logps(x, seq, 2 * P, backend="triton"), ref, beta, loss, **kw)
+        l2 = pair_loss(sequence_logps_reference(x64, seq.cpu(), 2 * P), ref.cpu().double(), beta, loss, **kw64)
+        (g1,), (g2,) = torch.autograd.grad(l1, x), torch.autograd.grad(l2, x64)
+        record[loss] = [rel(l1, l2), rel(g1, g2)]
+    record["status"] = "ok" if max(max(v) for k, v in record.items() if isinstance(v, list)) <= 1e-5 else "failed"
     return record
 
 
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (compiled kernels) or cpu (Triton's interpreter)")
     parser.add_argument("--smoke", action="store_true", help="tiny cases only")
     parser.add_argument("--cases", default=None, help='JSON {"logprobs": [[N, H, V, dtype, tol], ...], '
-                                                      '"pair_loss": [[P, N], ...]} instead of the built-in cases')
+                                                      '"sequence_logps": [[P, N], ...]} instead of the built-in cases')
     args = parser.parse_args(argv)
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         device = "cpu"
     cases = {"logprobs": SMOKE_LOGPROBS if args.smoke else FULL_LOGPROBS,
-             "pair_loss": SMOKE_PAIR_LOSS if args.smoke else FULL_PAIR_LOSS}
+             "sequence_logps": SMOKE_SEQUENCE_LOGPS if args.smoke else FULL_SEQUENCE_LOGPS}
     if args.cases:
         cases.update(json.loads(args.cases))
     launches = _record_launches()
@@ -155,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(record), flush=True)
         if device != "cpu":
             torch.cuda.empty_cache()
-    for case in cases["pair_loss"]:
-        record = check_pair_loss(*case, device, g)
+    for case in cases["sequence_logps"]:
+        record = check_sequence_logps(*case, device, g)
         failed += record["status"] != "ok"
         print(json.dumps(record), flush=True)
     print(json.dumps({"check": "kernel_configs", "device": device, "configs": launches}), flush=True)

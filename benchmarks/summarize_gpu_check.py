@@ -34,7 +34,7 @@ def _verdict(value, target, higher_is_better=True) -> str:
 
 def kernels(out: Path) -> list[str]:
     rows = _lines(out / "kernels.jsonl")
-    cases = [r for r in rows if r.get("check") in ("linear_logprobs", "pair_loss")]
+    cases = [r for r in rows if r.get("check") in ("linear_logprobs", "sequence_logps")]
     lines = [f"- kernel check: {sum(r['status'] == 'ok' for r in cases)}/{len(cases)} cases ok"]
     for r in cases:
         if r["check"] == "linear_logprobs":

@@ -12,10 +12,9 @@ import numpy
 import torch
 import triton
 
-from .linear_logprobs import _kernels_interpreted as _llp_interpreted
-from .linear_logprobs import linear_logprobs
-from .pair_loss import _kernels_interpreted as _pl_interpreted
-from .pair_loss import pair_loss
+from .launch import interpreted
+from .linear_logprobs import _logprobs_forward_kernel, linear_logprobs
+from .sequence_logps import _segment_sum_kernel, sequence_logps
 
 CLASH_PREFIX = "Triton's CPU interpreter cannot run with the installed numpy"
 # numpy's words when a 1-element array meets int() / index(): the interpreter's known failure
@@ -25,7 +24,7 @@ _NUMPY_SCALAR_ERRORS = ("only 0-dimensional arrays can be converted", "only leng
 
 def kernels_interpreted() -> bool:
     """The kernels in this process were built for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-    return _llp_interpreted() and _pl_interpreted()
+    return interpreted(_logprobs_forward_kernel) and interpreted(_segment_sum_kernel)
 
 
 def interpreter_clash() -> str | None:
@@ -34,7 +33,8 @@ def interpreter_clash() -> str | None:
     try:
         hidden, weight = torch.randn(5, 8, requires_grad=True), torch.randn(7, 8, requires_grad=True)
         linear_logprobs(hidden, weight, torch.tensor([0, 6, -100, 3, 1]), backend="triton").sum().backward()
-        pair_loss(torch.randn(6), torch.tensor([0, 0, 1, 2, 3, -1]), torch.randn(4), 0.1, backend="triton")
+        tokens = torch.randn(6, requires_grad=True)
+        sequence_logps(tokens, torch.tensor([0, 0, 1, 2, 3, -1]), 4, backend="triton").sum().backward()
     except Exception as err:  # noqa: BLE001 - classified here, re-raised unless it is the known clash
         text = f"{err!r} {err.__cause__!r}"
         words = next((w for w in _NUMPY_SCALAR_ERRORS if w in text), None)

@@ -40,12 +40,13 @@ backward) keeps memory at O(chunk x V). `backend="triton" | "torch"` forces a pa
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .launch import interpreted, on_device, pick_backend
 
 __all__ = ["linear_logprobs", "linear_logprobs_reference"]
 
@@ -292,21 +293,8 @@ def _use_interpreter(device: torch.device) -> bool:
 
 
 def _kernels_interpreted() -> bool:
-    """Triton built the kernels for its CPU interpreter: TRITON_INTERPRET=1 was set when triton was
-    imported (Triton decides at decoration time, so setting it later has no effect)."""
-    # tl.sum stands for Triton's own library kernels, which must be interpreted too.
-    return all(type(k).__name__ == "InterpretedFunction" for k in (_logprobs_forward_kernel, tl.sum))
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    """CUDA, or CPU through Triton's interpreter."""
-    return device.type == "cuda" or _kernels_interpreted()
-
-
-def _on_device(device: torch.device):
-    """Triton launches on the *current* CUDA device, not the tensors' one: make them the same (a tensor on
-    cuda:1 while cuda:0 is current would otherwise be read through the wrong device's address space)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """This file's kernels were built for Triton's CPU interpreter (see launch.interpreted)."""
+    return interpreted(_logprobs_forward_kernel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -400,7 +388,7 @@ def _backward_triton(hidden, weight, labels, lse, grad_out, ignore_index, need_d
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk):
-        with _on_device(hidden.device):
+        with on_device(hidden.device):
             logps, lse = _forward_triton(hidden, weight, labels, ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.ignore_index, ctx.chunk = ignore_index, chunk
@@ -413,7 +401,7 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         if not (need_dh or need_dw):
             return None, None, None, None, None
         grad_out = grad_out.to(torch.float32).contiguous()
-        with _on_device(hidden.device):
+        with on_device(hidden.device):
             d_hidden, d_weight = _backward_triton(hidden, weight, labels, lse, grad_out, ctx.ignore_index,
                                                   need_dh, need_dw, ctx.chunk)
         return d_hidden, d_weight, None, None, None
@@ -546,18 +534,11 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """
     _check_inputs(hidden, weight, labels, ignore_index, check_labels)
     labels = labels.to(torch.int64).contiguous()
-    if backend is None:
-        backend = "triton" if _triton_runs_on(hidden.device) else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"linear_logprobs: backend must be 'triton', 'torch' or None, got {backend!r}")
+    backend = pick_backend("linear_logprobs", backend, hidden.device, _logprobs_forward_kernel)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_logprobs: chunk_size must be positive, got {chunk_size}")
     if hidden.shape[0] == 0:
         return (hidden.sum(1) + weight.sum() * 0).float()  # empty [0] result that keeps the graph
     if backend == "triton":
-        if not _triton_runs_on(hidden.device):
-            raise RuntimeError(f"linear_logprobs: the Triton backend needs CUDA tensors (got {hidden.device}) or "
-                               "Triton's CPU interpreter (TRITON_INTERPRET=1 set before triton is imported); "
-                               "or use backend='torch'")
         return _LinearLogprobsTriton.apply(hidden, weight, labels, int(ignore_index), chunk_size)
     return _LinearLogprobsTorch.apply(hidden, weight, labels, int(ignore_index), chunk_size)

@@ -284,8 +284,8 @@ def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: tor
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> Transformer:
-    """Load a Hugging Face Llama/Mistral safetensors folder (single file or sharded), or a llama.cpp GGUF
-    file (dequantized, see minispin.gguf), into a Transformer.
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 safetensors folder (single file or sharded), or a llama.cpp
+    GGUF file (dequantized, see minispin.gguf), into a Transformer.
 
     dtype None keeps the config's torch_dtype (float32 for a quantized GGUF); device None means CPU.
     """

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import difflib
 import functools
@@ -24,19 +25,22 @@ import json
 import re
 import shlex
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from .config import FILE, GIVEN, RECIPE, ConfigError, from_dict, to_dict
+from .config import (FILE, GIVEN, RECIPE, ConfigError, field_default, field_of, from_dict, section_type,
+                     strip_optional)
 from .driver import SpinConfig, SpinResult, spin
 from .driver import __doc__ as DRIVER_DOC
 from .distributed import launch, launched_by_torchrun
 from .log import print_result, run_main
+from .runs import flatten
 
 __all__ = ["parse_value", "build_parser", "parse_config", "parse_args", "main", "run_recipe", "nearest_option",
-           "from_dict", "to_dict", "ALIASES", "PRECEDENCE"]
+           "ALIASES", "PRECEDENCE"]
 
 T = TypeVar("T")
 
@@ -44,8 +48,9 @@ ALIASES = {"--out": "--output_dir"}  # the same extra names in every entry point
 PRECEDENCE = """Settings: a method's recipe (its per-iteration schedule, e.g. the SPIN paper's 4 iterations, and
 this command's defaults) < a --config FILE < the options given on this command line. An option given
 here applies to every iteration (e.g. --beta 0.1 keeps 0.1 also where the recipe says 5.0); --iterations
-'[{...}, ...]' replaces the recipe's schedule. <out>/config.json records the effective settings of every
-iteration; the status line at each iteration start shows the ones that differ from the recipe.
+'[{...}, ...]' replaces the recipe's schedule, one entry per iteration. <out>/config.json records the
+effective settings of every iteration; the status line at each iteration start shows the ones that differ
+from the recipe.
 Errors: one line, exit code 2 (usage) or 1; --debug (or MINISPIN_DEBUG=1) shows the traceback."""
 # names users bring from Hugging Face's Trainer / TRL, for "did you mean" only (they are not aliases)
 _FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "micro_batch_size",
@@ -55,33 +60,13 @@ _FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_tr
              "max_seq_length": "max_length", "warmup": "warmup_ratio", "num_epochs": "epochs"}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    args = typing.get_args(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
-    return tp, False
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
 def _leaves(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     """(dotted name, type) of every non-dataclass field, recursively."""
     out = []
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _strip_optional(hints[f.name])
-        if _is_dataclass_type(tp):
-            out += _leaves(tp, f"{prefix}{f.name}.")
-        else:
-            out.append((prefix + f.name, hints[f.name]))
+        sub = section_type(cls, f.name)
+        out += _leaves(sub, f"{prefix}{f.name}.") if sub is not None else [(prefix + f.name, hints[f.name])]
     return out
 
 
@@ -96,7 +81,7 @@ def _parse_bool(text: str) -> bool:
 
 def parse_value(text: str, tp: Any, name: str = "value") -> Any:
     """Convert command-line text to a field's type (int/float/str/bool, Optional, lists/dicts as JSON)."""
-    inner, optional = _strip_optional(tp)
+    inner, optional = strip_optional(tp)
     if optional and text.strip().lower() in ("none", "null"):
         return None
     origin = typing.get_origin(inner)
@@ -126,70 +111,46 @@ def parse_value(text: str, tp: Any, name: str = "value") -> Any:
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as {_metavar(tp)}: {e}") from None
 
 
-def _set_nested(data: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        data = data.setdefault(p, {})
-    data[leaf] = value
-
-
 @functools.lru_cache(maxsize=None)  # inspect.getsource re-reads the file: once per class, not per option
 def _field_notes(cls: type) -> dict[str, str]:
-    """{field: its comment in the class source} ("name: type = default  # comment", continued on
-    comment-only lines below it; a comment block right above a field without its own comment is that
-    field's). Best effort: {} when the source is unavailable."""
+    """{field: its comment in the class source}: the comment after the field, continued on comment-only
+    lines below it, or else the comment-only lines right above it. {} when the source is unavailable."""
     try:
-        lines = inspect.getsource(cls).splitlines()
+        lines = textwrap.dedent(inspect.getsource(cls)).splitlines()
     except (OSError, TypeError):
         return {}
+    node = ast.parse("\n".join(lines)).body[0]
     notes: dict[str, str] = {}
     pending: list[str] = []  # comment-only lines since the last field
-    last: str | None = None
-    header = next((i for i, line in enumerate(lines) if line.lstrip().startswith("class ")), 0)
-    for line in lines[header + 1:]:
-        field_match = re.match(r"^\s{4}(\w+)\s*:[^#]*?(?:#\s?(.*))?$", line)
-        comment = re.match(r"^\s+#\s?(.*)$", line)
-        if comment:
-            pending.append(comment.group(1).strip())
-        elif field_match and not line.lstrip().startswith(("def ", "@")):
-            name, own = field_match.group(1), (field_match.group(2) or "").strip()
-            if pending and last is not None and notes.get(last) and own:
-                notes[last] += " " + " ".join(pending)  # the previous field's comment went on
-            elif pending and not own:
-                own = " ".join(pending)
-            pending = []
-            notes[name] = own
-            last = name
-        elif line.strip().startswith(("def ", "@")):
+    last, end = None, node.lineno
+    for stmt in node.body:  # type: ignore[attr-defined]
+        gap = (line.strip() for line in lines[end:stmt.lineno - 1])
+        pending += [line[1:].strip() for line in gap if line.startswith("#")]
+        end = stmt.end_lineno
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             break
-    if pending and last is not None and notes.get(last):
+        if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
+            continue
+        tail = lines[end - 1][stmt.end_col_offset:].strip()  # the comment after the field's last line
+        own = tail[1:].strip() if tail.startswith("#") else ""
+        if pending and not own:
+            own = " ".join(pending)
+        elif pending and last is not None and notes[last]:
+            notes[last] += " " + " ".join(pending)  # the previous field's comment went on
+        notes[stmt.target.id], last, pending = own, stmt.target.id, []
+    if pending and last is not None and notes[last]:
         notes[last] += " " + " ".join(pending)
     return {k: v for k, v in notes.items() if v}
 
 
-def _default_of(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return dataclasses.MISSING
-
-
-def _help_of(cls: type, dotted: str, extra: str | None = None) -> str:
+def _help_of(cls: type, dotted: str) -> str:
     """One option's help: the field's comment and its default."""
-    owner, name = cls, dotted
-    for part in dotted.split(".")[:-1]:
-        owner = _strip_optional(_hints(owner)[part])[0]
-    name = dotted.rsplit(".", 1)[-1]
-    f = next(f for f in dataclasses.fields(owner) if f.name == name)
-    note = _field_notes(owner).get(name, "")
-    default = _default_of(f)
-    text = " ".join(t for t in (extra, note) if t)
+    owner, f = field_of(cls, dotted)
+    text = _field_notes(owner).get(f.name, "")
+    default = field_default(cls, dotted)
     if default is not dataclasses.MISSING:
         shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        text += f" (default: {shown})"
+        text += f" (default: {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return text.strip().replace("%", "%%")
 
 
@@ -298,7 +259,7 @@ def _add_option(parser: Any, flags: list[str], dest: str, tp: Any, help: str | N
     """The option under `flags`, plus (not listed in --help) the same names with dashes for underscores
     and, for bools, --no-<name>."""
     dashed = [f.replace("_", "-") for f in flags if "_" in f]
-    inner, _ = _strip_optional(tp)
+    inner, _ = strip_optional(tp)
     kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "metavar": _metavar(tp),
                           "type": (lambda text, _tp=tp, _n=flags[0].lstrip("-"): parse_value(text, _tp, _n))}
     if inner is bool:
@@ -312,7 +273,7 @@ def _add_option(parser: Any, flags: list[str], dest: str, tp: Any, help: str | N
 
 
 def _metavar(tp: Any) -> str:
-    inner, optional = _strip_optional(tp)
+    inner, optional = strip_optional(tp)
     name = getattr(inner, "__name__", None) or str(inner).replace("typing.", "")
     if typing.get_origin(inner) in (list, dict):
         name = "JSON"
@@ -328,54 +289,40 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     ns = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
     ns.pop("debug", None)
     ns.pop("nproc_per_node", None)  # a launcher option (run_recipe), not a setting
-    data: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    _merge(data, sources, {k: v for k, v in (recipe or {}).items()}, RECIPE)
     config_file = ns.pop("config", None)
-    if config_file:
-        for values, source in _read_config_file(Path(config_file)):
-            _merge(data, sources, values, source)
-    leaves = [d for d, _ in _leaves(cls)]
-    given: dict[str, Any] = {}
-    for dest, value in sorted(ns.items(), key=lambda kv: not kv[0].startswith(_FLAT)):  # flat ones first
-        if dest.startswith(_FLAT):
-            leaf = dest[len(_FLAT):]
-            given.update({d: value for d in leaves if d.rsplit(".", 1)[-1] == leaf and d in _option_dests(parser)})
-        else:
-            given[dest] = value
-    _merge(data, sources, given, GIVEN)
+    layers = [(flatten(recipe or {}), RECIPE)]
+    layers += _read_config_file(Path(config_file)) if config_file else []
+    layers.append((_given_options(cls, ns), GIVEN))
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for layer, source in layers:  # lowest first: a later layer's value wins
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, source))
     try:
-        return from_dict(cls, data, sources)
+        return from_dict(cls, values, sources)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
 
 
-def _option_dests(parser: argparse.ArgumentParser) -> set[str]:
-    return {a.dest for a in parser._actions}
-
-
-def _merge(data: dict[str, Any], sources: dict[str, str], values: dict[str, Any], source: str) -> None:
-    """Merge `values` (nested, or with dotted keys) into `data`, recording each name's source."""
-    for key, value in values.items():
-        if isinstance(value, dict) and value and key != "iterations":
-            inner: dict[str, str] = {}
-            _merge(data.setdefault(key, {}) if isinstance(data.get(key), dict) else data.setdefault(key, {}),
-                   inner, value, source)
-            sources.update({f"{key}.{k}": s for k, s in inner.items()})
-            continue
-        *parents, leaf = key.split(".")
-        target = data
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
-        sources[key] = source
+def _given_options(cls: type, ns: dict[str, Any]) -> dict[str, Any]:
+    """{dotted name: value} of the options on the command line: a shortcut `--leaf` sets the field of that
+    name in every section (not the run-level copies), and a dotted option given too wins over it."""
+    options = [d for d, _ in _leaves(cls) if d not in getattr(cls, "SET_BY_RUN", ())]
+    given: dict[str, Any] = {}
+    for dest, value in sorted(ns.items(), key=lambda kv: not kv[0].startswith(_FLAT)):  # shortcuts first
+        if dest.startswith(_FLAT):
+            given.update({d: value for d in options if d.rsplit(".", 1)[-1] == dest[len(_FLAT):]})
+        else:
+            given[dest] = value
+    return given
 
 
 def _read_config_file(path: Path) -> list[tuple[dict[str, Any], str]]:
-    """A --config file as (values, source) layers: a plain JSON object is all FILE; a run's config.json
-    ({"settings", "given", "iterations"}) gives its settings as defaults and its given names as FILE."""
+    """A --config file as ({dotted name: value}, source) layers: a plain JSON object is all FILE; a run's
+    config.json ({"settings", "given", "iterations"}) gives its settings as defaults and its given names
+    as FILE."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -385,24 +332,9 @@ def _read_config_file(path: Path) -> list[tuple[dict[str, Any], str]]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object, got {type(data).__name__}")
     if isinstance(data.get("settings"), dict) and isinstance(data.get("given"), dict):
-        settings = data["settings"]
-        values = {name: _lookup(settings, name) for name in data["given"] if _has(settings, name)}
-        return [(settings, RECIPE), (values, FILE)]
-    return [(data, FILE)]
-
-
-def _has(data: dict[str, Any], dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return False
-        data = data[part]
-    return True
-
-
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        data = data[part]
-    return data
+        settings = flatten(data["settings"])
+        return [(settings, RECIPE), ({name: settings[name] for name in data["given"] if name in settings}, FILE)]
+    return [(flatten(data), FILE)]
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .data import DataError
 from .sampler import encode_prompt, truncate_prompt
 
 IGNORE_INDEX = -100
@@ -201,9 +202,9 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
         try:
             rows = tokenize_answers(tokenizer, pair.prompt, sides, template)
         except ValueError as err:
-            raise ValueError(f"pair {pair.index} ({pair.source or 'no source'}): {err}") from None
+            raise DataError(str(err), source=pair.source, index=pair.index) from None
         if not rows[0][0]:
-            raise ValueError(f"pair {pair.index}: the prompt encodes to no tokens")
+            raise DataError("the prompt encodes to no tokens", source=pair.source, index=pair.index)
         answers = [a for _, a in rows]
         cut = [truncate(p, answers, max_length, max_prompt_length, bos) for p, _ in rows]
         if report is not None:
@@ -221,9 +222,8 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
             for name, ids in (("prompt", tp.prompt_ids), ("chosen", tp.chosen_ids), ("rejected", tp.rejected_ids),
                               ("rejected prompt", tp.rejected_prompt_ids)):
                 if ids and (max(ids) >= vocab_size or min(ids) < 0):
-                    raise ValueError(f"pair {pair.index} ({pair.source or 'no source'}): {name} has token id "
-                                     f"{max(ids)} outside the model's vocabulary of {vocab_size} "
-                                     "(tokenizer and model do not match)")
+                    raise DataError(f"{name} has token id {max(ids)} outside the model's vocabulary of {vocab_size} "
+                                    "(tokenizer and model do not match)", source=pair.source, index=pair.index)
         out.append(tp)
     return out
 

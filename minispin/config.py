@@ -1,20 +1,21 @@
-"""Settings: one precedence rule, and which settings were given.
+"""Settings: one precedence rule, and a plain record of which settings were given.
 
-    recipe  <  --config file  <  given (on the command line, or passed to a config constructor)
+    default  <  recipe  <  --config file  <  given (on the command line, or passed to / set on a config)
 
 A method's recipe (its per-iteration schedule: the SPIN paper's 4 iterations, SPPO's, DPO's, noise's;
 and an example script's defaults) only gives defaults; a --config file overrides the recipe; what was
-given on the command line or passed explicitly to a config constructor overrides both. "Given" is the
-SET OF NAMES given - recorded by each config's __init__ (`@records_given`) and by the command line - never
-a comparison with the defaults: `TrainConfig(beta=0.1)` keeps beta 0.1 in every iteration, also where the
-recipe says 5.0. A per-iteration value (`iterations`) and a flat value (`train.beta`) from the same level
-contradict each other and are refused.
+given on the command line or passed explicitly to a config constructor overrides both. Each config
+object keeps the names given at its level as a plain dict {field: source} (`given`; `given_names` for the
+nested tree), filled by its constructor and by assignment (`@records_given`), or by `from_dict` with the
+source of each layer - never found by comparing with the defaults: `TrainConfig(beta=0.1)` keeps beta 0.1
+in every iteration, also where the recipe says 5.0. `minispin.driver.resolve` applies the rule per
+iteration; a per-iteration value (`iterations`) and a flat value (`train.beta`) from the same level
+contradict each other and are refused (`winner`).
 
-`from_dict` builds nested configs from a dict with the source of every name; `to_dict` writes them back.
+`from_dict` builds nested configs from {dotted name: value}; `to_dict` writes them back.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import functools
 import json
@@ -29,10 +30,6 @@ T = TypeVar("T")
 RECIPE, FILE, GIVEN = "recipe", "config file", "given"  # where a setting's value came from
 _RANK = {"default": 0, RECIPE: 1, FILE: 2, GIVEN: 3}
 
-# while `from_dict` builds a config: {field: source} of the names given at that level (None: record the
-# names passed to __init__ as GIVEN)
-_BUILDING: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("minispin_building", default=None)
-
 
 class ConfigError(UserError):
     """A setting is wrong or contradicts another one (a usage error: exit code 2)."""
@@ -40,30 +37,23 @@ class ConfigError(UserError):
 
 
 def records_given(cls: type[T]) -> type[T]:
-    """Class decorator (under @dataclass): instances remember which fields were given - passed to
-    __init__ (by keyword or position) or assigned later - as `given(obj)`. dataclasses.replace passes
-    every field, so its copy counts every field as given; `replace` below keeps the original's set."""
+    """Class decorator (over @dataclass): an instance keeps {field: source} of its fields that were given -
+    passed to the constructor (by keyword or position) or assigned afterwards; values __post_init__ derives
+    are not given. `_given={...}` passes the record instead (from_dict, replace). dataclasses.replace passes
+    every field, so its copy counts every field as given; `replace` below keeps the original's record."""
     init = cls.__init__
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    base_setattr = cls.__setattr__
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
 
     @functools.wraps(init)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        sources = _BUILDING.get()
-        token = _BUILDING.set(None)  # configs built inside this __init__ record their own names
-        try:
-            state = self.__dict__
-            state["_given"] = dict(sources) if sources is not None else {
-                n: GIVEN for n in [*names[:len(args)], *kwargs]}
-            state["_tracking"] = False
-            init(self, *args, **kwargs)
-            state["_tracking"] = True
-        finally:
-            _BUILDING.reset(token)
+    def __init__(self: Any, *args: Any, _given: dict[str, str] | None = None, **kwargs: Any) -> None:
+        passed = dict.fromkeys([*names[:len(args)], *kwargs], GIVEN)
+        self.__dict__["_given"] = dict(passed if _given is None else _given)  # __post_init__'s checks see it
+        init(self, *args, **kwargs)
+        self.__dict__["_assigned_is_given"] = True
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        base_setattr(self, name, value)
-        if self.__dict__.get("_tracking") and name in names:
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in names and self.__dict__.get("_assigned_is_given"):
             self.__dict__["_given"][name] = GIVEN
 
     cls.__init__ = __init__  # type: ignore[method-assign]
@@ -91,12 +81,9 @@ def given_names(obj: Any, prefix: str = "") -> dict[str, str]:
 
 def replace(obj: T, **changes: Any) -> T:
     """dataclasses.replace that keeps the original's given names and adds the changed ones."""
-    sources = {**given(obj), **{k: GIVEN for k in changes}}
-    token = _BUILDING.set(sources)
-    try:
-        return dataclasses.replace(obj, **changes)
-    finally:
-        _BUILDING.reset(token)
+    kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}  # type: ignore[arg-type]
+    kwargs.update(changes)
+    return type(obj)(**kwargs, _given={**given(obj), **dict.fromkeys(changes, GIVEN)})
 
 
 def winner(candidates: Iterable[tuple[str, Any, str]], name: str) -> tuple[Any, str] | None:
@@ -117,9 +104,10 @@ def winner(candidates: Iterable[tuple[str, Any, str]], name: str) -> tuple[Any, 
     return best[0][1], best[0][2]
 
 
-# ----------------------------------------------------------------------------- dicts <-> configs
+# ----------------------------------------------------------------------------- types and dotted names
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
+def strip_optional(tp: Any) -> tuple[Any, bool]:
+    """(T, True) for `T | None` (Optional[T]), else (tp, False)."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         rest = [a for a in args if a is not type(None)]
@@ -127,37 +115,57 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+@functools.lru_cache(maxsize=None)  # evaluating the annotations is slow: once per field
 def section_type(cls: type, name: str) -> type | None:
     """The dataclass type of field `name` of `cls`, or None when it is a plain setting."""
-    tp, _ = _strip_optional(typing.get_type_hints(cls)[name])
+    tp, _ = strip_optional(typing.get_type_hints(cls)[name])
     return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
-def from_dict(cls: type[T], data: dict[str, Any], sources: dict[str, str] | None = None,
-              where: str = "config") -> T:
-    """Build a (nested) config from a dict, refusing unknown keys by name. sources: {dotted name: source}
-    of the values in `data` (default: all GIVEN); names from the RECIPE are values but not given."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)} for {cls.__name__} "
-                          f"(known: {', '.join(sorted(fields))})")
-    sources = {k: GIVEN for k in flat_names(data)} if sources is None else sources
-    kwargs = {}
-    for key, value in data.items():
-        sub = section_type(cls, key)
-        if sub is not None and isinstance(value, dict):
-            inner = {k[len(key) + 1:]: s for k, s in sources.items() if k.startswith(key + ".")}
-            kwargs[key] = from_dict(sub, value, inner, f"{where}.{key}")
+def field_of(cls: type, dotted: str) -> tuple[type, dataclasses.Field]:
+    """(the class that declares it, the field) of a (nested) field of a config class, e.g. "train.lr"."""
+    *sections, name = dotted.split(".")
+    for part in sections:
+        cls = section_type(cls, part)  # type: ignore[assignment]
+    return cls, next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def field_default(cls: type, dotted: str) -> Any:
+    """The default of a (nested) field of a config class; dataclasses.MISSING when it has none."""
+    f = field_of(cls, dotted)[1]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at a dotted name ("train.lr") in nested configs or dicts."""
+    for part in dotted.split("."):
+        tree = tree[part] if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+
+# ----------------------------------------------------------------------------- dicts <-> configs
+
+def from_dict(cls: type[T], values: dict[str, Any], sources: dict[str, str], where: str = "") -> T:
+    """Build a (nested) config from {dotted name: value} (nested dicts as `minispin.runs.flatten` writes
+    them), refusing unknown names. sources: {dotted name: source} of the values; the names whose source ranks
+    above the RECIPE are recorded as given (a recipe's values are values, not given)."""
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in values.items():
+        head, dotted, rest = name.partition(".")
+        if head in fields and dotted and section_type(cls, head) is not None:
+            sections.setdefault(head, {})[rest] = value
+        elif head in fields and not dotted:
+            kwargs[head] = value
         else:
-            kwargs[key] = value
-    token = _BUILDING.set({k: s for k, s in sources.items() if "." not in k and _RANK[s] > _RANK[RECIPE]})
-    try:
-        return cls(**kwargs)
-    finally:
-        _BUILDING.reset(token)
+            raise ConfigError(f"unknown option {where}{name} for {cls.__name__} (known: {', '.join(sorted(fields))})")
+    for head, inner in sections.items():
+        inner_sources = {k[len(head) + 1:]: s for k, s in sources.items() if k.startswith(head + ".")}
+        sub = section_type(cls, head)
+        kwargs[head] = from_dict(sub, inner, inner_sources, f"{where}{head}.")  # type: ignore[arg-type]
+    mine = {k: s for k, s in sources.items() if k in fields and _RANK[s] > _RANK[RECIPE]}
+    return cls(**kwargs, _given=mine)  # type: ignore[call-arg]
 
 
 def resume_free_names(cls: type, prefix: str = "") -> list[str]:
@@ -170,17 +178,6 @@ def resume_free_names(cls: type, prefix: str = "") -> list[str]:
         if sub is not None:
             names += resume_free_names(sub, f"{prefix}{f.name}.")
     return names
-
-
-def flat_names(data: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the leaves of a nested dict of settings (lists are leaves)."""
-    out: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and value and key != "iterations":
-            out += flat_names(value, f"{prefix}{key}.")
-        else:
-            out.append(prefix + key)
-    return out
 
 
 def to_dict(obj: Any, leave_out: Callable[[str], bool] = lambda name: False) -> dict[str, Any]:

@@ -36,6 +36,8 @@ import torch.distributed as dist
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from .errors import UserError
+
 KILL_ENV = "MINISPIN_TEST_KILL_AT"
 
 
@@ -97,7 +99,10 @@ def init_distributed(device: str | torch.device | None = None, *,
     """
     if launched_by_torchrun():
         exit_with_parent()
-    dev = torch.device(device) if device is not None else default_device()
+    try:
+        dev = torch.device(device) if device is not None else default_device()
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: not a device torch knows (use cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":

@@ -42,14 +42,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import torch
 
 from . import distributed as dist
 from .checkpoint import load_config, load_model
 from .collate import Pair, TruncationReport
-from .config import RECIPE, ConfigError, given_names, records_given, resume_free_names, to_dict, winner
+from .config import (RECIPE, ConfigError, field_default, given_names, lookup, records_given, resume_free_names,
+                     to_dict, winner)
 from .config import replace as replace_config
 from .data import DATA_SUFFIXES, DataError, Example, data_files, read_examples
 from .generation_job import GenerationConfig, run_generation_job
@@ -64,10 +65,7 @@ from .tokenizer import check_tokenizer_fits, load_tokenizer
 from .training import TrainConfig, save_trained_model, train
 
 __all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
-           "PAPER_SCHEDULE", "iteration_configs", "run_record"]
-
-_SPIN_LEVEL_OVERRIDES = ("mix_previous",)
-
+           "PAPER_SCHEDULE", "Iteration", "resolve", "run_record"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -96,9 +94,9 @@ class SpinConfig:
     output_dir: str = "runs/spin"
     tokenizer: str | None = None  # default: the model folder
     method: str = "spin"  # spin | sft | dpo | judge_spin | noise_spin | adaptive | sppo | register_method's
-    num_iterations: int | None = None  # default: the length of the schedule
-    # per-iteration settings, e.g. [{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}] (iterations past the list reuse
-    # its last entry); None: the method's recipe (SPIN: the paper's schedule; dpo, noise_spin, sppo: theirs)
+    num_iterations: int | None = None  # default: the schedule's length (a recipe's: more reuse its last entry)
+    # per-iteration settings, one entry per iteration, e.g. [{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}]; None:
+    # the method's recipe (SPIN: the paper's schedule; dpo, noise_spin, sppo: theirs)
     iterations: list[dict[str, Any]] | None = None
     generate: bool = True  # False: no generation; train on the answers already in the data (SPIN rows'
     # generated answers, SPPO samples or precomputed probabilities), the same data every iteration
@@ -127,9 +125,9 @@ class SpinConfig:
             self.judge = JudgeConfig(**self.judge)
         if self.on_bad_row not in ("raise", "skip"):
             raise ConfigError(f"on_bad_row must be 'raise' or 'skip', got {self.on_bad_row!r}")
-        if self.iterations is not None and (not isinstance(self.iterations, list)
+        if self.iterations is not None and (not isinstance(self.iterations, list) or not self.iterations
                                             or not all(isinstance(d, dict) for d in self.iterations)):
-            raise ConfigError("iterations must be a list of per-iteration setting objects, e.g. "
+            raise ConfigError("iterations must be a non-empty list of per-iteration setting objects, e.g. "
                               '[{"lr": 5e-7, "beta": 0.1}, {"lr": 1e-7}]')
         for name in ("save_dtype", "generation_dtype"):
             if getattr(self, name) not in _DTYPES:
@@ -139,11 +137,11 @@ class SpinConfig:
         if self.max_prompt_length < 1:
             raise ConfigError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.method in METHODS:  # (methods registered later are checked when the run starts)
-            iteration_configs(self)  # resolve every iteration now, with clear errors
+            resolve(self)  # every iteration's settings now, with clear errors
 
     @property
     def total_iterations(self) -> int:
-        return self.num_iterations if self.num_iterations is not None else max(1, len(_schedule(self)[0]))
+        return _schedule(self, given_names(self))[2]
 
 
 @dataclass
@@ -164,97 +162,136 @@ def build_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
     return get_method(config.method).build_pairs(examples, config)
 
 
-def _recipe(method_name: str) -> list[dict[str, Any]]:
+# ----------------------------------------------------------------------------- per-iteration settings
+
+class Iteration(NamedTuple):
+    """One iteration's effective settings (`resolve`)."""
+    train: TrainConfig
+    generation: GenerationConfig
+    run: dict[str, Any]  # the run settings an iteration may set: {"mix_previous": ...}
+    changed: dict[str, tuple[Any, Any]]  # {setting: (value, the recipe's value)} where they differ (status line)
+
+
+def _per_iteration_names() -> dict[str, str]:
+    """{a key an `iterations` entry may use: the setting it sets}: "lr" / "train.lr" -> "train.lr",
+    "generation.top_p", "mix_previous"; not the run-level settings (template, max_prompt_length, seed)."""
+    run_level = set(SpinConfig.RUN_LEVEL)
+    train = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in run_level | {"method"}]
+    generation = [f.name for f in dataclasses.fields(GenerationConfig) if f.name not in run_level]
+    names = [f"train.{n}" for n in train] + [f"generation.{n}" for n in generation] + ["mix_previous"]
+    return {**{name: name for name in names}, **{n: f"train.{n}" for n in train}}
+
+
+_PER_ITERATION = _per_iteration_names()
+_SETTINGS = list(dict.fromkeys(_PER_ITERATION.values()))  # the per-iteration settings, in field order
+
+
+def resolve(config: SpinConfig) -> list[Iteration]:
+    """Every iteration's settings by minispin.config's rule (how many: `_schedule`). A per-iteration setting
+    takes the value that wins among the schedule's entry for the iteration and the value given in train /
+    generation / mix_previous (the higher level wins; two of the same level are refused); every other
+    setting comes from those sections, and template / max_prompt_length / seed from the run."""
+    given = given_names(config)
+    _check_run_level(given)
+    method = get_method(config.method)
+    schedule, source, count = _schedule(config, given)
+    recipe = schedule if source == RECIPE else _method_schedule(config.method)  # for the status line
+    return [_iteration(config, method, given, t, _entry(schedule, t), source, _entry(recipe, t))
+            for t in range(count)]
+
+
+def _method_schedule(method_name: str) -> list[dict[str, Any]]:
     """The method's recipe: its own schedule, or SPIN's paper schedule."""
     method = METHODS.get(method_name)
     return method.schedule if method is not None and method.schedule is not None else PAPER_SCHEDULE
 
 
-def _schedule(config: SpinConfig, recipe_only: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """The per-iteration settings in force and their source: `iterations` (given, from a --config file,
-    or an example's recipe), else the method's recipe."""
-    if config.iterations is None or recipe_only:
-        return _recipe(config.method), RECIPE
-    return config.iterations, given_names(config).get("iterations", RECIPE)
+def _schedule(config: SpinConfig, given: dict[str, str]) -> tuple[list[dict[str, Any]], str, int]:
+    """The per-iteration settings in force, their source and the number of iterations. A given `iterations`
+    list has one entry per iteration (a given num_iterations must agree); a recipe's schedule (the method's,
+    or an example's) runs num_iterations iterations, by default its length."""
+    if config.iterations is None:
+        schedule, source = _method_schedule(config.method), RECIPE
+    else:
+        schedule, source = config.iterations, given.get("iterations", RECIPE)
+    if source == RECIPE:
+        return schedule, source, config.num_iterations or max(1, len(schedule))
+    if "num_iterations" in given and config.num_iterations not in (None, len(schedule)):
+        raise ConfigError(f"num_iterations is {config.num_iterations} but iterations lists {len(schedule)}: give "
+                          "one iterations entry per iteration, or leave out num_iterations")
+    return schedule, source, len(schedule)
 
 
-def _override_target(key: str) -> str | None:
-    """A per-iteration key as the setting it sets ("lr" -> "train.lr", "generation.top_p", "mix_previous"),
-    or None when it names no per-iteration setting (run-level settings such as seed are not)."""
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - set(SpinConfig.RUN_LEVEL) - {"method"}
-    gen_fields = {f.name for f in dataclasses.fields(GenerationConfig)} - set(SpinConfig.RUN_LEVEL)
-    if key.startswith("train.") and key[6:] in train_fields:
-        return key
-    if key.startswith("generation.") and key[11:] in gen_fields:
-        return key
-    if key in train_fields:
-        return "train." + key
-    if key in _SPIN_LEVEL_OVERRIDES:
-        return key
-    return None
+def _entry(schedule: list[dict[str, Any]], t: int) -> dict[str, Any]:
+    """Iteration t's entry of a schedule (past its end: the last entry)."""
+    return schedule[min(t, len(schedule) - 1)] if schedule else {}
 
 
-# ----------------------------------------------------------------------------- per-iteration configs
-
-def iteration_configs(config: SpinConfig, iteration: int | None = None, *, recipe_only: bool = False):
-    """(TrainConfig, GenerationConfig, spin-level overrides) of one iteration (all when iteration is None).
-
-    Each per-iteration setting takes the value that wins by minispin.config's rule among the schedule's
-    entry for this iteration (`iterations` or the method's recipe; past the list: its last entry) and the
-    value given in train / generation / mix_previous; everything else comes from those sections.
-    recipe_only: what the recipe alone would give (the values nobody gave), for the status line.
-    """
-    if iteration is None:
-        return [iteration_configs(config, t, recipe_only=recipe_only) for t in range(config.total_iterations)]
-    _check_run_level(config)
-    schedule, source = _schedule(config, recipe_only)
-    entry = (schedule or [{}])[min(iteration, len(schedule or [{}]) - 1)]
-    given = {} if recipe_only else given_names(config)
-    candidates: dict[str, list[tuple[str, Any, str]]] = {}
-    for key, value in entry.items():
-        target = _override_target(key)
-        if target is None:
-            raise ConfigError(f"iterations[{iteration}]: unknown per-iteration setting {key!r} (use a TrainConfig "
-                              "field such as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous;"
-                              f" {'/'.join(SpinConfig.RUN_LEVEL)} are settings of the whole run)")
-        candidates.setdefault(target, []).append((f"iterations[{iteration}]", value, source))
-    for dotted, src in given.items():
-        if _override_target(dotted) == dotted:
-            candidates.setdefault(dotted, []).append((f"--{dotted}", _value(config, dotted), src))
-    values = {dotted: winner(c, dotted)[0] for dotted, c in candidates.items()}
-    sections = {"train": config.train, "generation": config.generation}
-    if recipe_only:  # the sections without their given values
-        sections = {name: type(s)(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)
-                                     if f"{name}.{f.name}" not in given_names(config)})
-                    for name, s in sections.items()}
+def _iteration(config: SpinConfig, method: Method, given: dict[str, str], t: int, entry: dict[str, Any],
+               source: str, recipe_entry: dict[str, Any]) -> Iteration:
+    """Iteration t's configs: the winning per-iteration values over the sections, the run-level settings
+    written in, the method's fixed loss checked; and what differs from the recipe alone."""
+    values = _winning_values(config, given, t, entry, source)
     train_kw = {k[6:]: v for k, v in values.items() if k.startswith("train.")}
     gen_kw = {k[11:]: v for k, v in values.items() if k.startswith("generation.")}
-    fields = {f.name: f.default for f in dataclasses.fields(SpinConfig)}
-    spin_kw = {k: values.get(k, fields[k] if recipe_only and k in given_names(config) else getattr(config, k))
-               for k in _SPIN_LEVEL_OVERRIDES}
-    method = get_method(config.method)
     if method.loss is not None:
-        wanted = train_kw.get("loss", method.loss)
-        if wanted != method.loss:
-            raise ConfigError(f"iterations[{iteration}]: method {method.name!r} trains with loss {method.loss!r}, "
-                              f"not {wanted!r}")
+        if train_kw.get("loss", method.loss) != method.loss:
+            raise ConfigError(f"iterations[{t}]: method {method.name!r} trains with loss {method.loss!r}, "
+                              f"not {train_kw['loss']!r}")
         train_kw["loss"] = method.loss
-    elif train_kw.get("loss", sections["train"].loss) == "sppo" and method.train_method == "spin":
-        raise ConfigError(f"iterations[{iteration}]: loss 'sppo' needs SPPO's targets; use --method sppo")
+    elif train_kw.get("loss", config.train.loss) == "sppo" and method.train_method == "spin":
+        raise ConfigError(f"iterations[{t}]: loss 'sppo' needs SPPO's targets; use --method sppo")
     shared = {"template": config.template, "max_prompt_length": config.max_prompt_length}
     try:
-        train_cfg = dataclasses.replace(sections["train"], **train_kw, **shared, seed=config.seed,
+        train_cfg = dataclasses.replace(config.train, **train_kw, **shared, seed=config.seed,
                                         method=method.train_method)
-        gen_cfg = dataclasses.replace(sections["generation"], **gen_kw, **shared,
-                                      seed=config.seed + iteration)  # new samples every iteration
+        gen_cfg = dataclasses.replace(config.generation, **gen_kw, **shared,
+                                      seed=config.seed + t)  # new samples every iteration
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"iteration {iteration}: {e}") from None
-    return train_cfg, gen_cfg, spin_kw
+        raise ConfigError(f"iteration {t}: {e}") from None
+    run = {"mix_previous": values.get("mix_previous", config.mix_previous)}
+    now = {name: lookup({"train": train_cfg, "generation": gen_cfg, **run}, name) for name in _SETTINGS}
+    return Iteration(train_cfg, gen_cfg, run, _differences_from_recipe(config, method, given, now, recipe_entry))
 
 
-def _check_run_level(config: SpinConfig) -> None:
+def _differences_from_recipe(config: SpinConfig, method: Method, given: dict[str, str], now: dict[str, Any],
+                     recipe_entry: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{setting: (value, the recipe's value)} of an iteration's per-iteration settings (`now`) that differ
+    from what the recipe alone gives: its entry's value, else the section's where nobody gave one, else
+    the default."""
+    recipe = {_PER_ITERATION[k]: v for k, v in recipe_entry.items()}
+    if method.loss is not None:
+        recipe["train.loss"] = method.loss
+    changed = {}
+    for name, value in now.items():
+        if name in recipe:
+            base = recipe[name]
+        else:
+            base = field_default(SpinConfig, name) if name in given else lookup(config, name)
+        if value != base:
+            changed[name] = (value, base)
+    return changed
+
+
+def _winning_values(config: SpinConfig, given: dict[str, str], t: int, entry: dict[str, Any],
+                    source: str) -> dict[str, Any]:
+    """{setting: value} of the per-iteration settings that iteration t's entry or a given option sets, each
+    the winner by minispin.config's rule."""
+    candidates: dict[str, list[tuple[str, Any, str]]] = {}
+    for key, value in entry.items():
+        if key not in _PER_ITERATION:
+            raise ConfigError(f"iterations[{t}]: unknown per-iteration setting {key!r} (use a TrainConfig field "
+                              "such as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous; "
+                              f"{'/'.join(SpinConfig.RUN_LEVEL)} are settings of the whole run)")
+        candidates.setdefault(_PER_ITERATION[key], []).append((f"iterations[{t}]", value, source))
+    for name, src in given.items():
+        if _PER_ITERATION.get(name) == name:
+            candidates.setdefault(name, []).append((f"--{name}", lookup(config, name), src))
+    return {name: winner(c, name)[0] for name, c in candidates.items()}  # type: ignore[index]
+
+
+def _check_run_level(given: dict[str, str]) -> None:
     """The run-level settings live in SpinConfig only: a value given in a section's copy is refused."""
-    given = given_names(config)
     for dotted in SpinConfig.SET_BY_RUN:
         if dotted in given:
             name = dotted.split(".")[1]
@@ -262,37 +299,15 @@ def _check_run_level(config: SpinConfig) -> None:
                               "it serves generation and training alike")
 
 
-def _value(config: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = getattr(config, part)
-    return config
-
-
-def differences_from_recipe(config: SpinConfig, iteration: int) -> dict[str, tuple[Any, Any]]:
-    """{setting: (effective value, the recipe's value)} of iteration `iteration`'s train / generation /
-    spin-level settings that differ from what the recipe alone gives."""
-    now, recipe = (_flat_iteration(iteration_configs(config, iteration, recipe_only=r)) for r in (False, True))
-    return {k: (v, recipe.get(k)) for k, v in now.items() if recipe.get(k) != v}
-
-
-def _flat_iteration(configs: tuple[TrainConfig, GenerationConfig, dict[str, Any]]) -> dict[str, Any]:
-    train_cfg, gen_cfg, spin_kw = configs
-    out = {f"train.{k}": v for k, v in dataclasses.asdict(train_cfg).items()}
-    out.update({f"generation.{k}": v for k, v in dataclasses.asdict(gen_cfg).items()})
-    out.update(spin_kw)
-    return out
-
-
-def run_record(config: SpinConfig) -> dict[str, Any]:
+def run_record(config: SpinConfig, iterations: list[Iteration] | None = None) -> dict[str, Any]:
     """What <run>/config.json records: the settings as given and resolved ("settings"; the run-level
     ones once, at the top), the names given and where ("given"), and the EFFECTIVE train / generation /
-    spin-level settings of every iteration ("iterations")."""
-    nested = set(SpinConfig.SET_BY_RUN)
-    iterations = []
-    for t, (train_cfg, gen_cfg, spin_kw) in enumerate(iteration_configs(config)):
-        iterations.append({"train": to_dict(train_cfg), "generation": to_dict(gen_cfg), **spin_kw})
-    return {"settings": to_dict(config, leave_out=nested.__contains__), "given": given_names(config),
-            "iterations": iterations}
+    run settings of every iteration ("iterations"; `resolve(config)` unless passed)."""
+    iterations = resolve(config) if iterations is None else iterations
+    return {"settings": to_dict(config, leave_out=set(SpinConfig.SET_BY_RUN).__contains__),
+            "given": given_names(config),
+            "iterations": [{"train": to_dict(it.train), "generation": to_dict(it.generation), **it.run}
+                           for it in iterations]}
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -301,12 +316,12 @@ def _iter_dir(run: Path, t: int) -> Path:
     return run / f"iter{t}"
 
 
-def _check_run_config(run: Path, config: SpinConfig) -> dict[str, Any] | None:
-    """Rank 0: record the config of a new run, or compare with the config the run started with. A config
-    changed under --allow_config_change is returned (not written): the caller records it once the resumed
-    work has passed its own checks, so a refused resume leaves config.json as it was."""
+def _check_run_config(run: Path, config: SpinConfig, current: dict[str, Any]) -> dict[str, Any] | None:
+    """Rank 0: record the config of a new run (`current`: its run_record), or compare with the config the
+    run started with. A config changed under --allow_config_change is returned (not written): the caller
+    records it once the resumed work has passed its own checks, so a refused resume leaves config.json as
+    it was."""
     path = run / "config.json"
-    current = run_record(config)
     # what must match is the EFFECTIVE settings: where a value came from ("given") may differ (a run's own
     # config.json given back as --config resumes it); iterations compare over the ones both have (extending
     # a run adds iterations)
@@ -422,14 +437,14 @@ def spin(config: SpinConfig) -> SpinResult:
     """Run (or resume) a whole SPIN run; returns the saved models. Call on every rank under torchrun."""
     config = _check_inputs(config)
     method = get_method(config.method)
-    schedule = iteration_configs(config)
+    schedule = resolve(config)  # every iteration's settings, once
     info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
                                  and (config.train.device or "cuda").startswith("cuda"))
     run = Path(config.output_dir)
     lock = None
     try:
         lock = lock_run(run)
-        pending = _start_run(run, config)
+        pending = _start_run(run, config, run_record(config, schedule))
 
         def record_config() -> None:  # a config changed under --allow_config_change, once its work starts
             nonlocal pending
@@ -441,12 +456,12 @@ def spin(config: SpinConfig) -> SpinResult:
         check_tokenizer_fits(tokenizer, load_config(config.model).vocab_size, config.model)
         examples = _read_data(config, method)
         _log(f"{len(examples)} examples from {config.data}; method {method.name}; "
-             f"{config.total_iterations} iteration(s); world size {info.world_size}")
+             f"{len(schedule)} iteration(s); world size {info.world_size}")
 
         current: str | Path = config.model
         models: list[Path] = []
         summaries: list[dict[str, Any] | None] = []
-        for t, (train_cfg, gen_cfg, spin_kw) in enumerate(schedule):
+        for t, (train_cfg, gen_cfg, run_kw, changed) in enumerate(schedule):
             it = _iter_dir(run, t)
             final = it / "model"
             if _phase_done(it, "model"):
@@ -468,11 +483,11 @@ def spin(config: SpinConfig) -> SpinResult:
 
             current_examples = _iteration_examples(run, t, config, method, examples, current, tokenizer, gen_cfg,
                                                    info.device, on_phase)
-            pairs = _iteration_pairs(run, t, config, method, current_examples, spin_kw)
+            pairs = _iteration_pairs(run, t, config, method, current_examples, run_kw)
             noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
                                                                         ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
             _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
-                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(config, t)}")
+                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(changed)}")
 
             _phase_done(it, "reference")  # a damaged reference file is refused, not trained on
             result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
@@ -615,10 +630,10 @@ def _check_inputs(config: SpinConfig) -> SpinConfig:
     return config
 
 
-def _start_run(run: Path, config: SpinConfig) -> dict[str, Any] | None:
+def _start_run(run: Path, config: SpinConfig, record: dict[str, Any]) -> dict[str, Any] | None:
     """Every rank, holding the run's lock: temp files of interrupted writes removed; the run's config.json
-    and data fingerprints are this run's (or the resume is refused and nothing is written). Returns a
-    config changed under --allow_config_change, to be recorded once the work starts."""
+    (`record`) and data fingerprints are this run's (or the resume is refused and nothing is written).
+    Returns a config changed under --allow_config_change, to be recorded once the work starts."""
     error, pending = None, None
     if dist.is_main():
         removed = remove_temp_files(run)
@@ -626,7 +641,7 @@ def _start_run(run: Path, config: SpinConfig) -> dict[str, Any] | None:
             _log(f"removed {len(removed)} temp file(s) of interrupted writes: "
                  f"{', '.join(str(p.relative_to(run)) for p in removed[:5])}{' ...' if len(removed) > 5 else ''}")
         try:
-            pending = _check_run_config(run, config)
+            pending = _check_run_config(run, config, record)
             _check_run_inputs(run, config)
         except UserError as e:
             error = [type(e).__name__, str(e)]
@@ -645,7 +660,8 @@ def _read_data(config: SpinConfig, method: Method) -> list:
                                  on_error=config.on_bad_row, warn=warn,
                                  require_generated=method.needs_generation and not config.generate)
     if not examples:
-        raise ValueError(f"{config.data}: no usable rows")
+        raise DataError("no usable rows (every row was empty or skipped); check the file and --data_format",
+                        source=f"--data {config.data}")
     return examples
 
 
@@ -671,7 +687,7 @@ def _iteration_examples(run: Path, t: int, config: SpinConfig, method: Method, e
 
 
 def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, current_examples: list,
-                     spin_kw: dict[str, Any]) -> list[Pair]:
+                     run_kw: dict[str, Any]) -> list[Pair]:
     """Iteration t's pairs: judge scores attached (cached), the method's pairs, the previous iteration's
     pairs mixed in (mix_previous), renumbered; the method's decision counts recorded and printed."""
     generates = method.needs_generation and config.generate
@@ -679,7 +695,7 @@ def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, curr
     if method.prepare is not None:  # judge scores (cached per iteration, or per run without generation)
         current_examples = method.prepare(current_examples, config, (it if generates else run) / "judge_scores")
     pairs = build_pairs(current_examples, config)
-    mix = spin_kw.get("mix_previous", config.mix_previous)
+    mix = run_kw.get("mix_previous", config.mix_previous)
     if mix and t > 0 and generates:
         prev = _iter_dir(run, t - 1) / "generated.jsonl"
         _phase_done(prev.parent, "generate")  # damaged: refused, naming the file
@@ -698,10 +714,9 @@ def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, curr
     return pairs
 
 
-def _not_from_recipe(config: SpinConfig, t: int) -> str:
+def _not_from_recipe(changed: dict[str, tuple[Any, Any]]) -> str:
     """"; not the recipe's: beta 0.1 (recipe 5), ..." for the status line ("" when all are the recipe's)."""
-    shown = [f"{k.removeprefix('train.')} {_short(v)} (recipe {_short(r)})"
-             for k, (v, r) in differences_from_recipe(config, t).items()]
+    shown = [f"{k.removeprefix('train.')} {_short(v)} (recipe {_short(r)})" for k, (v, r) in changed.items()]
     return f"; not the recipe's: {', '.join(shown)}" if shown else ""
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 
 from . import distributed as dist
-from .config import records_given
+from .config import ConfigError, records_given
 from .data import DataError, Example, load_rows, read_examples, to_spin_row
 from .io import ChunkedJsonlWriter, merge_parts, read_jsonl_part, write_rows_file
 from .log import Progress, warn0
@@ -180,7 +180,7 @@ def _check_positions(encoded: list[tuple[Example, list[int]]], config: Generatio
     longest = max(((len(ids), e.index) for e, ids in encoded), default=(0, -1))
     length, index = max(tuple(x) for x in dist.all_gather_json(list(longest)))
     if length + config.max_new_tokens > positions:
-        raise ValueError(f"example index {index}: its prompt ({length} tokens) + max_new_tokens ({config.max_new_tokens}) "
+        raise ConfigError(f"example {index + 1} (1-based) of the data: its prompt ({length} tokens) + max_new_tokens ({config.max_new_tokens}) "
                          f"exceeds the model's {positions} positions (max_position_embeddings); lower "
                          "--max_new_tokens or --max_prompt_length")
 

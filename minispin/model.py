@@ -1,9 +1,12 @@
-"""A hand-written Llama/Mistral decoder that matches Hugging Face LlamaForCausalLM/MistralForCausalLM.
+"""A hand-written Llama-family decoder that matches Hugging Face LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM and Qwen3ForCausalLM (dense).
 
 One file, plain modules: token embedding, RMSNorm (fp32 compute), rotate-half RoPE (default, linear,
 llama3 scaling), grouped-query attention through scaled_dot_product_attention, SwiGLU MLP, optional
-Mistral sliding window, tied or untied output head. Parameter names equal the Hugging Face names with
-the leading "model." removed, so checkpoint I/O is a key rename (see `hf_key` / `our_key`).
+Mistral sliding window, tied or untied output head. The families differ only in small config-driven
+pieces of the attention block (`ModelConfig.qkv_bias`, `o_bias`, `qk_norm`). Parameter names equal the
+Hugging Face names with the leading "model." removed, so checkpoint I/O is a key rename (see `hf_key` /
+`our_key`).
 
 The model knows nothing about training. For generation it accepts a static `KVCache`; for the fused
 log-prob kernels it exposes `hidden_states(...)` (final normed hidden states) and `output_weight`.
@@ -22,7 +25,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .errors import UserError
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                           "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+QWEN3_DEFAULT_HEAD_DIM = 128  # Qwen3Config's head_dim when config.json has none (not hidden/heads)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,6 +54,7 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None  # normalised: {"rope_type": ..., "factor": ..., ...}
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen3: biases on q/k/v and o (Llama's meaning; refused for Llama/Mistral)
     architecture: str = "MistralForCausalLM"
     torch_dtype: str = "bfloat16"
     bos_token_id: int | None = 1
@@ -70,6 +77,9 @@ class ModelConfig:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelConfigError(f"architecture {self.architecture!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        if self.attention_bias and self.architecture != "Qwen3ForCausalLM":
+            raise ModelConfigError(f"attention_bias is implemented for Qwen3ForCausalLM only, "
+                                   f"not {self.architecture}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelConfigError(f"rope_scaling type {rope_type!r} is not supported "
@@ -78,6 +88,22 @@ class ModelConfig:
     @property
     def dtype(self) -> torch.dtype:
         return _DTYPES.get(self.torch_dtype, torch.float32)
+
+    # What a family adds to the Llama attention block; everything else is shared.
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the q/k/v projections: always in Qwen2, with attention_bias in Qwen3."""
+        return self.architecture == "Qwen2ForCausalLM" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """A bias on the output projection (Qwen3 with attention_bias; Qwen2 never has one)."""
+        return self.attention_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's q and k vector (head_dim wide), applied before RoPE."""
+        return self.architecture == "Qwen3ForCausalLM"
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> "ModelConfig":
@@ -88,15 +114,16 @@ class ModelConfig:
 
         archs = hf.get("architectures") or []
         model_type = hf.get("model_type")
-        arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}.get(model_type)
+        arch = archs[0] if archs else {t: a for a, t in SUPPORTED_ARCHITECTURES.items()}.get(model_type)
         if arch not in SUPPORTED_ARCHITECTURES or len(archs) > 1:
             raise bad("architectures", f"is {archs or model_type!r}; minispin runs only "
                       f"{' / '.join(SUPPORTED_ARCHITECTURES)}")
         if model_type is not None and model_type != SUPPORTED_ARCHITECTURES[arch]:
             raise bad("model_type", f"is {model_type!r}, which does not match architecture {arch}")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                raise bad(key, "is true; biases in attention/MLP projections are not implemented")
+        if hf.get("attention_bias") and arch not in QWEN:  # Qwen3 reads it; Qwen2 ignores it, as transformers does
+            raise bad("attention_bias", f"is true; biases in {arch}'s attention projections are not implemented")
+        if hf.get("mlp_bias"):
+            raise bad("mlp_bias", "is true; biases in MLP projections are not implemented")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise bad("hidden_act", f"is {act!r}; only 'silu' (SwiGLU) is implemented")
@@ -134,6 +161,12 @@ class ModelConfig:
         sliding_window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
         if hf.get("use_sliding_window") is False:
             sliding_window = None
+        windowed = _qwen_sliding_layers(hf) if arch in QWEN else []
+        if windowed:
+            window = hf.get("sliding_window", 4096)
+            raise bad("use_sliding_window", f"is true (window {window} on layers {windowed}); "
+                      f"Qwen's per-layer sliding window is not implemented (outputs equal full attention only "
+                      f"up to {window} tokens: set it to false if your sequences are that short)")
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         if dtype not in _DTYPES:
             raise bad("torch_dtype", f"is {dtype!r}; expected one of {', '.join(_DTYPES)}")
@@ -144,13 +177,14 @@ class ModelConfig:
             num_hidden_layers=hf["num_hidden_layers"],
             num_attention_heads=hf["num_attention_heads"],
             num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
+            head_dim=hf.get("head_dim", QWEN3_DEFAULT_HEAD_DIM if arch == "Qwen3ForCausalLM" else None),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=rope_scaling,
             sliding_window=sliding_window,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=arch == "Qwen3ForCausalLM" and bool(hf.get("attention_bias", False)),
             architecture=arch,
             torch_dtype=dtype,
             bos_token_id=hf.get("bos_token_id"),
@@ -180,17 +214,31 @@ class ModelConfig:
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
-            "attention_bias": False,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
             "use_cache": True,
         }
         if self.architecture == "MistralForCausalLM":
             hf["sliding_window"] = self.sliding_window
+        elif self.architecture in QWEN:  # full attention on every layer (a sliding window is refused on load)
+            hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
         else:
             hf["mlp_bias"] = False
             hf["pretraining_tp"] = 1
+        if self.architecture in ("LlamaForCausalLM", "Qwen3ForCausalLM"):  # the families with this field
+            hf["attention_bias"] = self.attention_bias
         return hf
+
+
+def _qwen_sliding_layers(hf: dict[str, Any]) -> list[int]:
+    """The layers a Qwen2/Qwen3 config.json runs with a sliding window, by transformers' rule (layer_types
+    if given, else layers from max_window_layers on); empty when use_sliding_window is off."""
+    if not hf.get("use_sliding_window") or hf.get("sliding_window", 4096) is None:
+        return []
+    n = hf.get("num_hidden_layers", 0)
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else
+                                      "full_attention" for i in range(n)]
+    return [i for i, kind in enumerate(types) if kind == "sliding_attention"]
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -250,10 +298,6 @@ class KVCache:
         self.positions = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.max_len = max_len
 
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        """Forget everything stored for these batch rows (their slots become empty)."""
-        self.positions[rows] = -1
-
 
 def _sdpa_has_enable_gqa() -> bool:
     """torch's scaled_dot_product_attention takes `enable_gqa` (torch >= 2.5)."""
@@ -308,17 +352,20 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        # Qwen3 normalises every head's q and k vector before RoPE; the other families pass them through.
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache_index: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -378,7 +425,7 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """LlamaForCausalLM / MistralForCausalLM. `forward` returns logits [B, T, V]."""
+    """Llama / Mistral / Qwen2 / Qwen3 ForCausalLM. `forward` returns logits [B, T, V]."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -470,9 +517,6 @@ class Transformer(nn.Module):
                 position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 cache_index: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, cache_index))
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def hf_key(name: str) -> str:

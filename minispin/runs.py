@@ -182,6 +182,9 @@ class RunLock:
         """Take the lock or raise RunError naming the job that holds it (pid, host, start time)."""
         import fcntl
 
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise RunError(f"--output_dir {self.path.parent} is a file, not a folder: give a new or existing run "
+                           "folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -331,15 +334,6 @@ def phase_done(folder: str | os.PathLike, phase: str) -> bool:
                        f"{' ...' if len(problems) > 5 else ''}. Restore the file(s), or delete them and their "
                        f"entry in {folder / PHASES_NAME} to redo the {phase} phase")
     return True
-
-
-def forget_phase(folder: str | os.PathLike, phase: str) -> None:
-    """Rank 0: drop a phase's record (its outputs are about to be rewritten)."""
-    path = Path(folder) / PHASES_NAME
-    phases = read_manifest(path)
-    if phases and phase in phases:
-        del phases[phase]
-        atomic_write_json(path, phases)
 
 
 # ----------------------------------------------------------------------------- input fingerprints

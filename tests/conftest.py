@@ -12,8 +12,14 @@
   basename is unique). pytest's default "prepend" import mode puts this folder on sys.path when it imports
   this file, so the shared helpers here (tiny.py, tiny_run.py, interpreter.py) import by name from every
   subfolder, and a subfolder's own helper module imports by name from its test files.
+- `run_here`: a command line (`-m minispin ...` or an example script) run in this process as `python` would
+  run it - a child process per call would spend seconds importing torch.
 """
 import os
+import runpy
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,3 +49,29 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     model_dir = make_model_dir(root)
     return root, model_dir, load_tokenizer(model_dir)
+
+
+@pytest.fixture
+def run_here(monkeypatch, capsys):
+    """`python cmd...` run in this process, as the interpreter would run it: sys.argv, runpy as __main__
+    (`-m module` or a script path), SystemExit's code; returns returncode / stdout / stderr."""
+    def run(cmd: list[str], cwd: Path, **env: str) -> SimpleNamespace:
+        for name in ("TRITON_INTERPRET", "MINISPIN_DEBUG", "MINISPIN_TEST_KILL_AT"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.chdir(cwd)
+        module = cmd[1] if cmd[0] == "-m" else None
+        monkeypatch.setattr(sys, "argv", [module or cmd[0], *cmd[2 if module else 1:]])
+        capsys.readouterr()
+        code = 0
+        try:
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(cmd[0], run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run

@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from minispin import load_model, save_model
 from minispin.checkpoint import CheckpointError, iter_safetensors, parse_size
+from minispin.errors import UserError
+from minispin.model import SUPPORTED_ARCHITECTURES
 from tiny import FIXTURES
 
 
@@ -20,10 +22,10 @@ def tensors_of(folder):
     return out
 
 
-@pytest.mark.parametrize("name", ["hf-tiny-llama", "hf-tiny-mistral"])
+@pytest.mark.parametrize("name", ["hf-tiny-llama", "hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3"])
 def test_load_save_load_is_bit_identical(tmp_path, name):
     model = load_model(FIXTURES / name)
-    save_model(model, tmp_path / "a", max_shard_size="300KB")
+    save_model(model, tmp_path / "a", max_shard_size="100KB")
     assert (tmp_path / "a" / "model.safetensors.index.json").is_file()
     again = load_model(tmp_path / "a")
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -44,11 +46,30 @@ def test_single_file_save_and_bf16(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
 
 
-def test_saved_folder_loads_in_transformers_with_equal_logits(tmp_path):
+# What transformers makes of a config.json: equal between a fixture and our export of it.
+HF_CONFIG_FIELDS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                    "rope_parameters", "tie_word_embeddings", "attention_bias", "sliding_window", "layer_types",
+                    "bos_token_id", "eos_token_id", "pad_token_id", "dtype")
+
+
+def hf_config_fields(config):
+    """The fields above, and head_dim as the modeling code reads it (Qwen2's config has no such field)."""
+    fields = {k: getattr(config, k, None) for k in HF_CONFIG_FIELDS}
+    fields["head_dim"] = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return fields
+
+
+@pytest.mark.parametrize("name", ["hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3"])
+def test_saved_folder_loads_in_transformers_with_equal_logits(tmp_path, name):
+    """Our export (config.json and tensor names) reads in transformers as the original folder does."""
     transformers = pytest.importorskip("transformers")
-    e = load_file(str(FIXTURES / "hf-tiny-mistral" / "expected_logits.safetensors"))
-    model = load_model(FIXTURES / "hf-tiny-mistral")
+    e = load_file(str(FIXTURES / name / "expected_logits.safetensors"))
+    model = load_model(FIXTURES / name)
     save_model(model, tmp_path / "m", max_shard_size="200KB")
+    ours, theirs = (transformers.AutoConfig.from_pretrained(f, local_files_only=True)
+                    for f in (tmp_path / "m", FIXTURES / name))
+    assert hf_config_fields(ours) == hf_config_fields(theirs)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True).eval()
     with torch.no_grad():
         ref = hf(input_ids=e["input_ids"], attention_mask=e["attention_mask"], position_ids=e["position_ids"]).logits
@@ -56,6 +77,18 @@ def test_saved_folder_loads_in_transformers_with_equal_logits(tmp_path):
     mask = e["attention_mask"].bool()
     assert (ref - ours)[mask].abs().max().item() <= 1e-4
     assert (ref - e["logits"])[mask].abs().max().item() <= 1e-4
+
+
+def test_unsupported_architecture_is_one_line_naming_the_supported_list(tmp_path):
+    shutil.copytree(FIXTURES / "hf-tiny-llama", tmp_path / "g")
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (tmp_path / "g" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as e:
+        load_model(tmp_path / "g")
+    message = str(e.value)
+    assert "\n" not in message and "GPT2LMHeadModel" in message and str(tmp_path / "g" / "config.json") in message
+    assert all(arch in message for arch in SUPPORTED_ARCHITECTURES) and "Qwen3ForCausalLM" in message
 
 
 def test_save_replaces_existing_checkpoint_atomically(tmp_path, monkeypatch):

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -38,32 +36,6 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subproces
     """`python cmd...` as a real child process."""
     return subprocess.run([sys.executable, *cmd], cwd=cwd, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture
-def run_here(monkeypatch, capsys):
-    """`python cmd...` run in this process, as the interpreter would run it: sys.argv, runpy as __main__
-    (`-m module` or a script path), SystemExit's code; returns returncode / stdout / stderr."""
-    def run(cmd: list[str], cwd: Path, **env: str) -> SimpleNamespace:
-        for name in ("TRITON_INTERPRET", "MINISPIN_DEBUG", "MINISPIN_TEST_KILL_AT"):
-            monkeypatch.delenv(name, raising=False)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.chdir(cwd)
-        module = cmd[1] if cmd[0] == "-m" else None
-        monkeypatch.setattr(sys, "argv", [module or cmd[0], *cmd[2 if module else 1:]])
-        capsys.readouterr()
-        code = 0
-        try:
-            if module:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-            else:
-                runpy.run_path(cmd[0], run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-    return run
 
 
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=lambda e: Path(e[-1]).stem)
@@ -165,7 +137,7 @@ def test_bad_nproc_per_node_is_one_line(tmp_path, run_here):
 def test_cli_parses_nested_flat_and_json_options():
     from minispin.cli import parse_config
     from minispin.config import ConfigError
-    from minispin.driver import SpinConfig, iteration_configs
+    from minispin.driver import SpinConfig, resolve
 
     cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
                                     "--seed", "3", "--mix_previous", "false",
@@ -173,10 +145,10 @@ def test_cli_parses_nested_flat_and_json_options():
                                     "--max-prompt-length", "100", "--activation_checkpointing"])
     assert cfg.train.lr == 5e-7 and cfg.train.beta == 0.5 and cfg.mix_previous is False
     assert cfg.seed == 3  # one home: training seed 3, generation seed 3 + iteration
-    assert [(t.seed, g.seed) for t, g, _ in iteration_configs(cfg)] == [(3, 3)]
+    assert [(t.seed, g.seed) for t, g, *_ in resolve(cfg)] == [(3, 3)]
     assert cfg.iterations == [{"epochs": 1, "loss": "hinge"}] and cfg.limit is None
     assert cfg.max_prompt_length == 100
-    assert [(t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)] == [(100, 100)]
+    assert [(t.max_prompt_length, g.max_prompt_length) for t, g, *_ in resolve(cfg)] == [(100, 100)]
     assert cfg.train.activation_checkpointing is True
     with pytest.raises(ConfigError, match="unknown option"):
         parse_config(SpinConfig, ["--no_such_option", "1"])
@@ -198,6 +170,30 @@ def test_zephyr_example_help(tmp_path, run_here):
     assert not (tmp_path / "runs").exists()
     dpo = run_here([str(REPO / "examples" / "dpo.py"), "--help"], tmp_path)
     assert dpo.returncode == 0 and "DPO on preference data" in dpo.stdout and "--out" in dpo.stdout
+
+
+def test_zephyr_example_one_entry_iterations_runs_one_iteration(tmp_path, run_here):
+    """The example's docstring: a given --iterations list replaces the whole schedule, so one entry is ONE
+    iteration although the recipe says num_iterations 4 (a tiny real run: 3 prompts, 1 step); a given
+    --num_iterations that contradicts the list's length is one error line."""
+    tok = tmp_path / "tok"
+    write_char_tokenizer(tok)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}?", "response": f"a{i}."}) + "\n" for i in range(3)))
+    out = tmp_path / "zephyr"
+    argv = [ZEPHYR, "--model", str(TINY_MODEL), "--tokenizer", str(tok), "--data", str(data), "--out", str(out),
+            "--iterations", '[{"lr": 5e-7, "beta": 0.1}]', "--max_steps", "1", "--global_batch_size", "2",
+            "--micro_batch_size", "1", "--max_length", "64", "--max_prompt_length", "32", "--max_new_tokens", "2",
+            "--save_steps", "0", "--progress", "false", "--save_dtype", "float32"]
+    res = run_here(argv, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [json.dumps({"run_dir": str(out), "models": [str(out / "iter0" / "model")]})]
+    assert "1 iteration(s)" in res.stderr and not (out / "iter1").exists()
+    assert len(json.loads((out / "config.json").read_text())["iterations"]) == 1
+    res = run_here([*argv, "--num_iterations", "2", "--out", str(tmp_path / "two")], tmp_path)
+    assert res.returncode == 2 and res.stderr.splitlines() == [
+        "error: num_iterations is 2 but iterations lists 1: give one iterations entry per iteration, or leave out "
+        "num_iterations"]
 
 
 def test_zephyr_example_path_errors(tmp_path, run_here):

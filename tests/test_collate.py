@@ -135,7 +135,7 @@ def test_generated_answer_keeps_its_sampled_ids_when_decode_encode_does_not_roun
 
 def test_sampled_ids_that_do_not_spell_the_text_are_refused(zephyr):
     ids = zephyr.encode("Goodbye", add_special_tokens=False) + [zephyr.eos_id]
-    with pytest.raises(ValueError, match=r"pair 3 \(iter0\).*decode to 'Goodbye', not to its text 'Hello'"):
+    with pytest.raises(ValueError, match=r"iter0: row 4 \(1-based\).*decode to 'Goodbye', not to its text 'Hello'"):
         tokenize_pairs([Pair(3, PROMPT, "Hi", "Hello", rejected_ids=ids, source="iter0")], zephyr)
 
 

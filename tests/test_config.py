@@ -9,7 +9,7 @@ import pytest
 
 from minispin.cli import parse_args, parse_config
 from minispin.config import FILE, GIVEN, ConfigError, given, given_names, replace
-from minispin.driver import SpinConfig, differences_from_recipe, iteration_configs, run_record
+from minispin.driver import SpinConfig, resolve, run_record
 from minispin.generation_job import GenerationConfig
 from minispin.training import TrainConfig
 
@@ -17,7 +17,7 @@ PAPER_BETAS = [0.1, 0.1, 0.1, 5.0]
 
 
 def betas(cfg: SpinConfig) -> list[float]:
-    return [t.beta for t, _, _ in iteration_configs(cfg)]
+    return [t.beta for t, *_ in resolve(cfg)]
 
 
 def test_given_beta_equal_to_the_default_keeps_its_value_in_every_iteration():
@@ -61,11 +61,34 @@ def test_config_file_beats_the_recipe_and_the_command_line_beats_the_file(tmp_pa
     # per-iteration values: a file's iterations replace the recipe; a command-line option wins over them
     path.write_text(json.dumps({"model": "m", "data": "d", "iterations": [{"lr": 1e-3, "beta": 0.2}, {"lr": 1e-4}]}))
     cfg = parse_args(["--config", str(path), "--lr", "5e-5"])
-    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(5e-5, 0.2), (5e-5, 0.1)]
+    assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(5e-5, 0.2), (5e-5, 0.1)]
     # the same level twice is a contradiction, refused by name
     path.write_text(json.dumps({"model": "m", "data": "d", "iterations": [{"lr": 1e-3}], "train": {"lr": 1e-4}}))
     with pytest.raises(ConfigError, match=r"train.lr is set both in iterations\[0\] and --train.lr \(config file\)"):
         parse_args(["--config", str(path)])
+
+
+def test_a_given_schedule_sets_the_number_of_iterations(tmp_path):
+    """A given `iterations` list has one entry per iteration: its length wins over a recipe's num_iterations
+    (examples/spin_zephyr.py says 4); a given num_iterations that contradicts it is refused, not repeated;
+    a recipe's schedule runs num_iterations iterations (past its end: its last entry)."""
+    recipe = {"num_iterations": 4}
+    argv = ["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-6, "beta": 0.2}]']
+    one = parse_config(SpinConfig, argv, recipe=recipe)
+    assert [(t.lr, t.beta) for t, *_ in resolve(one)] == [(1e-6, 0.2)] and one.total_iterations == 1
+    assert betas(parse_config(SpinConfig, argv[:4], recipe=recipe)) == PAPER_BETAS
+    assert betas(parse_config(SpinConfig, argv[:4] + ["--num_iterations", "5"])) == PAPER_BETAS + [5.0]
+    for bad in (["--num_iterations", "3"], ["--iterations", "[]"]):
+        with pytest.raises(ConfigError, match=r"num_iterations is 3 but iterations lists 1: give one iterations "
+                                              r"entry per iteration|iterations must be a non-empty list"):
+            parse_config(SpinConfig, argv + bad, recipe=recipe)
+    path = tmp_path / "schedule.json"  # a --config file's list counts as given too
+    path.write_text(json.dumps({"iterations": [{"lr": 1e-6}, {"lr": 1e-7}]}))
+    assert len(resolve(parse_args(["--config", str(path), "--num_iterations", "2"]))) == 2
+    with pytest.raises(ConfigError, match="num_iterations is 1 but iterations lists 2"):
+        parse_args(["--config", str(path), "--num_iterations", "1"])
+    with pytest.raises(ConfigError, match="num_iterations is 2 but iterations lists 1"):
+        SpinConfig(model="m", data="d", iterations=[{"lr": 1e-6}], num_iterations=2)
 
 
 def test_a_runs_config_json_as_config_file_reproduces_its_settings(tmp_path):
@@ -89,16 +112,16 @@ def test_a_runs_config_json_as_config_file_reproduces_its_settings(tmp_path):
 
 def test_status_line_differences_from_the_recipe():
     cfg = SpinConfig(model="m", data="d", train=TrainConfig(beta=0.1, lr=1e-6))
-    assert differences_from_recipe(cfg, 0) == {"train.lr": (1e-6, 5e-7)}  # beta 0.1 is the recipe's there
-    assert differences_from_recipe(cfg, 3) == {"train.lr": (1e-6, 1e-7), "train.beta": (0.1, 5.0)}
-    assert differences_from_recipe(SpinConfig(model="m", data="d"), 3) == {}
+    assert resolve(cfg)[0].changed == {"train.lr": (1e-6, 5e-7)}  # beta 0.1 is the recipe's there
+    assert resolve(cfg)[3].changed == {"train.lr": (1e-6, 1e-7), "train.beta": (0.1, 5.0)}
+    assert resolve(SpinConfig(model="m", data="d"))[3].changed == {}
     noise = SpinConfig(model="m", data="d", method="noise_spin", train=TrainConfig(neftune_alpha=0.0))
-    assert differences_from_recipe(noise, 0) == {"train.neftune_alpha": (0.0, 5.0)}
+    assert resolve(noise)[0].changed == {"train.neftune_alpha": (0.0, 5.0)}
 
 
 def test_run_level_settings_have_one_home():
     cfg = SpinConfig(model="m", data="d", template="spin", max_prompt_length=100, seed=7)
-    for t, (train_cfg, gen_cfg, _) in enumerate(iteration_configs(cfg)):
+    for t, (train_cfg, gen_cfg, *_) in enumerate(resolve(cfg)):
         assert (train_cfg.template, train_cfg.max_prompt_length, train_cfg.seed) == ("spin", 100, 7)
         assert (gen_cfg.template, gen_cfg.max_prompt_length, gen_cfg.seed) == ("spin", 100, 7 + t)
     for section, kw in (("train", {"seed": 1}), ("generation", {"max_prompt_length": 64}),

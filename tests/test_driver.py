@@ -21,7 +21,7 @@ from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer
 from minispin.config import ConfigError
-from minispin.driver import PAPER_SCHEDULE, SpinConfig, iteration_configs, run_record, spin
+from minispin.driver import PAPER_SCHEDULE, SpinConfig, resolve, run_record, spin
 from minispin.errors import UserError
 from minispin.training import TrainConfig
 from minispin.runs import RunError, temp_files
@@ -227,29 +227,29 @@ def test_continued_sft_method(base, tmp_path):
 
 def test_paper_schedule_is_one_config():
     cfg = SpinConfig(model="m", data="d")
-    its = iteration_configs(cfg)
-    assert [t.lr for t, _, _ in its] == [5e-7, 5e-7, 1e-7, 1e-7]
-    assert [t.beta for t, _, _ in its] == [0.1, 0.1, 0.1, 5.0]
-    assert len({g.seed for _, g, _ in its}) == 4  # fresh samples every iteration
+    its = resolve(cfg)
+    assert [t.lr for t, *_ in its] == [5e-7, 5e-7, 1e-7, 1e-7]
+    assert [t.beta for t, *_ in its] == [0.1, 0.1, 0.1, 5.0]
+    assert len({g.seed for _, g, *_ in its}) == 4  # fresh samples every iteration
     assert all(t.optimizer == "rmsprop" and t.weight_decay == 0 and t.global_batch_size == 64 and t.epochs == 2
-               and t.warmup_ratio == 0.1 and t.max_length == 1024 and t.max_prompt_length == 512 for t, _, _ in its)
-    assert all(g.max_new_tokens == 256 for _, g, _ in its)
+               and t.warmup_ratio == 0.1 and t.max_length == 1024 and t.max_prompt_length == 512 for t, *_ in its)
+    assert all(g.max_new_tokens == 256 for _, g, *_ in its)
     assert cfg.iterations is None and cfg.mix_previous  # None: the method's recipe, the paper's schedule
-    assert [{"lr": t.lr, "beta": t.beta} for t, _, _ in its] == PAPER_SCHEDULE
+    assert [{"lr": t.lr, "beta": t.beta} for t, *_ in its] == PAPER_SCHEDULE
     five = SpinConfig(model="m", data="d", num_iterations=5)
-    assert iteration_configs(five, 4)[0].beta == 5.0  # past the list: its last entry
+    assert resolve(five)[4].train.beta == 5.0  # past the list: its last entry
     over = SpinConfig(model="m", data="d", iterations=[{"loss": "hinge", "generation.temperature": 0.7,
                                                         "mix_previous": False}])
-    t, g, s = iteration_configs(over, 0)
+    t, g, s, _ = resolve(over)[0]
     assert t.loss == "hinge" and g.temperature == 0.7 and s == {"mix_previous": False}
     with pytest.raises(ConfigError, match=r"iterations\[0\]: unknown per-iteration setting 'lr_max'"):
         SpinConfig(model="m", data="d", iterations=[{"lr_max": 1.0}])
     cfg = SpinConfig(model="m", data="d", template="spin", max_prompt_length=100)
-    assert {(t.template, g.template, t.max_prompt_length, g.max_prompt_length) for t, g, _ in iteration_configs(cfg)} \
+    assert {(t.template, g.template, t.max_prompt_length, g.max_prompt_length) for t, g, *_ in resolve(cfg)} \
         == {("spin", "spin", 100, 100)}  # one home each: SpinConfig.template / max_prompt_length
     with pytest.raises(ConfigError, match="generation.template is set by the run: give template once"):
         cfg.generation.template = "chat"
-        iteration_configs(cfg)
+        resolve(cfg)
     with pytest.raises(ConfigError, match="train.max_prompt_length is set by the run"):
         SpinConfig(model="m", data="d", train=TrainConfig(max_prompt_length=64))
 
@@ -262,23 +262,23 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
     from minispin.cli import parse_args
 
     cfg = parse_args(["--model", "m", "--data", "d", "--lr", "1e-7"])
-    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-7, 0.1)] * 3 + [(1e-7, 5.0)]
+    assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-7, 0.1)] * 3 + [(1e-7, 5.0)]
     cfg = parse_args(["--model", "m", "--data", "d", "--method", "sppo", "--beta", "0.01",
                       "--generation.num_samples", "8"])
-    assert [(t.beta, t.lr, t.loss, g.num_samples, g.temperature, s) for t, g, s in iteration_configs(cfg)] == \
+    assert [(t.beta, t.lr, t.loss, g.num_samples, g.temperature, s) for t, g, s, _ in resolve(cfg)] == \
         [(0.01, 5e-7, "sppo", 8, 0.7, {"mix_previous": False})] * 3
     cfg = parse_args(["--model", "m", "--data", "d", "--method", "noise_spin", "--neftune_alpha", "0"])
-    assert {(t.label_smoothing, t.neftune_alpha) for t, _, _ in iteration_configs(cfg)} == {(0.1, 0.0)}
+    assert {(t.label_smoothing, t.neftune_alpha) for t, *_ in resolve(cfg)} == {(0.1, 0.0)}
     cfg = parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--beta", "0.5"])
-    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-3, 0.5)]
+    assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-3, 0.5)]
     with pytest.raises(ConfigError, match="train.lr is set both in iterations"):  # contradictory: which lr?
         parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--train.lr", "1e-4"])
     saved = tmp_path / "config.json"  # a run's config.json as --config: command-line options win over it
     saved.write_text(json.dumps(run_record(SpinConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
     cfg = parse_args(["--config", str(saved), "--lr", "1e-4"])
-    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-4, 0.2)]
+    assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-4, 0.2)]
     cfg = SpinConfig(model="m", data="d", train=TrainConfig(lr=1e-6))
-    assert [(t.lr, t.beta) for t, _, _ in iteration_configs(cfg)] == [(1e-6, 0.1)] * 3 + [(1e-6, 5.0)]
+    assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-6, 0.1)] * 3 + [(1e-6, 5.0)]
     with pytest.raises(ValueError, match="method 'sppo' trains with loss 'sppo', not 'hinge'"):
         SpinConfig(model="m", data="d", method="sppo", train=TrainConfig(loss="hinge"))
 
@@ -290,13 +290,14 @@ def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_p
 
     run = tmp_path / "run"
     run.mkdir()
-    _check_run_config(run, SpinConfig(model="m", data="bad.jsonl"))
-    _check_run_config(run, SpinConfig(model="m", data="good.jsonl"))  # nothing started: accepted
+    check = lambda cfg: _check_run_config(run, cfg, run_record(cfg))  # noqa: E731
+    check(SpinConfig(model="m", data="bad.jsonl"))
+    check(SpinConfig(model="m", data="good.jsonl"))  # nothing started: accepted
     assert json.loads((run / "config.json").read_text())["settings"]["data"] == "good.jsonl"
     (run / "iter0").mkdir()
     with pytest.raises(ValueError, match="different config .*settings.data: 'good.jsonl' -> 'other.jsonl'"):
-        _check_run_config(run, SpinConfig(model="m", data="other.jsonl"))
-    _check_run_config(run, SpinConfig(model="m", data="good.jsonl", num_iterations=6))
+        check(SpinConfig(model="m", data="other.jsonl"))
+    check(SpinConfig(model="m", data="good.jsonl", num_iterations=6))
 
 
 def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
@@ -311,7 +312,7 @@ def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: key 'response'"):
         spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
-    with pytest.raises(ValueError, match="unknown method 'dpo-magic'"):
+    with pytest.raises(ValueError, match="--method 'dpo-magic' is not a method"):
         spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
                         train=cpu))
 

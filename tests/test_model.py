@@ -10,7 +10,8 @@ import minispin.model as model_mod
 from minispin.model import ModelConfigError, ModelConfig, Transformer
 from tiny import FIXTURES
 
-TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
+TINY = ["hf-tiny-llama", "hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3"]
+QWEN = ["hf-tiny-qwen2", "hf-tiny-qwen3"]
 
 
 def expected(name):
@@ -80,15 +81,21 @@ def test_hidden_states_and_output_weight_give_logits():
 
 
 def hf_reference(tmp_path, arch, **overrides):
-    """Random transformers model saved to tmp_path; returns (hf_model, folder)."""
+    """Random transformers model saved to tmp_path (biases and norm weights redrawn away from 0 and 1);
+    returns (hf_model, folder)."""
     transformers = pytest.importorskip("transformers")
-    cls_cfg = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
-    cls_model = transformers.MistralForCausalLM if arch == "mistral" else transformers.LlamaForCausalLM
+    family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[arch]
+    cls_cfg = getattr(transformers, f"{family}Config")
+    cls_model = getattr(transformers, f"{family}ForCausalLM")
     kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     kw.update(overrides)
     torch.manual_seed(0)
     hf = cls_model(cls_cfg(**kw)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias") or name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.3)
     hf.save_pretrained(tmp_path)
     return hf, tmp_path
 
@@ -139,6 +146,74 @@ def test_tied_embeddings_match_transformers(tmp_path):
     model = load_model(folder)
     assert model.lm_head.weight is model.embed_tokens.weight
     assert compare_with_hf(hf, folder) <= 1e-4
+
+
+def test_qwen3_attention_bias_matches_transformers(tmp_path):
+    """Qwen3 with attention_bias: biases on q/k/v and on o (the fixture has none); 3 heads, 1 kv head,
+    head_dim 24 != hidden/heads."""
+    hf, folder = hf_reference(tmp_path, "qwen3", attention_bias=True, hidden_size=48, num_attention_heads=3,
+                              num_key_value_heads=1, head_dim=24)
+    attn = load_model(folder).layers[0].self_attn
+    assert attn.o_proj.bias is not None and attn.q_norm.weight.shape == (24,)
+    assert compare_with_hf(hf, folder) <= 1e-4
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_config_fields_read_as_transformers_reads_them(name):
+    """Defaults that differ by family: Qwen3's head_dim is 128 when config.json has none (not hidden/heads);
+    Qwen2 ignores attention_bias (its q/k/v biases are always there, o_proj has none); a sliding window
+    switched on for no layer (max_window_layers >= layers) is full attention."""
+    transformers = pytest.importorskip("transformers")
+    hf = {k: v for k, v in json.loads((FIXTURES / name / "config.json").read_text()).items()
+          if k not in ("head_dim", "layer_types")}
+    hf.update(attention_bias=True, use_sliding_window=True, sliding_window=4, max_window_layers=2)
+    ref = transformers.AutoConfig.for_model(**hf)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.head_dim == (getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads)
+    assert cfg.head_dim == (128 if name.endswith("qwen3") else 16)
+    assert set(ref.layer_types) == {"full_attention"} and cfg.sliding_window is None
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.qk_norm) == ((True, False, False) if name.endswith("qwen2") else
+                                                       (True, True, True))
+
+
+@pytest.mark.parametrize("change", [dict(max_window_layers=1), dict(layer_types=["full_attention",
+                                                                                 "sliding_attention"])])
+def test_qwen_sliding_window_is_refused_in_one_line(change):
+    """Layer 1 has a window, by max_window_layers (no layer_types) or by layer_types, as transformers reads it."""
+    transformers = pytest.importorskip("transformers")
+    hf = {k: v for k, v in json.loads((FIXTURES / "hf-tiny-qwen2" / "config.json").read_text()).items()
+          if k != "layer_types"}
+    hf.update(use_sliding_window=True, sliding_window=8, **change)
+    assert transformers.AutoConfig.for_model(**hf).layer_types == ["full_attention", "sliding_attention"]
+    with pytest.raises(ModelConfigError, match=r"'use_sliding_window' is true \(window 8 on layers \[1\]\)") as e:
+        ModelConfig.from_hf(hf, source="q/config.json")
+    assert "\n" not in str(e.value) and str(e.value).startswith("q/config.json")
+
+
+def lm_loss(logits, ids, mask):
+    """Mean next-token negative log-likelihood over the pairs of real (unpadded) tokens."""
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return -logp[(mask[:, :-1] * mask[:, 1:]).bool()].mean()
+
+
+@pytest.mark.parametrize("name", QWEN)
+def test_qwen_gradients_match_transformers_float64(name):
+    """CPU, float64 on both sides, padded rows included: the loss reaches Qwen2's q/k/v biases and Qwen3's
+    q/k norms, and every parameter's gradient equals transformers' autograd gradient."""
+    transformers = pytest.importorskip("transformers")
+    e = expected(name)
+    ours = load_model(FIXTURES / name, dtype=torch.float64)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name, local_files_only=True).double()
+    args = (e["input_ids"], e["attention_mask"], e["position_ids"])
+    lm_loss(ours(*args), e["input_ids"], e["attention_mask"]).backward()
+    lm_loss(hf(*args).logits, e["input_ids"], e["attention_mask"]).backward()
+    theirs = {n: p.grad for n, p in hf.named_parameters()}
+    for n, p in ours.named_parameters():
+        ref = theirs[model_mod.hf_key(n)]
+        assert (p.grad - ref).abs().max().item() <= 1e-9 * ref.abs().max().item(), n
+    new = [n for n, p in ours.named_parameters() if n.endswith(".bias") or "_norm." in n]
+    assert len(new) == 2 * (3 if name.endswith("qwen2") else 2)  # 2 layers x (q/k/v biases | q/k norms)
+    assert all(ours.get_parameter(n).grad.abs().min() > 0 for n in new)
 
 
 BASE = json.loads((FIXTURES / "hf-tiny-llama" / "config.json").read_text())

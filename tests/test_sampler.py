@@ -95,6 +95,23 @@ def test_sliding_window_cache_equals_full_recompute():
                                                   stop_token_ids=[])] != [o.token_ids for o in out]
 
 
+@pytest.mark.parametrize("name", ["hf-tiny-qwen2", "hf-tiny-qwen3"])
+def test_qwen_cache_and_greedy_generation_equal_transformers(name):
+    """CPU. Qwen2 (q/k/v biases, tied head) and Qwen3 (q/k norms, head_dim 20): cached decode equals a full
+    recompute, and greedy generation (left-padded prefill, slot refill) equals transformers' generate."""
+    transformers = pytest.importorskip("transformers")
+    model = load_model(FIXTURES / name, dtype=torch.float32)
+    prompts = random_prompts([6, 2, 9], seed=4, vocab=model.config.vocab_size)
+    check_cache_against_full_recompute(model, prompts, steps=6)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(FIXTURES / name, local_files_only=True).eval()
+    hf.generation_config.eos_token_id = None  # run all max_new_tokens, as stop_token_ids=[] does
+    ours = generate_tokens(model, prompts, max_new_tokens=12, temperature=0, batch_size=2, stop_token_ids=[])
+    for prompt, out in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+        assert out.token_ids == ref[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_greedy_equals_stepwise_argmax_and_padding_is_invisible(models, name):
     model = models[name]

@@ -38,8 +38,8 @@ def tiny_run(tmp_path_factory) -> Path:
     data.write_text("".join(json.dumps({"prompt": f"what is {i}+{i}?", "response": f"it is {2 * i}." + LONG * (i == 7)})
                             + "\n" for i in range(8)))
     spin(SpinConfig(
-        model=str(model_dir), data=str(data), output_dir=str(run), iterations=[{"lr": 1e-3, "beta": 0.1}],
-        num_iterations=ITERATIONS, save_dtype="float32", max_prompt_length=24,
+        model=str(model_dir), data=str(data), output_dir=str(run), iterations=[{"lr": 1e-3, "beta": 0.1}] * ITERATIONS,
+        save_dtype="float32", max_prompt_length=24,
         train=TrainConfig(epochs=1, global_batch_size=2, micro_batch_size=2, max_length=48,
                           optimizer="adamw", progress=False, device="cpu"),
         generation=GenerationConfig(max_new_tokens=6, batch_size=8, progress=False)))

@@ -7,7 +7,7 @@ SPPO and DPO, compared on held-out exact-match accuracy over iterations (CPU, no
     python -m minispin.demo.methods --seeds 3             # seeds 0..2 -> runs/demo_methods_seeds/seed<s>, seeds.md
 
 Setup (everything deterministic in the seed; see docs/methods.md for the numbers):
-- The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo`: reverse / sort letters,
+- The task, tiny Llama and SFT model are the built-in demo's (`minispin.demo.toy`: reverse / sort letters,
   add two numbers; SFT deliberately short so the model is partly right).
 - Self-play data: the first `n_spin` SFT prompts. Their real answers carry LABEL NOISE: a fraction
   `label_noise` (default 0.2) is replaced by a near miss (a sum off by 1-9, two letters swapped) - the
@@ -170,31 +170,35 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
     """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
     d = config.demo
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
+
+    def schedule(entry: dict[str, Any]) -> list[dict[str, Any]]:  # the same settings in every iteration
+        return [entry] * d.iterations
+
     kw: dict[str, Any] = dict(
-        model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name), num_iterations=d.iterations,
+        model=str(sft_model), data=str(data["spin"]), output_dir=str(out / name),
         save_dtype="float32", mix_previous=True, **demo_run.run_settings(d),
         train=demo_run.train_config(d, device, epochs=d.spin_epochs), generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
-        return SpinConfig(method="sft", iterations=[{"lr": d.continued_lr}], **kw)
+        return SpinConfig(method="sft", iterations=schedule({"lr": d.continued_lr}), **kw)
     if name == "spin":
-        return SpinConfig(method="spin", iterations=[base], **kw)
+        return SpinConfig(method="spin", iterations=schedule(base), **kw)
     if name == "judge_spin":
-        return SpinConfig(method="judge_spin", iterations=[base], judge=judge, **kw)
+        return SpinConfig(method="judge_spin", iterations=schedule(base), judge=judge, **kw)
     if name == "noise_spin":
-        return SpinConfig(method="spin", iterations=[dict(base, label_smoothing=config.noise_label_smoothing,
-                                                          neftune_alpha=config.neftune_alpha)], **kw)
+        noisy = dict(base, label_smoothing=config.noise_label_smoothing, neftune_alpha=config.neftune_alpha)
+        return SpinConfig(method="spin", iterations=schedule(noisy), **kw)
     if name == "adaptive":
-        return SpinConfig(method="adaptive", iterations=[base], judge=judge, **kw)
+        return SpinConfig(method="adaptive", iterations=schedule(base), judge=judge, **kw)
     if name == "sppo":
         kw["mix_previous"] = False  # SPPO trains on each iteration's own pairs, K samples of its own
         kw["generation"] = replace_config(kw["generation"], num_samples=config.sppo_samples,
                                           temperature=config.sppo_temperature, top_p=config.sppo_top_p)
-        return SpinConfig(method="sppo", judge=judge, iterations=[{
-            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}], **kw)
+        return SpinConfig(method="sppo", judge=judge, iterations=schedule({
+            "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}), **kw)
     if name == "dpo":
         kw["data"] = str(data["preferences"])
-        return SpinConfig(method="dpo", iterations=[base], **kw)
+        return SpinConfig(method="dpo", iterations=schedule(base), **kw)
     raise ValueError(f"unknown method {name!r}")
 
 

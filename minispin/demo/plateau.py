@@ -1,8 +1,8 @@
-"""The demo's plateau regime (`python -m minispin.demo --regime plateau`): the setting of SPIN's claim.
+"""The demo's plateau regime (`python -m minispin.demo.toy --regime plateau`): the setting of SPIN's claim.
 
 The paper's claim is about an SFT model at its plateau, where more SFT on the data no longer raises
 held-out accuracy but self-play on the same prompts still does. This regime starts from the demo's SFT
-model (stage 3 of `minispin.demo`, shared: in a folder where the demo ran it is read back) and:
+model (stage 3 of `minispin.demo.toy`, shared: in a folder where the demo ran it is read back) and:
 1. continues SFT on a FIXED set, the first `n_spin` task rows (the prompts SPIN will use), epoch after
    epoch at `plateau_lr` (each epoch one driver run from the previous epoch's model, a new data order, lr
    warmup + linear decay within the epoch) until the exact match on a validation split (`n_val` task

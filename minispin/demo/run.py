@@ -1,10 +1,10 @@
 """The built-in demo: the whole SPIN pipeline on CPU in minutes, with no model or data to download.
 
-    python -m minispin.demo                 # 2 torchrun ranks on CPU, results in ./runs/demo
-    python -m minispin.demo --nproc 1       # one process
-    python -m minispin.demo --small         # the reduced size the test suite runs (~20 seconds)
-    python -m minispin.demo --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
-    python -m minispin.demo --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
+    python -m minispin.demo.toy                 # 2 torchrun ranks on CPU, results in ./runs/demo
+    python -m minispin.demo.toy --nproc 1       # one process
+    python -m minispin.demo.toy --small         # the reduced size the test suite runs (~20 seconds)
+    python -m minispin.demo.toy --seeds 5       # seeds 0..4, mean ± standard error (minispin.demo.seeds)
+    python -m minispin.demo.toy --regime plateau   # SFT at its plateau first (minispin.demo.plateau)
 
 Stages (each skipped when its output exists, so re-running with the same --out continues):
 1. task       a small task with checkable answers (`minispin.demo.task`: reverse / sort letters, add two
@@ -181,8 +181,8 @@ def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str
     """SPIN iterations 0..T-1 from `model` through the iteration driver; returns each iteration's model."""
     result = spin(SpinConfig(
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
-        num_iterations=config.iterations,
-        iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}], mix_previous=True, save_dtype="float32",
+        iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}] * config.iterations, mix_previous=True,
+        save_dtype="float32",
         **run_settings(config), train=train_config(config, device, epochs=config.spin_epochs),
         generation=generation_config(config)))
     return result.models
@@ -260,15 +260,6 @@ def finished_results(out: Path, config: Any) -> dict[str, Any] | None:
         return None
     results = json.loads(path.read_text())
     return results if results.get("config") == json.loads(json.dumps(asdict(config))) else None
-
-
-def run_demo(out: Path, config: DemoConfig, device: str = "cpu") -> dict[str, Any]:
-    """Run (or continue) every stage; call on every rank. Returns the results dict (also on disk)."""
-    info = dist.init_distributed(device)
-    try:
-        return demo_stages(out, config, device, info.world_size)
-    finally:
-        dist.shutdown(info)
 
 
 def demo_stages(out: Path, config: DemoConfig, device: str, world_size: int) -> dict[str, Any]:

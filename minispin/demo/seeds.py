@@ -1,4 +1,4 @@
-"""The demo over several seeds (`python -m minispin.demo --seeds K`): mean ± standard error per stage.
+"""The demo over several seeds (`python -m minispin.demo.toy --seeds K`): mean ± standard error per stage.
 
 One demo run on 600 questions has a standard error of about 2 points, and runs differ across machines
 and thread counts by about as much; a conclusion about SPIN needs more than one seed. Seed s (s = seed,

@@ -49,6 +49,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .. import log
 from ..collate import Pair
+from ..config import ConfigError
 from .adaptive import adaptive_decision, adaptive_pairs
 from .counts import (FLIPPED, KEPT, SAMPLE_SCORES, SMOOTHED, SPPO_DECISION, SPPO_PRECOMPUTED, SPPO_TIED,
                      decision_counts, describe_counts, summarize_pairs)
@@ -138,5 +139,5 @@ def register_method(method: Method) -> None:
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r} (known: {', '.join(sorted(METHODS))})")
+        raise ConfigError(f"--method {name!r} is not a method; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]

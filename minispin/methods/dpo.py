@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, Sequence
 
 from ..collate import Pair
-from ..data import PREFERENCE_FORMATS, read_preferences
+from ..data import PREFERENCE_FORMATS, DataError, read_preferences
 
 DPO_SCHEDULE: list[dict[str, Any]] = [{"lr": 5e-7, "beta": 0.1, "epochs": 1}]
 
@@ -24,8 +24,8 @@ def dpo_pairs(examples: Sequence[Any]) -> list[Pair]:
     pairs = []
     for e in examples:
         if not hasattr(e, "chosen"):
-            raise ValueError(f"{e.source}: row {e.index}: DPO needs preference rows (prompt/chosen/rejected or "
-                             "conversations/chosen/rejected), got an SFT row")
+            raise DataError("DPO needs preference rows (prompt/chosen/rejected or conversations/chosen/rejected), "
+                            "got an SFT row", source=e.source, index=e.index)
         pairs.append(Pair(index=e.index, prompt=list(e.prompt), chosen=e.chosen, rejected=e.rejected,
                           source=e.source))
     return pairs

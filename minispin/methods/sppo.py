@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..collate import Pair
-from ..data import Example, ReadResult, iter_rows, read_examples
+from ..data import DataError, Example, ReadResult, iter_rows, read_examples
 from .counts import SPPO_DECISION, SPPO_PRECOMPUTED, SPPO_TIED
 from .dpo import DataSettings, read_preference_data
 from .judge import JudgeConfig, Scorer, _as_scores, score_prompts
@@ -26,7 +26,7 @@ def _samples_of(example: Any) -> list[str] | None:
     if samples is None:
         return None
     if not isinstance(samples, list) or not all(isinstance(s, str) for s in samples):
-        raise ValueError(f"{example.source}: row {example.index}: 'samples' must be a list of strings")
+        raise DataError("must be a list of strings", source=example.source, index=example.index, key="samples")
     return samples
 
 
@@ -51,8 +51,8 @@ def attach_sample_scores(examples: Sequence[Any], judge: JudgeConfig, cache_dir:
         if samples is None:
             samples = [e.chosen, e.rejected] if hasattr(e, "chosen") else None
         if samples is None:
-            raise ValueError(f"{e.source}: row {e.index}: no 'samples' to score; SPPO generates K >= 2 samples "
-                             "per prompt (generation.num_samples)")
+            raise DataError("no 'samples' to score; SPPO generates K >= 2 samples per prompt "
+                            "(generation.num_samples)", source=e.source, index=e.index)
         items.append((e.index, list(e.prompt), samples))
         positions.append(pos)
     scores = score_prompts(items, judge, cache_dir, scorer=scorer, log=log)
@@ -135,18 +135,19 @@ def sppo_pairs(examples: Sequence[Any], judge: JudgeConfig | None = None) -> lis
             p_win, p_lose = float(e.scores["chosen_probs_win"]), float(e.scores["chosen_probs_lose"])
             for name, v in (("chosen_probs_win", p_win), ("chosen_probs_lose", p_lose)):
                 if not 0.0 <= v <= 1.0:
-                    raise ValueError(f"{e.source}: row {e.index}: {name} = {v} is not a probability")
+                    raise DataError(f"{v} is not a probability", source=e.source, index=e.index, key=name)
             pairs.append(Pair(index=e.index, prompt=list(e.prompt), chosen=e.chosen, rejected=e.rejected,
                               targets=(p_win, p_lose), source=e.source, extra={"decision": SPPO_PRECOMPUTED}))
             continue
         if samples is None and hasattr(e, "chosen"):
             samples = [e.chosen, e.rejected]
         if samples is None:
-            raise ValueError(f"{e.source}: row {e.index}: no 'samples'; SPPO needs K >= 2 samples per prompt "
-                             "(set generation.num_samples, default 5 in SPPO's schedule)")
+            raise DataError("no 'samples'; SPPO needs K >= 2 samples per prompt (set generation.num_samples, "
+                            "default 5 in SPPO's schedule)", source=e.source, index=e.index)
         if scores is None:
-            raise ValueError(f"{e.source}: row {e.index}: the samples have no scores; configure judge.function or "
-                             f"judge.command (the preference scorer), or give a {judge.samples_column!r} column")
+            raise DataError("the samples have no scores; configure judge.function or judge.command (the "
+                            f"preference scorer), or give a {judge.samples_column!r} column", source=e.source,
+                            index=e.index)
         scores = _as_scores(scores, len(samples), f"{e.source}: row {e.index}: {judge.samples_column}")
         c = sppo_choice(scores)
         ids = extra.get("samples_ids") if "samples" in extra else None  # sampled ids, aligned with "samples"

@@ -12,8 +12,7 @@ from ..collate import TruncationReport
 from ..model import Transformer
 from ..tensorboard import tensorboard_available
 from ..config import records_given
-
-LOSS_TYPES = ("sigmoid", "hinge", "exponential", "correlation", "sppo")
+from .losses import LOSS_TYPES
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
 
 
@@ -30,7 +29,7 @@ class TrainConfig:
                                               "reference_batch_size", "tensorboard")
 
     method: str = "spin"  # "spin": pairwise loss vs the frozen reference; "sft": NLL of the real answers
-    loss: str = "sigmoid"  # sigmoid (logistic, default) | hinge | exponential | correlation | sppo
+    loss: str = "sigmoid"  # one of LOSS_TYPES (minispin.training.losses); sigmoid: the paper's logistic loss
     beta: float = 0.1
     label_smoothing: float = 0.0  # default for pairs without their own label_smoothing
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings of training forwards (0: off; NEFTune: 5-15)

@@ -48,10 +48,11 @@ from ..runs import changed_settings, describe_changes
 from ..tensorboard import TensorBoardSink
 from ..tokenizer import check_tokenizer_fits
 from .config import TrainConfig, TrainResult
-from .optim import build_optimizer, lr_at, optimizer_step
+from .optim import build_optimizer, lr_at
 from .policy import prepare_policy
 from .reference import reference_logprobs
 from .state import load_train_state, read_train_state_json, save_train_state
+from .step import optimizer_step
 
 # warn when more than this fraction of the pairs is truncated (the loss then sees cut answers / prompts)
 TRUNCATION_WARN_FRACTION = 0.1
@@ -129,24 +130,20 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
                          total_steps=len(plan))
 
     on_phase("train")
+    batches = _MicroBatches(tokenized, {p.index: p for p in pairs}, refs, pad_id, sft=config.method == "sft")
+    log = _StepLog(run, config, start_step, len(plan))
     history: list[dict] = []
-    by_index = {p.index: p for p in pairs}
-    status = Progress(len(plan), "train" if config.method == "spin" else "sft", enabled=config.progress,
-                      start=start_step, unit="steps", every=config.status_every)
-    # a copy of metrics.jsonl; purge_step: a resumed run's re-run steps replace the old events
-    sink = TensorBoardSink(run.tensorboard, purge_step=start_step + 1) \
-        if config.tensorboard and run is not None and dist.is_main() else None
     saved_step = start_step if start_step else None  # the step of the train state on disk
     try:
         for step in range(start_step, len(plan)):
-            record = _train_step(policy, optimizer, plan, step, tokenized, by_index, refs, pad_id, config, info,
-                                 _last_good(run, saved_step, config))
-            history.append(record)
-            if run is not None and dist.is_main():
-                run.append_metrics(record)
-                if sink is not None:
-                    sink(record)
-            status.update(step + 1, _status_text(record, config.method == "sft"))
+            t0 = time.perf_counter()
+            lr = lr_at(step, len(plan), config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums, grad_norm = optimizer_step(policy, optimizer, batches.of(plan[step], info.rank), config,
+                                             device=info.device, where=f"step {step + 1}/{len(plan)}",
+                                             last_good=_last_good(run, saved_step, config))
+            history.append(log(_metrics(step + 1, sums, config, lr, grad_norm, time.perf_counter() - t0)))
             if run is not None and (step + 1 == len(plan) or
                                     (config.save_steps > 0 and (step + 1) % config.save_steps == 0)):
                 save_train_state(policy, optimizer, run.state, {
@@ -155,9 +152,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
                 saved_step = step + 1
             dist.kill_point("train", step=step + 1)
     finally:
-        status.close()
-        if sink is not None:
-            sink.close()
+        log.close()
     return TrainResult(model=policy.model, policy=policy, steps=len(plan), history=history,
                        metrics_path=run and run.metrics, truncation=report)
 
@@ -216,6 +211,32 @@ class _RunFiles:
             f.write(json.dumps(record) + "\n")
 
 
+class _StepLog:
+    """Where each step's record goes: metrics.jsonl and its TensorBoard copy (rank 0), and the status line."""
+
+    def __init__(self, run: _RunFiles | None, config: TrainConfig, start_step: int, total_steps: int):
+        self.run = run if dist.is_main() else None
+        self.sft = config.method == "sft"
+        self.status = Progress(total_steps, "sft" if self.sft else "train", enabled=config.progress,
+                               start=start_step, unit="steps", every=config.status_every)
+        # a copy of metrics.jsonl; purge_step: a resumed run's re-run steps replace the old events
+        self.sink = TensorBoardSink(self.run.tensorboard, purge_step=start_step + 1) \
+            if config.tensorboard and self.run is not None else None
+
+    def __call__(self, record: dict) -> dict:
+        if self.run is not None:
+            self.run.append_metrics(record)
+            if self.sink is not None:
+                self.sink(record)
+        self.status.update(record["step"], _status_text(record, self.sft))
+        return record
+
+    def close(self) -> None:
+        self.status.close()
+        if self.sink is not None:
+            self.sink.close()
+
+
 def _plan(tokenized: Sequence[TokenizedPair], config: TrainConfig, world_size: int
           ) -> tuple[list[list[int]], list[list[list[list[int]]]]]:
     """(per-epoch data orders, [step][rank][micro-batch] -> positions in `tokenized`), cut at max_steps."""
@@ -255,30 +276,25 @@ def _resume(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, run: _Run
     return meta["step"]
 
 
-def _train_step(policy: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: list, step: int,
-                tokenized: Sequence[TokenizedPair], by_index: dict[int, Pair], refs: dict | None, pad_id: int,
-                config: TrainConfig, info: dist.DistInfo, last_good: str) -> dict:
-    """One optimizer step of the plan (this rank's micro-batches); returns its metrics record."""
-    t0 = time.perf_counter()
-    sft = config.method == "sft"
-    step_items = [i for rank_mbs in plan[step] for mb in rank_mbs for i in mb]
-    step_pairs = len(step_items)
-    step_tokens = sum(len(tokenized[i].chosen_ids) for i in step_items)  # SFT normaliser
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, len(plan), config)
+class _MicroBatches:
+    """The step plan's micro-batches as (collated batch, weight): weight = the batch's share of the step's loss
+    (its pairs / the step's pairs; SFT: 1 / the step's chosen tokens), 0 for an empty slot, which runs the
+    step's first micro-batch as a dummy so that every rank joins the same collectives."""
 
-    def micro_batches():
-        for items in plan[step][info.rank]:
-            chosen = items or plan[step][0][0]  # empty slot: a zero-weight dummy
-            batch = collate_pairs([tokenized[i] for i in chosen], pad_id, sft=sft,
-                                  pairs=[by_index[tokenized[i].index] for i in chosen], ref_logps=refs)
-            weight = 0.0 if not items else (1.0 / step_tokens if sft else batch.num_pairs / step_pairs)
+    def __init__(self, tokenized: Sequence[TokenizedPair], by_index: dict[int, Pair], refs: dict | None,
+                 pad_id: int, *, sft: bool):
+        self.tokenized, self.by_index, self.refs, self.pad_id, self.sft = tokenized, by_index, refs, pad_id, sft
+
+    def of(self, step_plan: list[list[list[int]]], rank: int):
+        """This rank's micro-batches of one step ([rank][micro-batch] -> positions in `tokenized`)."""
+        items = [i for rank_mbs in step_plan for mb in rank_mbs for i in mb]
+        step_tokens = sum(len(self.tokenized[i].chosen_ids) for i in items)  # SFT normaliser
+        for mb in step_plan[rank]:
+            chosen = [self.tokenized[i] for i in (mb or step_plan[0][0])]
+            batch = collate_pairs(chosen, self.pad_id, sft=self.sft, pairs=[self.by_index[t.index] for t in chosen],
+                                  ref_logps=self.refs)
+            weight = 0.0 if not mb else (1.0 / step_tokens if self.sft else batch.num_pairs / len(items))
             yield batch, weight
-
-    sums, grad_norm = optimizer_step(
-        policy, optimizer, micro_batches(), config, device=info.device, where=f"step {step + 1}/{len(plan)}",
-        last_good=last_good)
-    return _metrics(step + 1, sums, config, optimizer.param_groups[0]["lr"], grad_norm, time.perf_counter() - t0)
 
 
 def _last_good(run: _RunFiles | None, saved_step: int | None, config: TrainConfig) -> str:

@@ -1,17 +1,13 @@
-"""Optimizer build (RMSProp / AdamW), the linear warmup-decay schedule, and one optimizer step with
-gradient clipping, the NaN/inf check and its single host sync."""
+"""Optimizer build (RMSProp / AdamW), the linear warmup-decay schedule, and the memory model of a step
+(the step itself: minispin.training.step)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 import torch.nn as nn
 
-from .. import distributed as dist
-from ..collate import PairBatch
-from .config import TrainConfig, TrainingDiverged
-from .policy import batch_loss
+from .config import TrainConfig
 
 # ----------------------------------------------------------------------------- optimizer, schedule
 
@@ -34,93 +30,6 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     if step < warmup:
         return config.lr * (step + 1) / warmup
     return config.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-
-# Per-step sums, each a named slot of ONE float64 tensor so that a step all-reduces them in one collective.
-STEP_SUMS = ("loss", "rewards_real", "rewards_generated", "margins", "correct", "logps_real", "logps_generated",
-             "pairs", "tokens", "response_tokens")
-
-
-class StepSums:
-    """The named metric sums of one optimizer step, packed in one tensor on the device (no host sync)."""
-
-    slot = {name: i for i, name in enumerate(STEP_SUMS)}
-
-    def __init__(self, device: torch.device):
-        self.packed = torch.zeros(len(STEP_SUMS), dtype=torch.float64, device=device)
-
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        self.packed[self.slot[name]] += value
-
-    def all_reduce(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            torch.distributed.all_reduce(self.packed)
-
-
-def optimizer_step(policy: nn.Module, optimizer: torch.optim.Optimizer,
-                   micro_batches: Iterable[tuple[PairBatch, float]], config: TrainConfig, *,
-                   device: torch.device, where: str = "step", last_good: str = "") -> tuple[dict[str, float], float]:
-    """One optimizer step: forward + backward of every (micro-batch, weight) (weight = its share of the
-    step's loss; 0 = a dummy that only keeps FSDP collectives in step), all-reduce of the metric sums,
-    gradient clipping, NaN/inf check, optimizer update. Exactly one host sync (after the backward passes).
-
-    Returns ({STEP_SUMS name: sum over the step's pairs}, grad norm before clipping). Raises
-    TrainingDiverged before updating.
-    """
-    world = dist.get_world_size()
-    sums = StepSums(device)
-    for batch, weight in micro_batches:
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        batch = batch.to(device, non_blocking=True)
-        loss, seq, _ = batch_loss(policy, batch, config)
-        (loss * (weight * world)).backward()
-        if weight:
-            _accumulate(sums, loss.detach() * weight, seq, batch, config)
-    sums.all_reduce()
-    grad_norm = _clip(policy, config.max_grad_norm)
-    *values, gn = torch.cat([sums.packed, grad_norm.to(sums.packed).view(1)]).tolist()  # the step's one host sync
-    named = dict(zip(STEP_SUMS, values))
-    if not (math.isfinite(named["loss"]) and math.isfinite(gn)):
-        optimizer.zero_grad(set_to_none=True)
-        raise TrainingDiverged(f"{where}: loss {named['loss']} / grad norm {gn} is not finite; stopped before "
-                               f"applying it ({last_good}). Lower the learning rate or check the data")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return named, gn
-
-
-def _clip(policy: nn.Module, max_norm: float) -> torch.Tensor:
-    params = [p for p in policy.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return norm
-
-
-def _accumulate(sums: StepSums, weighted_loss: torch.Tensor, seq: torch.Tensor, batch: PairBatch,
-                config: TrainConfig) -> None:
-    """Add one micro-batch's loss share, rewards, accuracies, log-probs and counts to the step's sums."""
-    P = batch.num_pairs
-    sums.add("loss", weighted_loss.double())
-    sums.add("pairs", P)
-    sums.add("tokens", batch.num_tokens)
-    sums.add("response_tokens", batch.labels.numel())
-    if config.method == "sft":
-        sums.add("logps_real", seq[:P].sum().double())
-        return
-    real, gen = seq[:P].double(), seq[P:2 * P].double()
-    if batch.ref_logps is not None and not config.reference_free:
-        ref = batch.ref_logps.double()
-        r_real, r_gen = config.beta * (real - ref[:P]), config.beta * (gen - ref[P:])
-    else:
-        r_real, r_gen = config.beta * real, config.beta * gen
-    sums.add("rewards_real", r_real.sum())
-    sums.add("rewards_generated", r_gen.sum())
-    sums.add("margins", (r_real - r_gen).sum())
-    sums.add("correct", (r_real > r_gen).double().sum())
-    sums.add("logps_real", real.sum())
-    sums.add("logps_generated", gen.sum())
 
 
 # ----------------------------------------------------------------------------- memory model

@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from .. import distributed as dist
 from ..checkpoint import build_model, load_config, load_model, load_state_dict_into, save_model
-from ..collate import PairBatch
 from ..methods.noise import neftune, row_lengths
 from ..model import Transformer
 from .config import TrainConfig
@@ -162,35 +161,10 @@ def tokenizer_files(tokenizer: Any) -> list[str]:
     return [str(folder / n) for n in names if (folder / n).is_file()] if folder.is_dir() else []
 
 
-# ----------------------------------------------------------------------------- loss
+# ----------------------------------------------------------------------------- kernels
 
 def fused_kernels():
     """The fused kernels (imported lazily: Triton's import is slow and reads TRITON_INTERPRET once)."""
     from minispin.kernels.linear_logprobs import linear_logprobs
-    from minispin.kernels.pair_loss import pair_loss
-    return linear_logprobs, pair_loss
-
-
-def sequence_logps(token_logps: torch.Tensor, seq_index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Sum of token log-probs per row [num_rows] (fp32)."""
-    out = torch.zeros(num_rows, dtype=torch.float32, device=token_logps.device)
-    return out.index_add_(0, seq_index, token_logps.float())
-
-
-def batch_loss(policy: nn.Module, batch: PairBatch, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward one micro-batch: (loss as a mean over its pairs (SFT: NLL summed over tokens),
-    per-row summed log-probs [R] (detached), token log-probs [N]).
-
-    SPIN: the pair_loss kernel on token log-probs, reference sums and beta.
-    SFT: loss = -sum of the chosen tokens' log-probs (the caller divides by the step's token count).
-    """
-    token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
-    if config.method == "sft":
-        seq = sequence_logps(token_logps.detach(), batch.seq_index, batch.input_ids.shape[0])
-        return -token_logps.sum(), seq, token_logps
-    _, pair_loss = fused_kernels()
-    smoothing = batch.label_smoothing if batch.label_smoothing is not None else config.label_smoothing
-    loss, seq = pair_loss(token_logps, batch.seq_index, None if config.reference_free else batch.ref_logps,
-                          config.beta, loss=config.loss, label_smoothing=smoothing,
-                          num_pairs=batch.num_pairs, targets=batch.targets, check_values=False)
-    return loss, seq, token_logps
+    from minispin.kernels.sequence_logps import sequence_logps
+    return linear_logprobs, sequence_logps

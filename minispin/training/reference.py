@@ -41,7 +41,7 @@ def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pa
     if isinstance(policy, Transformer):  # a bare model (notebooks): same math through the fused head
         policy = PolicyHead(policy)
     device = device or next(policy.parameters()).device
-    _, pair_loss = fused_kernels()
+    _, sequence_logps = fused_kernels()
     rank, world = dist.get_rank(), dist.get_world_size()
     out_path = Path(out_path) if out_path is not None else None
     if out_path is not None and dist.all_ranks_true(out_path.is_file()):
@@ -73,9 +73,7 @@ def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pa
                 batch = collate_pairs([by_pos[i] for i in mine], pad_id).to(device, non_blocking=True)
                 token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
                 # the same (deterministic) summation as the training loss uses
-                _, seq = pair_loss(token_logps, batch.seq_index, None, 1.0, num_pairs=batch.num_pairs,
-                                   check_values=False)
-                seq = seq.tolist()
+                seq = sequence_logps(token_logps, batch.seq_index, 2 * batch.num_pairs, check_values=False).tolist()
                 if step[rank]:
                     P = batch.num_pairs
                     rows = [{"index": idx, "chosen": seq[j], "rejected": seq[P + j]}

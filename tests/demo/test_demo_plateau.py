@@ -16,7 +16,7 @@ def test_plateau_regime_small(tmp_path):
     early stopping on the validation split, continued SFT and SPIN with the per-iteration schedule and
     their mechanism metrics; then --seeds reads the finished seed back."""
     out = tmp_path / "demo" / "seed0"
-    cmd = [sys.executable, "-m", "minispin.demo", "--small", "--regime", "plateau", "--nproc", "1"]
+    cmd = [sys.executable, "-m", "minispin.demo.toy", "--small", "--regime", "plateau", "--nproc", "1"]
     proc = subprocess.run([*cmd, "--out", str(out)], cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -45,7 +45,7 @@ STAGES = ["sft", "continued_sft", "spin_iter0", "spin_iter1"]
 
 def test_demo_small_two_ranks_end_to_end_and_resume(tmp_path):
     out = tmp_path / "demo" / "seed0"  # also seed 0 of the --seeds study in tmp_path / "demo" (below)
-    cmd = [sys.executable, "-m", "minispin.demo", "--small", "--out", str(out)]
+    cmd = [sys.executable, "-m", "minispin.demo.toy", "--small", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -101,7 +101,7 @@ def test_demo_small_two_ranks_end_to_end_and_resume(tmp_path):
     assert proc3.returncode != 0 and "seed" in proc3.stderr
 
     # --seeds: a finished seed is read back, not recomputed; the summary is written
-    proc4 = subprocess.run([sys.executable, "-m", "minispin.demo", "--small", "--nproc", "1", "--seeds", "1", "--out",
+    proc4 = subprocess.run([sys.executable, "-m", "minispin.demo.toy", "--small", "--nproc", "1", "--seeds", "1", "--out",
                             str(out.parent)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc4.returncode == 0, proc4.stdout[-3000:] + proc4.stderr[-3000:]
     assert "finished earlier, read back" in proc4.stderr and "[spin]" not in proc4.stderr

@@ -8,7 +8,7 @@ import torch
 from minispin.kernels.interpreter import interpreter_clash, kernels_interpreted
 
 llp_mod = importlib.import_module("minispin.kernels.linear_logprobs")
-pl_mod = importlib.import_module("minispin.kernels.pair_loss")
+sl_mod = importlib.import_module("minispin.kernels.sequence_logps")
 INTERPRETED = kernels_interpreted()
 CLASH = interpreter_clash() if INTERPRETED else None
 

@@ -1,5 +1,6 @@
 """minispin.kernels.linear_logprobs (CPU: Triton's interpreter in its own process, and the torch path) against
-float64: odd shapes, ignored rows, the fixed kernel-config rule, bad inputs, the chain into pair_loss."""
+float64: odd shapes, ignored rows, the fixed kernel-config rule, bad inputs, the chain into sequence_logps
+and pair_loss."""
 import json
 import os
 import subprocess
@@ -8,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from minispin.kernels import linear_logprobs, linear_logprobs_reference, pair_loss, pair_loss_reference
+from minispin.kernels import linear_logprobs, linear_logprobs_reference, sequence_logps, sequence_logps_reference
+from minispin.training import pair_loss
 from kernel_helpers import llp_mod, needs_interpreter, rel_err
 
 
@@ -209,20 +211,21 @@ def test_linear_logprobs_bad_inputs():
 
 @needs_interpreter
 def test_linear_logprobs_into_pair_loss_chain():
-    # The trainer's composition: LM head -> per-token log-probs -> pair loss, gradients to h and W.
+    # The trainer's composition: LM head -> per-token log-probs -> per-sequence sums -> pair loss, gradients to
+    # h and W.
     hidden, weight, labels, _ = _lm_head_problem(N=26, H=24, V=97, dtype=torch.float32, seed=7)
     seq_index = torch.tensor([-1, -1, 0, 0, 0, -1, 1, 1, 2, 2, 2, 2, -1, -1, 3, 3, 3, -1, 4, 4, 5, 5, 5, -1, 3, 3])
     labels[seq_index < 0] = -100
     ref = torch.randn(6) - 20
 
-    def run(h, w, lp_fn, loss_fn, **kw):
-        return loss_fn(lp_fn(h, w, labels, **kw.get("lp", {})), seq_index, ref.to(h.dtype), 0.1, "sigmoid", 0.05,
-                       **kw.get("pl", {}))[0]
+    def run(h, w, lp_fn, seq_fn, **kw):
+        seq = seq_fn(lp_fn(h, w, labels, **kw), seq_index, 6, **kw)
+        return pair_loss(seq, ref.to(h.dtype), 0.1, "sigmoid", 0.05)
 
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
-    exp = run(h64, w64, linear_logprobs_reference, pair_loss_reference)
+    exp = run(h64, w64, linear_logprobs_reference, sequence_logps_reference)
     exp_dh, exp_dw = torch.autograd.grad(exp, (h64, w64))
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    got = run(h, w, linear_logprobs, pair_loss, lp={"backend": "triton"}, pl={"backend": "triton"})
+    got = run(h, w, linear_logprobs, sequence_logps, backend="triton")
     got_dh, got_dw = torch.autograd.grad(got, (h, w))
     assert rel_err(got, exp) <= 1e-5 and rel_err(got_dh, exp_dh) <= 1e-5 and rel_err(got_dw, exp_dw) <= 1e-5

@@ -26,5 +26,5 @@ def test_dpo_pairs_from_trl_and_sharegpt_rows(tmp_path):
     assert [(p.prompt[-1]["content"], p.chosen, p.rejected) for p in pairs] == \
         [("Say hi", "hi", "no"), ("Say yo", "yo", "meh"), ("Count", "1 2 3", "3 2 1")]
     assert [p.index for p in pairs] == [0, 1, 2] and all(p.targets is None for p in pairs)
-    with pytest.raises(ValueError, match="row 4: DPO needs preference rows"):
+    with pytest.raises(ValueError, match=r"row 5 \(1-based\).*DPO needs preference rows"):
         dpo_pairs([ex(4)])

@@ -52,7 +52,7 @@ def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny)
     assert batch.label_smoothing.tolist() == [0.0, 0.0, 0.25]
     policy = PolicyHead(model)
     beta = 0.5
-    loss, seq, _ = batch_loss(policy, batch, TrainConfig(beta=beta))
+    loss, seq = batch_loss(policy, batch, TrainConfig(beta=beta))
     seq64 = _seq_logps64(model, tok, pairs)
     assert torch.allclose(seq.double(), seq64, atol=2e-4)
     ref = torch.tensor(refs, dtype=torch.float64)
@@ -68,7 +68,7 @@ def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny)
                        ex(1, samples=["1", "2", "3", "4"], sample_scores=[1.0, 2.0, 3.0, 4.0])])
     batch = collate_pairs(tokenize_pairs(sppo, tok, max_length=48, max_prompt_length=24), tok.pad_id,
                           pairs=sppo, ref_logps={0: (-3.0, -4.0), 1: (-2.5, -2.0)})
-    loss, seq, _ = batch_loss(policy, batch, TrainConfig(beta=1e-3, loss="sppo"))
+    loss, seq = batch_loss(policy, batch, TrainConfig(beta=1e-3, loss="sppo"))
     seq64 = _seq_logps64(model, tok, sppo)
     ref = torch.tensor([-3.0, -2.5, -4.0, -2.0], dtype=torch.float64)
     lr = seq64 - ref
@@ -152,7 +152,7 @@ def test_adaptive_two_iterations_end_to_end_counts_and_cache(e2e):
     root, model_dir = e2e
     options = ("--method", "adaptive", "--judge.function", f"{root / 'judge.py'}:score", "--judge.tau", "5",
                "--judge.smoothing", "0.2", "--judge.prompts_per_call", "3",
-               "--iterations", '[{"lr": 1e-3, "beta": 0.1}]', "--num_iterations", "2", "--neftune_alpha", "5")
+               "--iterations", '[{"lr": 1e-3, "beta": 0.1}, {"lr": 1e-3, "beta": 0.1}]', "--neftune_alpha", "5")
     run, stderr = _spin_cli(root, model_dir, "adaptive", *options)
     _spin_cli(root, model_dir, "adaptive_killed", *options, kill_at="judge:rows=3")
     killed, _ = _spin_cli(root, model_dir, "adaptive_killed", *options)

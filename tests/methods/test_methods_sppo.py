@@ -67,9 +67,9 @@ def test_sppo_pairs_from_samples_and_precomputed_probs():
                              scores={"chosen_probs": 0.9, "chosen_probs_win": 0.8, "chosen_probs_lose": 0.3})
     (q,) = sppo_pairs([pref])
     assert (q.chosen, q.rejected, q.targets, q.extra["decision"]) == ("good", "bad", (0.8, 0.3), "sppo_precomputed")
-    with pytest.raises(ValueError, match="row 0: the samples have no scores"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\).*the samples have no scores"):
         sppo_pairs([ex(0, samples=["a", "b"])])
-    with pytest.raises(ValueError, match="row 0: no 'samples'"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\).*no 'samples'"):
         sppo_pairs([ex(0)])
     with pytest.raises(ValueError, match="expected 2 scores"):
         sppo_pairs([ex(0, samples=["a", "b"], sample_scores=[1.0])])

@@ -22,7 +22,7 @@ from minispin.sampler import encode_prompt
 from minispin.model import Transformer
 from minispin.tokenizer import load_tokenizer
 from minispin.training import TrainConfig, TrainingDiverged, save_trained_model, train
-from tiny import REPO, make_model_dir, make_pairs, tiny_config
+from tiny import FIXTURES, REPO, make_model_dir, make_pairs, tiny_config
 from train_helpers import _float64_stats
 
 
@@ -71,6 +71,32 @@ def test_accumulation_and_metrics_match_float64(setup):
         assert rec["accuracies"] == pytest.approx((r_real64 > r_gen64).double().mean().item())
         assert rec["grad_norm"] == pytest.approx(norm64, rel=1e-4)
         assert rec["pairs"] == 4 and rec["tokens_per_s"] > 0 and rec["lr"] > 0
+
+
+@pytest.mark.parametrize("name", ["hf-tiny-qwen2", "hf-tiny-qwen3"])
+def test_qwen_spin_step_matches_float64_and_moves_biases_and_norms(setup, name):
+    """One SPIN step on the transformers-made Qwen fixtures (the char tokenizer's ids fit their vocabularies):
+    loss and gradient norm equal the float64 reference, and the update reaches Qwen2's q/k/v biases and
+    Qwen3's q/k norms (transformers' own gradients for these: tests/test_model.py)."""
+    _, _, tok = setup
+    from minispin.checkpoint import load_model
+
+    pairs = make_pairs(2, seed=5)
+    refs = {0: (-10.0, -20.0), 1: (-12.0, -9.0)}
+    model = load_model(FIXTURES / name, dtype=torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss64, *_, grads64 = _float64_stats(model, tok, pairs, [-10.0, -12.0, -20.0, -9.0], 0.1, "sigmoid")
+    cfg = TrainConfig(lr=1e-3, max_steps=1, global_batch_size=2, micro_batch_size=2, progress=False,
+                      max_grad_norm=0.0, device="cpu")
+    result = train(model, tok, pairs, cfg, ref_logps=refs)
+    record = result.history[0]
+    assert record["loss"] == pytest.approx(loss64, rel=1e-5)
+    assert record["grad_norm"] == pytest.approx(math.sqrt(sum((g ** 2).sum().item() for g in grads64.values())),
+                                                rel=1e-4)
+    new = [n for n in before if n.endswith(".bias") or "_norm." in n]
+    assert len(new) == 2 * (3 if name.endswith("qwen2") else 2)
+    after = dict(result.model.named_parameters())
+    assert all(grads64[n].abs().max() > 0 and not torch.equal(after[n], before[n]) for n in new)
 
 
 WORKER = textwrap.dedent('''
@@ -271,15 +297,15 @@ def test_single_gpu_bf16_training_matches_fp32_cpu(tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_good_state(setup, tmp_path, monkeypatch):
     _, model_dir, tok = setup
-    train_mod = importlib.import_module("minispin.training.optim")  # where optimizer_step finds batch_loss
+    train_mod = importlib.import_module("minispin.training.step")  # where optimizer_step finds batch_loss
 
     calls = {"n": 0}
     real_batch_loss = train_mod.batch_loss
 
     def poisoned(policy, batch, config):
         calls["n"] += 1
-        loss, seq, logps = real_batch_loss(policy, batch, config)
-        return (loss * float("nan") if calls["n"] == 3 else loss), seq, logps
+        loss, seq = real_batch_loss(policy, batch, config)
+        return (loss * float("nan") if calls["n"] == 3 else loss), seq
 
     monkeypatch.setattr(train_mod, "batch_loss", poisoned)
     cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False,
@@ -309,27 +335,27 @@ def test_clear_errors_for_bad_pairs_and_paths(setup, tmp_path):
     with pytest.raises(ValueError, match=f"do not match: the tokenizer has {len(tok)} tokens but the model's "
                                          "vocabulary has 10"):  # checked at load, before any pair
         train(small, tok, make_pairs(2), TrainConfig(progress=False, device="cpu"))
-    with pytest.raises(ValueError, match=r"pair 0 .*outside the model's vocabulary of 10"):
+    with pytest.raises(ValueError, match=r"row 1 \(1-based\).*outside the model's vocabulary of 10"):
         tokenize_pairs(make_pairs(2), tok, vocab_size=10)
     with pytest.raises(ValueError, match="loss must be one of"):
-        TrainConfig(loss="ipo")
+        TrainConfig(loss="dpop")
 
 
 def test_divergence_message_names_only_a_train_state_that_exists(setup, tmp_path, monkeypatch):
     """NaN at step 3 with a state saved at step 2: the message names it; NaN at step 1: none saved yet."""
     _, model_dir, tok = setup
-    optim_mod = importlib.import_module("minispin.training.optim")
-    real_batch_loss = optim_mod.batch_loss
+    step_mod = importlib.import_module("minispin.training.step")
+    real_batch_loss = step_mod.batch_loss
     for bad_call, expected in ((3, r"the last good state, step 2, is in .*train_state"),
                                (1, r"no train state saved yet in .*train_state \(the first is written after step 2\)")):
         calls = {"n": 0}
 
         def poisoned(policy, batch, config, _bad=bad_call):
             calls["n"] += 1
-            loss, seq, logps = real_batch_loss(policy, batch, config)
-            return (loss * float("nan") if calls["n"] == _bad else loss), seq, logps
+            loss, seq = real_batch_loss(policy, batch, config)
+            return (loss * float("nan") if calls["n"] == _bad else loss), seq
 
-        monkeypatch.setattr(optim_mod, "batch_loss", poisoned)
+        monkeypatch.setattr(step_mod, "batch_loss", poisoned)
         cfg = TrainConfig(lr=1e-3, epochs=1, global_batch_size=1, micro_batch_size=1, save_steps=2, progress=False, device="cpu")
         with pytest.raises(TrainingDiverged, match=expected):
             train(str(model_dir), tok, make_pairs(4), cfg, run_dir=tmp_path / f"run{bad_call}")

@@ -24,7 +24,7 @@ def test_loss_rewards_and_grads_match_float64(setup, loss_type):
     tps = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
     batch = collate_pairs(tps, tok.pad_id, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
     policy = PolicyHead(model)
-    loss, seq, _ = batch_loss(policy, batch, cfg)
+    loss, seq = batch_loss(policy, batch, cfg)
     loss.backward()
     loss64, real64, gen64, r_real64, r_gen64, grads64 = _float64_stats(model, tok, pairs, refs, beta, loss_type)
     assert loss.item() == pytest.approx(loss64, rel=1e-5, abs=1e-6)
