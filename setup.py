@@ -25,7 +25,7 @@ setup(
         # a reference in tests.
         "chat": ["jinja2>=3.0"],
         # python -m minispin.demo: the pinned GGUF model, its chat template, the run figures
-        "demo": ["jinja2>=3.0", "gguf>=0.10", "matplotlib>=3.7"],
+        "demo": ["jinja2>=3.0", "gguf>=0.19", "matplotlib>=3.7"],
         "parquet": ["pyarrow>=12"],
         # python -m minispin.report (figures); python -m minispin.eval (lm-evaluation-harness, hf models);
         # TrainConfig.tensorboard (a TensorBoard copy of the metrics)

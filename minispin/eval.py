@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .gguf import is_gguf
 from .io import atomic_write_json, atomic_write_text
 from .log import Progress, print0
 
@@ -204,6 +205,9 @@ def run_models(run_dir: str | os.PathLike, sft_model: str | os.PathLike | None =
             raise EvalError(f"{config} is missing: not a minispin run directory (or pass --sft_model)")
         recorded = json.loads(config.read_text(encoding="utf-8"))
         sft_model = recorded.get("settings", recorded).get("model")  # {"settings": ..., "given", "iterations"}
+        if sft_model and is_gguf(sft_model):
+            raise EvalError(f"{config}: the run's input model {sft_model} is a GGUF file; lm-eval reads Hugging "
+                            f"Face folders: python -m minispin.convert {sft_model} DIR, then pass --sft_model DIR")
         if not sft_model or not (Path(sft_model) / "config.json").is_file():
             raise EvalError(f"{config}: key 'model' ({sft_model!r}) is not a model folder from here; pass "
                             "--sft_model PATH (the run's input model)")

@@ -63,6 +63,10 @@ def test_rows_are_sft_then_each_saved_iteration(run, tmp_path):
     with pytest.raises(EvalError, match="key 'model' .* is not a model folder from here; pass --sft_model"):
         run_models(partial)
     assert run_models(partial, sft_model=run.parent / "sft-model")[0] == ("SFT", run.parent / "sft-model")
+    cfg["settings"]["model"] = str(tmp_path / "SmolLM2.Q4_1.gguf")  # a run started from a GGUF file
+    (partial / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EvalError, match="is a GGUF file; .* python -m minispin.convert .* --sft_model DIR"):
+        run_models(partial)
 
 
 def test_exported_folders_load_in_transformers(run):

@@ -62,23 +62,17 @@ def tok(real):
     return load_tokenizer(real)
 
 
-@pytest.fixture(scope="module")
-def hf_model(real):
-    """transformers' own GGUF loading (dequantize + Q/K un-permute): the reference for weights and logits."""
+def _hf_gguf_model(real: Path):
+    """transformers' own GGUF loading (dequantize + Q/K un-permute): the reference for weights and logits.
+    Loaded inside the one test that needs it (tens of seconds), so that no pytest-xdist split of this
+    module loads it twice."""
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(real.parent), gguf_file=real.name, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module")
-def hf_tok(real):
-    """transformers' GGUF tokenizer (it ignores tokenizer.ggml.pre: plain ByteLevel)."""
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(real.parent), gguf_file=real.name)
-
-
-@pytest.fixture(scope="module")
-def original(hf_tok):
-    """The original SmolLM2 tokenizer: transformers' with SmolLM2's own pre-tokenizer (digits split)."""
+def _original_tokenizer(hf_tok):
+    """The original SmolLM2 tokenizer: transformers' GGUF tokenizer with SmolLM2's own pre-tokenizer
+    (every digit its own piece; transformers' GGUF loading ignores tokenizer.ggml.pre)."""
     from tokenizers import Tokenizer, pre_tokenizers as pt
     backend = Tokenizer.from_str(hf_tok.backend_tokenizer.to_str())
     backend.pre_tokenizer = pt.Sequence([pt.Digits(individual_digits=True),
@@ -96,15 +90,14 @@ def _padded(rows: list[list[int]], left: list[bool], pad: int) -> tuple[torch.Te
     return ids, mask
 
 
-def test_real_model_config(ours):
+def test_real_model_matches_transformers_gguf_loading(real, ours, tok):
+    """The config; fp32 logits within 1e-3 of transformers' on varied texts in a batch with left- and
+    right-padded rows (HF gets the same position ids); greedy generation of a batch of 4 chat prompts
+    equal to HF generate's."""
     c = ours.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.vocab_size,
             c.intermediate_size, c.rope_theta, c.tie_word_embeddings) == (30, 576, 9, 3, 49152, 1536, 1e5, True)
-
-
-def test_real_logits_match_transformers_gguf_loading(ours, tok, hf_model):
-    """fp32 logits within 1e-3 of transformers' (same dequantized weights) on varied texts, in a batch
-    with left- and right-padded rows (HF gets the same position ids)."""
+    hf_model = _hf_gguf_model(real)
     texts = ["The capital of France is", EXTRA_TEXTS[0], EXTRA_TEXTS[1], EXTRA_TEXTS[2], _alpaca_texts()[7][:300]]
     rows = [tok.encode(t) for t in texts]
     ids, mask = _padded(rows, [i % 2 == 0 for i in range(len(rows))], tok.pad_id)
@@ -112,14 +105,35 @@ def test_real_logits_match_transformers_gguf_loading(ours, tok, hf_model):
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)
         want = hf_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    real = mask.bool()
-    err = (got - want).abs()[real].max().item()
+    real_tokens = mask.bool()
+    err = (got - want).abs()[real_tokens].max().item()
     print(f"max |logit error| vs transformers GGUF loading: {err:.2e}")
     assert err <= 1e-3
-    assert want[real].abs().max() > 5  # real logits, not an all-zero model
+    assert want[real_tokens].abs().max() > 5  # real logits, not an all-zero model
+
+    alpaca = _alpaca_rows()
+    prompts = [tok.render_prompt([{"role": "user", "content": "What is the capital of France?"}])]
+    prompts += [tok.render_prompt([{"role": "user", "content": alpaca[i]["instruction"]}]) for i in (5, 11, 23)]
+    ids = [tok.encode(p) for p in prompts]
+    n = 24
+    got = generate_tokens(ours, ids, max_new_tokens=n, temperature=0.0, stop_token_ids=[tok.eos_id], batch_size=4)
+    batch, mask = _padded(ids, [True] * len(ids), tok.pad_id)
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)[:, batch.shape[1]:]
+    for seq, hf_row in zip(got, out.tolist()):
+        assert seq.token_ids == hf_row[:len(seq.token_ids)]
+        assert len(seq.token_ids) == n or seq.token_ids[-1] == tok.eos_id
+    assert tok.decode(got[0].token_ids, skip_special_tokens=True) == "The capital of France is Paris."
 
 
-def test_tokenizer_matches_the_original_on_alpaca_and_edge_texts(tok, original, hf_tok):
+def test_real_tokenizer_matches_the_original_and_renders_the_chat_template(real, tok):
+    """Token ids equal to the original SmolLM2 tokenizer's on the 999 Alpaca rows (instruction, input and
+    output as one text) and edge texts, where transformers' GGUF tokenizer differs on many; the chat
+    template rendered like transformers' apply_chat_template, with and without the generation prompt."""
+    from transformers import AutoTokenizer
+    hf_tok = AutoTokenizer.from_pretrained(str(real.parent), gguf_file=real.name)
+    original = _original_tokenizer(hf_tok)
     texts = _alpaca_texts() + EXTRA_TEXTS
     assert len(texts) == 999 + len(EXTRA_TEXTS)
     want = [e.ids for e in original.encode_batch(texts, add_special_tokens=False)]
@@ -134,8 +148,6 @@ def test_tokenizer_matches_the_original_on_alpaca_and_edge_texts(tok, original, 
     assert [tok.encode(t) for t in texts[:50]] == want[:50]  # add_bos_token is false in this file
     assert all(tok.decode(ids) == text for ids, text in zip(got, texts))
 
-
-def test_chat_template_renders_like_transformers(tok, hf_tok):
     rows = _alpaca_rows()[:6]
     conversations = [[{"role": "user", "content": r["instruction"]}] for r in rows[:3]]
     conversations += [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["instruction"]},
@@ -144,23 +156,6 @@ def test_chat_template_renders_like_transformers(tok, hf_tok):
         for gen in (False, True):
             assert tok.apply_chat_template(messages, add_generation_prompt=gen) == \
                 hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-
-
-def test_greedy_generation_matches_hf_generate(ours, tok, hf_model):
-    rows = _alpaca_rows()
-    prompts = [tok.render_prompt([{"role": "user", "content": rows[i]["instruction"]}]) for i in (0, 5, 11, 23)]
-    prompts[0] = tok.render_prompt([{"role": "user", "content": "What is the capital of France?"}])
-    ids = [tok.encode(p) for p in prompts]
-    n = 24
-    got = generate_tokens(ours, ids, max_new_tokens=n, temperature=0.0, stop_token_ids=[tok.eos_id], batch_size=4)
-    batch, mask = _padded(ids, [True] * len(ids), tok.pad_id)
-    with torch.no_grad():
-        out = hf_model.generate(input_ids=batch, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)[:, batch.shape[1]:]
-    for seq, hf_row in zip(got, out.tolist()):
-        assert seq.token_ids == hf_row[:len(seq.token_ids)]
-        assert len(seq.token_ids) == n or seq.token_ids[-1] == tok.eos_id
-    assert tok.decode(got[0].token_ids, skip_special_tokens=True) == "The capital of France is Paris."
 
 
 BLOCK_GGUF = """
@@ -183,7 +178,10 @@ torch.save({"logits": logits, "ids": [tok(t, add_special_tokens=True)["input_ids
 """
 
 
-def test_convert_writes_a_folder_transformers_loads_without_gguf(real, tok, original, hf_model, tmp_path):
+def test_convert_writes_a_folder_transformers_loads_without_gguf(real, ours, tok, tmp_path):
+    """The converted folder in a process where `import gguf` fails: transformers' logits equal minispin's on
+    the GGUF file (themselves equal to transformers' GGUF loading, above), and its tokenizer encodes and
+    renders like the GGUF tokenizer (equal to the original SmolLM2 one, above)."""
     from minispin.convert import main
     out = tmp_path / "smollm2-hf"
     main([str(real), str(out)])
@@ -199,15 +197,17 @@ def test_convert_writes_a_folder_transformers_loads_without_gguf(real, tok, orig
     child = torch.load(result)
     assert not child["gguf_loaded"]
     with torch.no_grad():
-        want = hf_model(torch.tensor(ids)).logits
+        want = ours(torch.tensor(ids))
     assert (child["logits"] - want).abs().max() <= 1e-4
-    assert child["ids"] == [e.ids for e in original.encode_batch(texts, add_special_tokens=False)]
+    assert child["ids"] == [tok.encode(t) for t in texts]
     assert child["chat"] == tok.apply_chat_template(messages, add_generation_prompt=True)
     with pytest.raises(SystemExit):  # a second conversion into the same folder is refused, nothing overwritten
         main([str(real), str(out)])
 
 
-def test_spin_iteration_on_the_gguf_exports_a_folder_transformers_loads(real, tmp_path):
+def test_spin_iteration_on_the_gguf_exports_a_folder_transformers_loads(real, ours, tok, tmp_path):
+    """`python -m minispin --model x.gguf`: one tiny SPIN iteration (8 Alpaca prompts, 1 step) whose saved
+    iterate is an HF folder that transformers loads (same logits as minispin, same tokenizer and template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     data = tmp_path / "alpaca8.json"
     data.write_text(json.dumps([{"instruction": r["instruction"][:120], "output": r["output"][:80]}
@@ -226,14 +226,14 @@ def test_spin_iteration_on_the_gguf_exports_a_folder_transformers_loads(real, tm
     iterate = out / "iter0" / "model"
     assert (iterate / "tokenizer.json").is_file() and (iterate / "tokenizer_config.json").is_file()
     hf = AutoModelForCausalLM.from_pretrained(str(iterate), dtype=torch.float32).eval()
-    ours = minispin.load_model(iterate, dtype=torch.float32)
-    start = minispin.load_model(real, dtype=torch.float32)
+    trained = minispin.load_model(iterate, dtype=torch.float32)
     ids = torch.tensor([load_tokenizer(iterate).encode("Give three tips for staying healthy.")])
     with torch.no_grad():
-        assert (hf(ids).logits - ours(ids)).abs().max() <= 1e-4
-        assert not torch.equal(ours(ids), start(ids))  # it trained
+        assert (hf(ids).logits - trained(ids)).abs().max() <= 1e-4
+        assert not torch.equal(trained(ids), ours(ids))  # it trained
     hf_tok = AutoTokenizer.from_pretrained(str(iterate))
-    assert hf_tok.chat_template == load_tokenizer(real).chat_template
+    assert hf_tok.chat_template == tok.chat_template
+    assert hf_tok(EXTRA_TEXTS[2])["input_ids"] == tok.encode(EXTRA_TEXTS[2])
 
 
 # ----------------------------------------------------------------------------- synthetic files
