@@ -82,9 +82,10 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear projection plus a trainable low-rank update: y = x W^T + (alpha/r) B(A(dropout(x))).
+    """A frozen linear projection plus a trainable low-rank update: y = x W^T + b + (alpha/r) B(A(dropout(x))).
 
-    `weight` is the base weight itself (same Parameter, same name); lora_A [r, in] and lora_B [out, r]
+    `weight` and `bias` (Qwen's q/k/v; None elsewhere) are the base's own Parameters under their old
+    names; lora_A [r, in] and lora_B [out, r]
     are fp32. The adapters' input is cast to their dtype and their output back to x's (a bf16 base with
     fp32 adapters works without FSDP too; under FSDP2's bf16 policy both are bf16 already)."""
 
@@ -92,6 +93,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
+        self.register_parameter("bias", base.bias)
         device = base.weight.device
         # built on meta (no init drawing from the global RNG), then given memory: init_adapters fills them
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device="meta").to_empty(device=device).float()
@@ -101,7 +103,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-        return F.linear(x, self.weight) + (update * self.scaling).to(x.dtype)
+        return F.linear(x, self.weight, self.bias) + (update * self.scaling).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}"
@@ -185,6 +187,7 @@ def merge_adapters(model: nn.Module) -> nn.Module:
             w = merged_weight(m.weight, m.lora_A.weight, m.lora_B.weight, m.scaling).to(m.weight.dtype)
         linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+        linear.bias = m.bias
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name), leaf, linear)
     return model

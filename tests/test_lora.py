@@ -30,17 +30,18 @@ transformers = pytest.importorskip("transformers")
 TINY_LLAMA = FIXTURES / "hf-tiny-llama"
 
 
-def _peft_model(r: int = 4, alpha: float = 8.0, dropout: float = 0.0, targets=LORA_TARGETS, seed: int = 0):
-    """transformers' tiny Llama with PEFT adapters whose B is random too (init_lora_weights=False)."""
+def _peft_model(r: int = 4, alpha: float = 8.0, dropout: float = 0.0, targets=LORA_TARGETS, seed: int = 0,
+                fixture=TINY_LLAMA):
+    """transformers' tiny model with PEFT adapters whose B is random too (init_lora_weights=False)."""
     torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(TINY_LLAMA), dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(fixture), dtype=torch.float32)
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                           init_lora_weights=False, task_type="CAUSAL_LM")
     return peft.get_peft_model(hf, cfg)
 
 
-def _peft_from(folder):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(TINY_LLAMA), dtype=torch.float32)
+def _peft_from(folder, fixture=TINY_LLAMA):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(fixture), dtype=torch.float32)
     return peft.PeftModel.from_pretrained(hf, str(folder)).eval()
 
 
@@ -48,35 +49,40 @@ def _ids(seed: int, shape=(3, 19)) -> torch.Tensor:
     return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("targets", [LORA_TARGETS, ("q_proj", "v_proj", "down_proj")])
-def test_same_adapters_give_peft_logits_both_ways(tmp_path, targets):
+@pytest.mark.parametrize("fixture, targets", [(TINY_LLAMA, LORA_TARGETS), (TINY_LLAMA, ("q_proj", "v_proj", "down_proj")),
+                                              (FIXTURES / "hf-tiny-qwen2", LORA_TARGETS)])  # Qwen2: q/k/v biases
+def test_same_adapters_give_peft_logits_both_ways(tmp_path, fixture, targets):
     """CPU fp32. PEFT's adapters read into our model give PEFT's logits, and our exported folder loaded by
     PeftModel.from_pretrained onto transformers gives ours (<= 1e-5)."""
-    pm = _peft_model(targets=targets).eval()
+    pm = _peft_model(targets=targets, fixture=fixture).eval()
     pm.save_pretrained(str(tmp_path / "peft"))
-    ours = load_model(TINY_LLAMA, dtype=torch.float32)
+    ours = load_model(fixture, dtype=torch.float32)
     lora = load_adapter(ours, tmp_path / "peft")
     assert lora == LoraConfig(r=4, alpha=8.0, dropout=0.0, targets=targets)
     assert sorted(n.rpartition(".")[2] for n in adapted_modules(ours)) == sorted(targets * 2)  # 2 layers
     assert all(m.lora_B.weight.abs().sum() > 0 for m in adapted_modules(ours).values())  # a real update
-    ids = _ids(1)
+    ids = _ids(1) % ours.config.vocab_size
     with torch.no_grad():
         theirs, got = pm(input_ids=ids).logits, ours(ids)
-        plain = load_model(TINY_LLAMA, dtype=torch.float32)(ids)
+        plain = load_model(fixture, dtype=torch.float32)(ids)
     assert (got - plain).abs().max() > 1e-3  # the adapters change the logits ...
     assert torch.allclose(got, theirs, atol=1e-5, rtol=1e-5)  # ... exactly as PEFT's do
 
-    save_adapter(ours, tmp_path / "ours", base_model=str(TINY_LLAMA))
+    save_adapter(ours, tmp_path / "ours", base_model=str(fixture))
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["bias"], cfg["task_type"]) == ("LORA", 4, 8.0, "none",
                                                                                            "CAUSAL_LM")
-    assert cfg["base_model_name_or_path"] == str(TINY_LLAMA) and sorted(cfg["target_modules"]) == sorted(targets)
+    assert cfg["base_model_name_or_path"] == str(fixture) and sorted(cfg["target_modules"]) == sorted(targets)
     keys = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     a = keys["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"]
     b = keys["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"]
-    assert a.shape == (4, 64) and b.shape == (64, 4) and a.dtype == b.dtype == torch.float32
+    H, q = ours.config.hidden_size, ours.config.num_attention_heads * ours.config.head_dim
+    assert a.shape == (4, H) and b.shape == (q, 4) and a.dtype == b.dtype == torch.float32
     with torch.no_grad():
-        reloaded = _peft_from(tmp_path / "ours")(input_ids=ids).logits
+        reloaded = _peft_from(tmp_path / "ours", fixture)(input_ids=ids).logits
+        merged = merge_adapters(ours)(ids)
+    assert torch.allclose(merged, got, atol=1e-5, rtol=1e-5)
+    assert not adapted_modules(ours) and (ours.layers[0].self_attn.q_proj.bias is not None) == ("qwen2" in str(fixture))
     assert torch.allclose(reloaded, got, atol=1e-5, rtol=1e-5)
 
 
