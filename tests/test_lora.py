@@ -116,7 +116,7 @@ def test_one_step_adapter_gradients_equal_peft(tmp_path, dropout):
     policy = PolicyHead(model).train()
     batch = _batch(5)
     torch.manual_seed(11)
-    loss, _, _ = batch_loss(policy, batch, TrainConfig(beta=0.1, device="cpu"))
+    loss, _ = batch_loss(policy, batch, TrainConfig(beta=0.1, device="cpu"))
     loss.backward()
     torch.manual_seed(11)
     peft_loss = _peft_loss(pm, batch, 0.1)
