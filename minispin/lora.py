@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from .errors import UserError
 from .io import atomic_replace_dir, with_path
 from .model import hf_key
 
-# every linear projection of a Llama/Mistral decoder block, in the order the block runs them
+# every linear projection of a decoder block (Llama, Mistral, Qwen), in the order the block runs them
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,7 +54,7 @@ class LoraConfig:
     and the projections that get adapters (Hugging Face module names)."""
     r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.05
     targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:

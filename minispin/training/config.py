@@ -63,8 +63,8 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     # LoRA (minispin.lora): r > 0 trains fresh adapters on the frozen model; 0 = full fine-tuning
     lora_r: int = 0
-    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
-    lora_dropout: float = 0.05  # dropout on the adapters' input (training forwards only)
+    lora_alpha: float = LoraConfig.alpha  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = LoraConfig.dropout  # dropout on the adapters' input (training forwards only)
     lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Hugging Face module names
 
     def __post_init__(self) -> None:
