@@ -11,12 +11,14 @@ installed, the baseline runs the same naive recipe on minispin's Transformer and
     python benchmarks/bench_train.py                    # 1B- and 7B-shaped random models, one GPU
     python benchmarks/bench_train.py --shapes 1b --no-baseline
     python benchmarks/bench_train.py --smoke            # CPU, tiny model, seconds
+    python benchmarks/bench_train.py --shapes 7b,llama3_8b --lora-r 16 --micro-batch 1 --accum 1 \
+        --prompt-len 512 --response-len 512                # LoRA: bf16 frozen base, fp32 adapters (24 GB?)
 
 Output: JSON lines (one per implementation and shape, then the ratios). MFU counts the model FLOPs
 the step needs: 6 x (decoder-block params) x tokens + 6 x H x V x response tokens (the LM head is only
 needed there) + causal attention 6 x L x H x T^2 per sequence; it is reported against --peak-flops
 (H200 dense bf16: 989e12) and against a measured bf16 matmul rate. Activation-checkpoint recompute is
-not counted.
+not counted. With --lora-r (minispin only, no baseline) the weights are frozen: 4 instead of 6 per weight.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minispin import distributed as dist  # noqa: E402
 from minispin.collate import TokenizedPair, collate_pairs  # noqa: E402
+from minispin.lora import add_adapters  # noqa: E402
 from minispin.model import ModelConfig, Transformer  # noqa: E402
 from minispin.training import (PolicyHead, TrainConfig, apply_activation_checkpointing,  # noqa: E402
                             batch_loss, build_optimizer, optimizer_step, shard_policy)
@@ -49,6 +52,10 @@ SHAPES = {
     # Mistral-7B (zephyr-7b-sft-full, the paper's model)
     "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, architecture="MistralForCausalLM"),
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, architecture="LlamaForCausalLM"),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, architecture="LlamaForCausalLM"),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, architecture="LlamaForCausalLM"),
 }
@@ -58,8 +65,10 @@ def model_config(shape: str) -> ModelConfig:
     return ModelConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="bfloat16", sliding_window=None)
 
 
-def step_flops(cfg: ModelConfig, rows: int, T: int, response: int) -> float:
-    """Model FLOPs of one forward+backward over `rows` sequences of length T (see module doc)."""
+def step_flops(cfg: ModelConfig, rows: int, T: int, response: int, frozen_base: bool = False) -> float:
+    """Model FLOPs of one forward+backward over `rows` sequences of length T (see module doc). frozen_base
+    (LoRA): the backward needs no weight gradients, 4 instead of 6 FLOPs per weight and token (the
+    adapters' own FLOPs are negligible)."""
     H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     hd = cfg.head_dim
     kv = cfg.num_key_value_heads * hd
@@ -69,7 +78,8 @@ def step_flops(cfg: ModelConfig, rows: int, T: int, response: int) -> float:
     # causal attention per layer and sequence: QK^T and AV, 2 T^2 d FLOPs each at half the square,
     # x3 for forward + backward -> 6 T^2 d
     attention = 6 * L * cfg.num_attention_heads * hd * T * T * rows
-    return 6 * block_params * tokens + 6 * H * V * rows * response + attention
+    per_weight = 4 if frozen_base else 6
+    return per_weight * block_params * tokens + per_weight * H * V * rows * response + attention
 
 
 def measured_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -131,7 +141,8 @@ def _time_steps(run_step, steps: int, warmup: int, device: torch.device) -> list
 def train_config(args, device: str) -> TrainConfig:
     return TrainConfig(lr=5e-7, beta=0.1, micro_batch_size=args.micro_batch, progress=False,
                        activation_checkpointing=args.ac, device=device, optimizer=args.optimizer,
-                       max_length=args.prompt_len + args.response_len, max_prompt_length=args.prompt_len)
+                       max_length=args.prompt_len + args.response_len, max_prompt_length=args.prompt_len,
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha)
 
 
 def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict:
@@ -139,6 +150,8 @@ def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict
     tcfg = train_config(args, device.type)
     with torch.device("meta"):
         model = Transformer(cfg)
+    if tcfg.lora is not None:  # as training does it: the base frozen in bf16 on GPU, fp32 adapters
+        add_adapters(model, tcfg.lora, base_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     policy = PolicyHead(model)
@@ -161,6 +174,8 @@ def bench_minispin(cfg: ModelConfig, args, info: dist.DistInfo, batches) -> dict
     times = _time_steps(run_step, args.steps, args.warmup, device)
     ref_times = _time_steps(reference_forward, max(1, args.steps), 1, device)
     result = {"impl": "minispin", "params": sum(p.numel() for p in policy.parameters()),  # DTensor: global
+              "trainable_params": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+              "lora_r": tcfg.lora_r,
               "activation_checkpointing": tcfg.activation_checkpointing, "optimizer": tcfg.optimizer,
               "fsdp": info.backend is not None, "reference_forward_s": statistics.median(ref_times)}
     del policy, optimizer, model
@@ -267,7 +282,7 @@ def run_one(impl: str, shape: str, args, info: dist.DistInfo, hardware: dict) ->
     step_time = statistics.median(times)
     rows = 2 * args.micro_batch * args.accum * info.world_size
     tokens = rows * T
-    flops = step_flops(cfg, rows, T, args.response_len)
+    flops = step_flops(cfg, rows, T, args.response_len, frozen_base=bool(args.lora_r))
     record.update(out)
     if impl == "minispin":  # the reference pass runs once per iteration, over `epochs` passes of training
         ref_s = record.pop("reference_forward_s")
@@ -309,6 +324,8 @@ def main(argv=None) -> None:
     p.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adamw"), help="both implementations")
     p.add_argument("--epochs", type=float, default=2, help="epochs per iteration, to amortise the reference pass "
                                                             "(the paper: 2)")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning); no naive baseline")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--out", help="also append the JSON lines to this file")
     args = p.parse_args(argv)
@@ -334,7 +351,7 @@ def main(argv=None) -> None:
     lines = []
     for shape in [s.strip() for s in args.shapes.split(",") if s.strip()]:
         results = {}
-        impls = ["minispin"] + ([] if args.no_baseline or info.world_size > 1 else ["naive"])
+        impls = ["minispin"] + ([] if args.no_baseline or info.world_size > 1 or args.lora_r else ["naive"])
         for impl in impls:
             rec = run_one(impl, shape, args, info, hardware)
             results[impl] = rec

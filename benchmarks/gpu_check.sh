@@ -122,6 +122,7 @@ echo "$VERSIONS" | tee -a "$LOG" >&2
 if [ "$DRY" -eq 1 ]; then
   step kernels kernels.jsonl 10 120 env TRITON_INTERPRET=1 "$PY" benchmarks/check_kernels.py --device cpu --smoke
   step logprobs logprobs.jsonl 10 90 "$PY" benchmarks/bench_logprobs.py --smoke --device cpu --warmup 0 --repeats 1
+  step train_lora train.jsonl 10 120 "$PY" benchmarks/bench_train.py --smoke --lora-r 4
   step train train.jsonl 10 120 "$PY" benchmarks/bench_train.py --smoke
   step generate generate.jsonl 10 90 "$PY" benchmarks/bench_generate.py --smoke
   step cuda_tests cuda_tests.jsonl 10 120 "$PY" benchmarks/run_cuda_tests.py
@@ -135,6 +136,10 @@ else
   # 3. the SPIN training step, minispin vs the naive recipe, with peak memory: 1B, then 7B
   step train_1b train.jsonl 60 100 "$PY" benchmarks/bench_train.py --shapes 1b --steps 3 --warmup 1
   step train_7b train.jsonl 90 150 "$PY" benchmarks/bench_train.py --shapes 7b --steps 2 --warmup 1
+  # 3b. LoRA SPIN steps for one 24 GB card (peak vs the memory model's PREDICTIONS in RESULTS.md): bf16 frozen
+  # base, fp32 r-16 adapters, max_length 1024 (prompt 512), micro-batch 1, activation checkpointing
+  step train_lora train.jsonl 60 120 "$PY" benchmarks/bench_train.py --shapes 7b,llama3_8b,llama2_7b --lora-r 16 \
+    --micro-batch 1 --accum 1 --prompt-len 512 --response-len 512 --steps 2 --warmup 1
   # 4. sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
   step generate generate.jsonl 60 150 "$PY" benchmarks/bench_generate.py --batches 1,64 --layers 8 \
     --prompt-len 256 --new-tokens 128

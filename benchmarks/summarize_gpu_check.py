@@ -77,6 +77,10 @@ def train(out: Path) -> list[str]:
                 continue
             lines.append(f"- train {r['shape']} {r['impl']}: {_f(r['tokens_per_s'], '.0f')} tokens/s, "
                          f"MFU {_f(100 * r['mfu'], '.1f')}%, peak {_f(r['peak_mem_gb'], '.1f')} GiB")
+            if r.get("lora_r"):  # LoRA: the step's peak against one 24 GB card and the memory model
+                lines[-1] += (f"; LoRA r {r['lora_r']}, memory model {_f(r['memory_model_gib']['total'], '.1f')} GiB, "
+                              f"fits a 24 GB card (peak <= 22.5 GiB, room for the CUDA context): "
+                              f"{_verdict(r['peak_mem_gb'], 22.5, higher_is_better=False)}")
         elif r.get("bench") == "train_step_ratio":
             lines.append(f"- train {r['shape']} minispin / naive tokens/s: x{_f(r.get('tokens_per_s_ratio'))} "
                          f"(target >= 2: {_verdict(r.get('tokens_per_s_ratio'), 2)})")

@@ -15,7 +15,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import torch
 import torch.nn as nn
@@ -232,13 +232,25 @@ def _local_piece(full: torch.Tensor, param: DTensor) -> tuple[torch.Tensor, torc
     return piece, local
 
 
+def copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into a parameter (in its dtype): all of it, or an FSDP2 shard's own slice."""
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            piece, local = _local_piece(full, param)
+            local.copy_(piece.to(dtype=local.dtype))
+        else:
+            param.copy_(full.to(dtype=param.dtype))
+
+
 def load_state_dict_into(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                         device: torch.device | str | None = None) -> Transformer:
+                         device: torch.device | str | None = None, skip: Collection[str] = ()) -> Transformer:
     """Stream a checkpoint folder's (or GGUF file's) tensors into `model`, checking names and shapes: the
     one loader for plain and sharded models. A meta or materialised model gets each tensor as its parameter (on
     `device`, in `dtype`); an FSDP2-sharded model (DTensor parameters, already on their device) copies
-    only this rank's shard of every tensor into its local storage (no full copy per rank)."""
-    expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens.weight
+    only this rank's shard of every tensor into its local storage (no full copy per rank).
+    skip: parameter names no checkpoint holds (fresh LoRA adapters, minispin.lora)."""
+    # tied lm_head appears once, as embed_tokens.weight
+    expected = {n: p for n, p in model.named_parameters() if n not in skip}
     tied = model.config.tie_word_embeddings
     sharded = any(isinstance(p, DTensor) for p in expected.values())
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -221,7 +221,7 @@ def kill_point(phase: str, **counters: int) -> None:
     "generate:rows=N" (generation job chunk), "judge:rows=N" (judge score cache chunk),
     "reference:batch=B" (reference pass batch), "train:step=S" (optimizer step, after any checkpoint),
     "save:iteration=T" (iteration model saved); and inside saves, with the temp folder written but not yet
-renamed into place: "stage_train_state:step=S" (train state) and "stage_model" (HF model folder). A real kill -9 (no cleanup, no atexit); never set in
+renamed into place: "stage_train_state:step=S" (train state), "stage_model" (HF model folder) and "stage_adapter" (LoRA adapter folder). A real kill -9 (no cleanup, no atexit); never set in
     normal runs.
     """
     spec = os.environ.get(KILL_ENV)

@@ -13,6 +13,8 @@ For t = 0..T-1 (iteration t starts from theta_t: the input model for t = 0, else
    -> <run>/iter<t>/reference_logps.jsonl
 4. train (`minispin.training.train`) -> <run>/iter<t>/metrics.jsonl, resumable <run>/iter<t>/train_state/
 5. save theta_{t+1} as an HF safetensors folder (+ tokenizer files) -> <run>/iter<t>/model/
+   (LoRA, --lora_r R: fresh adapters on theta_t every iteration, merged into <iter>/model/; the adapters
+   alone, in PEFT's layout with theta_t as their base, -> <run>/iter<t>/adapter/)
 
 Resume: every phase's output is written atomically; a phase is done when the sizes and digests of its
 files recorded in <iter>/phases.json still match (a damaged output is refused, naming the file);
@@ -57,6 +59,7 @@ from .generation_job import GenerationConfig, run_generation_job
 from .gguf import is_gguf
 from .io import atomic_write_json, atomic_write_text, recover_replaced_dir
 from .log import UserError, print0, warn0
+from .lora import save_adapter
 from .runs import (PHASES_NAME, RunError, changed_inputs, changed_settings, check_manifest, describe_changes,
                    fingerprint_inputs, lock_run, metrics_summary, phase_done, read_manifest, read_metrics,
                    record_phase, remove_temp_files, write_manifest)
@@ -494,8 +497,11 @@ def spin(config: SpinConfig) -> SpinResult:
             truncation = result.truncation
             assert truncation is not None  # train() tokenized the pairs itself
             on_phase("save")
+            saved = [final]
+            if train_cfg.lora is not None:  # LoRA: the adapters in PEFT's layout, on the model they trained on
+                saved.append(save_adapter(result.policy.model, it / "adapter", base_model=str(current)))
             save_trained_model(result.policy, final, tokenizer=tokenizer, dtype=_save_dtype(config))
-            _record_phase(it, "model", final)
+            _record_phase(it, "model", *saved)
             del result
             _free_memory()
             _cleanup_train_state(it, config)

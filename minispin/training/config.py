@@ -11,7 +11,8 @@ import torch.nn as nn
 from ..collate import TruncationReport
 from ..model import Transformer
 from ..tensorboard import tensorboard_available
-from ..config import records_given
+from ..config import ConfigError, records_given
+from ..lora import LORA_TARGETS, LoraConfig, parse_targets
 from .losses import LOSS_TYPES
 TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
 
@@ -60,6 +61,11 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False  # also copy the metrics to <run_dir>/tensorboard (pip install minispin[tensorboard])
     device: str | None = None  # None: cuda when available, else cpu
+    # LoRA (minispin.lora): r > 0 trains fresh adapters on the frozen model; 0 = full fine-tuning
+    lora_r: int = 0
+    lora_alpha: float = LoraConfig.alpha  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = LoraConfig.dropout  # dropout on the adapters' input (training forwards only)
+    lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Hugging Face module names
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_OBJECTIVES:
@@ -93,10 +99,21 @@ class TrainConfig:
             raise ValueError(f"neftune_alpha must be a finite number >= 0, got {self.neftune_alpha}")
         if self.tensorboard and not tensorboard_available():
             raise ValueError("tensorboard=True needs the tensorboard package: pip install minispin[tensorboard]")
+        if self.lora_r < 0:
+            raise ConfigError(f"--lora_r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        _ = self.lora  # LoraConfig checks the other lora_* settings when lora_r > 0
 
     @property
     def needs_reference(self) -> bool:
         return self.method == "spin" and not self.reference_free
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The LoRA settings (None: full fine-tuning)."""
+        if not self.lora_r:
+            return None
+        return LoraConfig(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=parse_targets(self.lora_targets))
 
 
 @dataclass

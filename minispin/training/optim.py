@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..lora import lora_memory_terms
 from .config import TrainConfig
 
 # ----------------------------------------------------------------------------- optimizer, schedule
@@ -49,7 +50,9 @@ def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, s
     temporary, FSDP2's bf16 all-gathered layers (current + prefetched) and reduce-scatter buffer,
     activations (all layers' saved tensors; with checkpointing only each layer's input plus one layer
     recomputed), and the fused LM head's scratch (response tokens' hidden states and their fp32 gradient
-    accumulator, one d_logits chunk). Micro batch = config.micro_batch_size pairs of seq_len tokens."""
+    accumulator, one d_logits chunk). Micro batch = config.micro_batch_size pairs of seq_len tokens.
+    LoRA (config.lora_r > 0): the weight, gradient and optimizer terms are the adapters', plus the frozen
+    base and the adapters' activations (minispin.lora.lora_memory_terms)."""
     H, I, L, V = (model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers,
                   model_config.vocab_size)
     kv = model_config.num_key_value_heads * model_config.head_dim
@@ -79,6 +82,11 @@ def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, s
         "activations": activations,
         "lm_head": lm_head,
     }
+    if config.lora is not None:  # LoRA: a frozen base in its compute dtype, fp32 adapters (minispin.lora)
+        terms.update(lora_memory_terms(model_config, config.lora, params=params, layer_params=layer_params,
+                                       world_size=world_size, optimizer_states=states, tokens=tokens,
+                                       checkpointing=config.activation_checkpointing,
+                                       base_bytes=2 if config.mixed_precision else 4))
     out = {k: v / GIB for k, v in terms.items()}
     out["total"] = sum(out.values())
     return out

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .. import distributed as dist
 from ..checkpoint import build_model, load_config, load_model, load_state_dict_into, save_model
+from ..lora import add_adapters, adapter_param_names, init_adapters, merge_state_dict
 from ..methods.noise import neftune, row_lengths
 from ..model import Transformer
 from .config import TrainConfig
@@ -79,6 +80,8 @@ def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
             model = load_model(model, dtype=torch.float32, device=info.device)
         model = model.to(device=info.device, dtype=torch.float32)
         model.reset_buffers(info.device)
+        if config.lora is not None:  # LoRA: the base frozen, fresh fp32 adapters (minispin.lora)
+            add_adapters(model, config.lora, seed=config.seed)
         if config.activation_checkpointing:
             apply_activation_checkpointing(model)
         return PolicyHead(model, config.neftune_alpha).train()
@@ -89,12 +92,17 @@ def prepare_policy(model: Transformer | str | os.PathLike, config: TrainConfig,
         model = build_model(load_config(path), "meta")
     else:
         model = model.to(dtype=torch.float32)
+    if config.lora is not None:  # LoRA: the base frozen in the compute dtype (bf16 on GPU), fp32 adapters
+        bf16 = info.device.type == "cuda" and config.mixed_precision
+        add_adapters(model, config.lora, seed=config.seed, base_dtype=torch.bfloat16 if bf16 else torch.float32)
     if config.activation_checkpointing:
         apply_activation_checkpointing(model)
     policy = shard_policy(PolicyHead(model, config.neftune_alpha), config, info)
     if path is not None:
         policy.to_empty(device=info.device)  # uninitialised shards; the loader fills each rank's own
-        load_state_dict_into(model, path)
+        load_state_dict_into(model, path, skip=adapter_param_names(model))
+    if config.lora is not None:
+        init_adapters(model, config.seed)  # into each rank's shards (after to_empty)
     model.reset_buffers(info.device)
     return policy.train()
 
@@ -142,6 +150,7 @@ def save_trained_model(policy: PolicyHead, path: str | os.PathLike, *, tokenizer
         target = model.config.dtype if dtype == "auto" else dtype
         if isinstance(target, str):
             target = getattr(torch, target)
+        merge_state_dict(sd, model, dtype=target)  # LoRA: W + (alpha/r) B A, in place (else nothing to do)
         if target is not None:
             sd = {k: v.to(target) for k, v in sd.items()}
         save_model(model, path, max_shard_size=max_shard_size, state_dict=sd,

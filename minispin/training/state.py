@@ -69,6 +69,19 @@ def _aliases(policy: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def _frozen(policy: nn.Module) -> set[str]:
+    """Names of parameters without gradients (LoRA's frozen base): not part of the train state."""
+    return {name for name, p in policy.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def _check_trained_tensors(policy: nn.Module, frozen: set[str], msd: dict, path: Path) -> None:
+    """Every trained parameter must be in the saved weights (a state of another kind of run is refused)."""
+    missing = sorted(n for n, _ in policy.named_parameters() if n not in frozen and n not in msd)
+    if missing:
+        raise ValueError(f"{path / 'model.safetensors'} lacks {', '.join(missing[:3])}: saved by another kind of run "
+                         "(LoRA or full fine-tuning?); delete the folder to restart this iteration's training")
+
+
 def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     return [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]  # DTensor: the global shape
 
@@ -100,7 +113,8 @@ def save_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
     rng = dist.all_gather_json(_rng_state())
     path = Path(path)
     aliases = _aliases(policy)
-    model_tensors = {k: v for k, v in msd.items() if k not in aliases}
+    frozen = _frozen(policy)  # LoRA's base: it comes back from the iteration's start model, not from here
+    model_tensors = {k: v for k, v in msd.items() if k not in aliases and k not in frozen}
     optim_tensors, optim_scalars = {}, {}
     for pname, pstate in osd["state"].items():
         if pname in aliases:
@@ -174,10 +188,12 @@ def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
     aliases = meta["aliases"]
     msd, osd = {}, {}
     error = None
+    frozen = _frozen(policy)
     if main:
         try:
             msd = _load_tensors(path / "model.safetensors", meta)
             flat = _load_tensors(path / "optimizer.safetensors", meta)
+            _check_trained_tensors(policy, frozen, msd, path)
         except ValueError as e:
             error = str(e)
     error = dist.broadcast_json(error) if distributed else error
@@ -185,7 +201,8 @@ def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
         raise ValueError(error)
     if main:
         for dup, src in aliases.items():
-            msd[dup] = msd[src]
+            if src in msd:
+                msd[dup] = msd[src]
         flat.update(meta.get("optimizer_scalars", {}))
         state: dict[str, dict] = {}
         for key, value in flat.items():
@@ -198,7 +215,8 @@ def load_train_state(policy: nn.Module, optimizer: torch.optim.Optimizer, path: 
                 g["betas"] = tuple(g["betas"])
             groups.append(g)
         osd = {"state": state, "param_groups": groups}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    # frozen parameters (LoRA's base) are not in the file: they keep the values they were loaded with
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=not frozen)
     set_model_state_dict(policy, msd, options=options)
     set_optimizer_state_dict(policy, optimizer, osd, options=options)
     rng = meta.get("rng") or []
