@@ -44,7 +44,7 @@ def test_every_entry_point_same_one_line_errors(entry, tmp_path, run_here):
     res = run_here([*entry, "--model", str(nope), "--data", str(DPO_DATA), "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 1
     assert res.stderr.splitlines() == [f"error: --model {nope}: no such folder (expected a Hugging Face model "
-                                       f"folder with {MODEL_FILES})"]
+                                       f"folder with {MODEL_FILES}, or a llama.cpp .gguf file)"]
     assert "Traceback" not in res.stderr and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
     res = run_here([*entry, "--learning_rate", "1e-6", "--out", str(tmp_path / "o")], tmp_path)
     assert res.returncode == 2
