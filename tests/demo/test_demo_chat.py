@@ -22,7 +22,7 @@ def test_the_split_is_fixed_disjoint_and_independent_of_the_seed():
     train0, held0 = chat.split_rows(chat.ChatDemoConfig(seed=0))
     train5, held5 = chat.split_rows(chat.ChatDemoConfig(seed=5))
     assert (train0, held0) == (train5, held5)  # seeds vary sampling and data order, never the held-out prompts
-    assert len(train0) == 32 and len(held0) == 48
+    assert len(train0) == 24 and len(held0) == 32
     prompts = lambda rows: {chat._prompt_text(r) for r in rows}  # noqa: E731
     assert not prompts(train0) & prompts(held0)
 
