@@ -313,8 +313,8 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
     import importlib
     gen = importlib.import_module("minispin.sampler")  # the module even if minispin exports generate()
     model = models["hf-tiny-llama"]
-    monkeypatch.setattr(gen, "_compiled_decode_step",
-                        torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
+    monkeypatch.setattr(gen, "_compiled_decode_one_token",
+                        torch.compile(gen.decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False))
     prompts = random_prompts([4, 7, 2], seed=7)
     kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, batch_size=2, stop_token_ids=[])
     assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
@@ -367,19 +367,19 @@ def test_refill_writes_the_decode_state_in_place(models):
     gen = importlib.import_module("minispin.sampler")
     model = models["hf-tiny-llama"]
 
-    def state(sampler):
-        tensors = [t for t in sampler._args() if isinstance(t, torch.Tensor)]
-        return tensors + [sampler.cache.positions, *sampler.cache.k, *sampler.cache.v]
+    def state(decoder):
+        return decoder.state.tensors() + [decoder.cache.positions, *decoder.cache.k, *decoder.cache.v]
 
     with torch.inference_mode():
-        sampler = gen._SlotSampler(model, num_slots=3, max_len=64, max_new_tokens=5, stop_token_ids=[],
-                                   temperature=0.9, top_p=0.9, top_k=0, seed=1, compile=False)
-        objects = state(sampler)
+        sampling = gen.Sampling(temperature=0.9, top_p=0.9, top_k=0, vocab_limit=model.config.vocab_size)
+        decoder = gen.Decoder(model, num_slots=3, max_len=64, max_new_tokens=5, stop_token_ids=[],
+                              sampling=sampling, seed=1, compile=False)
+        objects = state(decoder)
         addresses = [(t.data_ptr(), t.shape) for t in objects]
-        sampler.prefill([0, 2], random_prompts([4, 6], seed=9), [0, 1], [0, 0])
-        sampler.step()
-        sampler.prefill([1], random_prompts([9], seed=10), [2], [0])  # refill a free slot mid-run
-        sampler.step()
-        assert all(a is b for a, b in zip(state(sampler), objects, strict=True))
+        decoder.prefill([0, 2], random_prompts([4, 6], seed=9), [0, 1], [0, 0])
+        decoder.decode_n_tokens(1)
+        decoder.prefill([1], random_prompts([9], seed=10), [2], [0])  # refill a free slot mid-run
+        decoder.decode_n_tokens(1)
+        assert all(a is b for a, b in zip(state(decoder), objects, strict=True))
         assert [(t.data_ptr(), t.shape) for t in objects] == addresses
-        assert sampler.n_gen.tolist() == [3, 2, 3] and sampler.pos.tolist() == [6, 10, 8]
+        assert decoder.state.n_gen.tolist() == [3, 2, 3] and decoder.state.pos.tolist() == [6, 10, 8]
