@@ -123,6 +123,7 @@ if [ "$DRY" -eq 1 ]; then
   step kernels kernels.jsonl 10 120 env TRITON_INTERPRET=1 "$PY" benchmarks/check_kernels.py --device cpu --smoke
   step logprobs logprobs.jsonl 10 90 "$PY" benchmarks/bench_logprobs.py --smoke --device cpu --warmup 0 --repeats 1
   step train train.jsonl 10 120 "$PY" benchmarks/bench_train.py --smoke
+  step generate_sampler generate.jsonl 10 60 "$PY" benchmarks/bench_generate.py --sampler --smoke
   step generate generate.jsonl 10 90 "$PY" benchmarks/bench_generate.py --smoke
   step cuda_tests cuda_tests.jsonl 10 120 "$PY" benchmarks/run_cuda_tests.py
   step pair_loss pair_loss.jsonl 10 60 "$PY" benchmarks/bench_pair_loss.py --smoke --device cpu --warmup 0 --repeats 1
@@ -135,7 +136,9 @@ else
   # 3. the SPIN training step, minispin vs the naive recipe, with peak memory: 1B, then 7B
   step train_1b train.jsonl 60 100 "$PY" benchmarks/bench_train.py --shapes 1b --steps 3 --warmup 1
   step train_7b train.jsonl 90 150 "$PY" benchmarks/bench_train.py --shapes 7b --steps 2 --warmup 1
-  # 4. sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
+  # 4. the sampler alone (candidate sets vs full sort; eager and CUDA graphs) at batch 64, vocab 32000; then
+  #    sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
+  step generate_sampler generate.jsonl 30 60 "$PY" benchmarks/bench_generate.py --sampler
   step generate generate.jsonl 60 150 "$PY" benchmarks/bench_generate.py --batches 1,64 --layers 8 \
     --prompt-len 256 --new-tokens 128
   # 5. the CUDA tests (the kernel check itself ran in step 1)

@@ -21,6 +21,15 @@ How it works
   token is drawn by inverse CDF over the (temperature, top-k, top-p) filtered distribution. A
   prompt's sample therefore depends only on (seed, index, k), not on batch size, order or ranks
   (up to float rounding differences in the logits of differently shaped batches).
+- Sampling without sorting the vocabulary: top-k / top-p read the draw off the most likely tokens
+  (torch.topk, 64 then 1024 of them) whenever that set provably holds every token the draw can reach,
+  and sort only the other rows; the token is the full sort's (`sample_from_logits_reference`). On the
+  real 49k-vocabulary model at T 0.7, top-p 0.9 no row needed the sort, and sampling went from a third
+  of the decode time to ~2%.
+- The step structure follows gpt-fast: `prefill` and `decode_one_token` are small functions of
+  (model, cache, DecodeState, Sampling); `pick_tokens` is the one place a token is sampled and
+  `_append_tokens` the one place a row is found finished; `Decoder` runs them (eager, compiled, CUDA
+  graph) and `SlotScheduler` owns the slots (queue, refill, read-back of finished rows).
 - Host syncs: finished rows are looked at only every `sync_every` steps (one small device-to-host
   copy); a finished row idles (its tokens are not recorded) until then. On CUDA `compile=True`
   compiles the decode step (model + sampling + bookkeeping, static shapes) with torch.compile and
@@ -77,37 +86,123 @@ def counter_uniform(seed: int | torch.Tensor, *counters: torch.Tensor) -> torch.
     return _shr(h, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
+# ----------------------------------------------------------------------------- sampling
+
+# Candidate-set sizes (torch.topk) tried in turn; a row whose draw the largest cannot settle is sorted.
+CANDIDATE_SIZES = (64, 1024)
+# A candidate set must hold top_p plus this much mass before it is trusted to contain the nucleus, so that
+# float rounding (which differs from the full sort's by ~1e-6) never decides whether it does.
+_MASS_MARGIN = 1e-5
+
+
 def sample_from_logits(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float = 1.0,
                        top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
     """Next token per row [N] from logits [N, V]: greedy when temperature == 0, else inverse-CDF sampling
     with one uniform number per row over the temperature-scaled, top-k then top-p filtered distribution.
 
-    top-p keeps the smallest set of most likely tokens whose mass reaches top_p (always >= 1 token).
+    The draw is `sample_from_logits_reference`'s (a stable sort of the whole vocabulary) read off the
+    most likely tokens only (torch.topk), for every row whose draw provably cannot reach past them; the
+    other rows are sorted. Eager on CPU only those rows are (larger candidate sets first); compiled, in
+    a CUDA graph or on a GPU both run and torch.where picks (no data-dependent branch, no host sync).
     """
     if temperature == 0:
         return logits.argmax(-1)
     scaled = logits.float() / temperature
+    vocab = scaled.shape[-1]
+    if top_k == 0 and top_p >= 1.0:
+        return _inverse_cdf(torch.softmax(scaled, dim=-1), uniform)  # nothing filtered: vocabulary order
+    top_k = top_k if top_k < vocab else 0  # a top-k past the vocabulary keeps every token
+    sizes = [top_k] if top_k else [c for c in CANDIDATE_SIZES if c < vocab and top_p < 1.0]
+    if not sizes or sizes[-1] > CANDIDATE_SIZES[-1]:
+        return _sample_sorted(scaled, uniform, top_p, top_k)
+    if torch.compiler.is_compiling() or scaled.device.type != "cpu":
+        token, complete = _sample_candidates(scaled, uniform, top_p, top_k, sizes[-1])
+        return torch.where(complete, token, _sample_sorted(scaled, uniform, top_p, top_k))
+    return _sample_by_rows(scaled, uniform, top_p, top_k, sizes)
+
+
+def sample_from_logits_reference(logits: torch.Tensor, uniform: torch.Tensor | None, temperature: float = 1.0,
+                                 top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """The definition `sample_from_logits` follows: top-k and top-p by a stable sort of the whole
+    vocabulary (ties rank by token id); top-p keeps the smallest set of most likely tokens whose mass
+    reaches top_p (always >= 1 token, the token that crosses top_p included)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
     if top_k > 0 or top_p < 1.0:
-        sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
-        if 0 < top_k < sorted_logits.shape[-1]:
-            sorted_logits, order = sorted_logits[:, :top_k], order[:, :top_k]
-        probs = torch.softmax(sorted_logits, dim=-1)
-        if top_p < 1.0:
-            mass_before = probs.cumsum(-1) - probs
-            probs = probs * (mass_before < top_p)
-    else:
-        order = None
-        probs = torch.softmax(scaled, dim=-1)
+        return _sample_sorted(scaled, uniform, top_p, top_k if top_k < scaled.shape[-1] else 0)
+    return _inverse_cdf(torch.softmax(scaled, dim=-1), uniform)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Position per row [N] drawn from the (unnormalised) weights probs [N, n] by inverse CDF."""
     cdf = probs.cumsum(-1)
     target = uniform * cdf[:, -1]
     choice = (cdf <= target[:, None]).sum(-1)
     # guard the u -> 1 rounding edge: never step past the last token with non-zero probability
     positions = torch.arange(probs.shape[-1], device=probs.device)
     last_nonzero = torch.where(probs > 0, positions, 0).amax(-1)
-    choice = torch.minimum(choice, last_nonzero)
-    if order is None:
-        return choice
-    return order.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.minimum(choice, last_nonzero)
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """probs in rank order with every token after the top-p nucleus zeroed, and the mass before each."""
+    mass_before = probs.cumsum(-1) - probs
+    return probs * (mass_before < top_p), mass_before
+
+
+def _sample_sorted(scaled: torch.Tensor, uniform: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """The reference draw: stable sort of the whole vocabulary, keep top_k (0 = all), then the nucleus."""
+    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)
+    if top_k:
+        sorted_logits, order = sorted_logits[:, :top_k], order[:, :top_k]
+    probs = torch.softmax(sorted_logits, dim=-1)
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)[0]
+    return order.gather(-1, _inverse_cdf(probs, uniform)[:, None]).squeeze(-1)
+
+
+def _sample_candidates(scaled: torch.Tensor, uniform: torch.Tensor, top_p: float, top_k: int, size: int,
+                       probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, complete) per row, drawn as `_sample_sorted` does but from the `size` most likely tokens
+    (size = top_k when top_k > 0). complete: the draw cannot reach a rank the set may hold wrongly, so the
+    token is the full sort's. probs: the softmax over the whole vocabulary (top-p without top-k)."""
+    values, ids = scaled.topk(size + 1, dim=-1)  # one more: it shows whether the set ends inside a tie
+    ids, by_id = ids.sort(dim=-1)
+    values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(-1, order)  # the full sort's order (ties by token id) within the set
+    # ranks above the (size + 1)-th value are surely the full sort's; a tie there may hold other ids
+    sure = (values[:, :size] > values[:, size:]).sum(-1)
+    if top_k:
+        p = torch.softmax(values[:, :top_k], dim=-1)  # normalised over the top-k set, as the full sort does
+    else:
+        p = (torch.softmax(scaled, dim=-1) if probs is None else probs).gather(-1, ids)
+    complete = sure >= p.shape[-1]  # top-k: the set is exactly the top k
+    if top_p < 1.0:
+        p, mass_before = _nucleus(p, top_p)
+        # ... or top-p cuts every rank from `sure` on (for top-p alone: the ranks past the set too)
+        at_sure = mass_before.gather(-1, sure.clamp(max=p.shape[-1] - 1)[:, None]).squeeze(-1)
+        complete = complete | (at_sure >= top_p + _MASS_MARGIN)
+    return ids.gather(-1, _inverse_cdf(p, uniform)[:, None]).squeeze(-1), complete
+
+
+def _sample_by_rows(scaled: torch.Tensor, uniform: torch.Tensor, top_p: float, top_k: int,
+                    sizes: list[int]) -> torch.Tensor:
+    """Eager CPU: each row from the first candidate set complete for it; only the rest are sorted."""
+    probs = None if top_k else torch.softmax(scaled, dim=-1)
+    token = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
+    rows = None  # all rows (no copy)
+    for size in sizes:
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+        got, complete = _sample_candidates(pick(scaled), pick(uniform), top_p, top_k, size,
+                                           None if probs is None else pick(probs))
+        left = torch.arange(scaled.shape[0], device=scaled.device) if rows is None else rows
+        token[left[complete]] = got[complete]
+        rows = left[~complete]
+        if rows.numel() == 0:
+            return token
+    token[rows] = _sample_sorted(scaled[rows], uniform[rows], top_p, top_k)
+    return token
 
 
 # ----------------------------------------------------------------------------- prompts
