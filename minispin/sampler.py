@@ -191,15 +191,14 @@ def _sample_by_rows(scaled: torch.Tensor, uniform: torch.Tensor, top_p: float, t
     """Eager CPU: each row from the first candidate set complete for it; only the rest are sorted."""
     probs = None if top_k else torch.softmax(scaled, dim=-1)
     token = torch.empty(scaled.shape[0], dtype=torch.long, device=scaled.device)
-    rows = None  # all rows (no copy)
+    rows = torch.arange(scaled.shape[0], device=scaled.device)
     for size in sizes:
-        pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-        got, complete = _sample_candidates(pick(scaled), pick(uniform), top_p, top_k, size,
-                                           None if probs is None else pick(probs))
-        left = torch.arange(scaled.shape[0], device=scaled.device) if rows is None else rows
-        token[left[complete]] = got[complete]
-        rows = left[~complete]
-        if rows.numel() == 0:
+        whole = len(rows) == scaled.shape[0]  # (the first pass reads the tensors without copying them)
+        sub = [t if whole or t is None else t[rows] for t in (scaled, uniform, probs)]
+        got, complete = _sample_candidates(sub[0], sub[1], top_p, top_k, size, sub[2])
+        token[rows[complete]] = got[complete]
+        rows = rows[~complete]
+        if len(rows) == 0:
             return token
     token[rows] = _sample_sorted(scaled[rows], uniform[rows], top_p, top_k)
     return token
