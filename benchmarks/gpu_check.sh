@@ -124,6 +124,7 @@ if [ "$DRY" -eq 1 ]; then
   step logprobs logprobs.jsonl 10 90 "$PY" benchmarks/bench_logprobs.py --smoke --device cpu --warmup 0 --repeats 1
   step train_lora train.jsonl 10 120 "$PY" benchmarks/bench_train.py --smoke --lora-r 4
   step train train.jsonl 10 120 "$PY" benchmarks/bench_train.py --smoke
+  step generate_sampler generate.jsonl 10 60 "$PY" benchmarks/bench_generate.py --sampler --smoke
   step generate generate.jsonl 10 90 "$PY" benchmarks/bench_generate.py --smoke
   step cuda_tests cuda_tests.jsonl 10 120 "$PY" benchmarks/run_cuda_tests.py
   step pair_loss pair_loss.jsonl 10 60 "$PY" benchmarks/bench_pair_loss.py --smoke --device cpu --warmup 0 --repeats 1
@@ -140,7 +141,9 @@ else
   # base, fp32 r-16 adapters, max_length 1024 (prompt 512), micro-batch 1, activation checkpointing
   step train_lora train.jsonl 60 120 "$PY" benchmarks/bench_train.py --shapes 7b,llama3_8b,llama2_7b --lora-r 16 \
     --micro-batch 1 --accum 1 --prompt-len 512 --response-len 512 --steps 2 --warmup 1
-  # 4. sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
+  # 4. the sampler alone (candidate sets vs full sort; eager and CUDA graphs) at batch 64, vocab 32000; then
+  #    sampler vs HF generate at batch 1 and 64: 8 of Mistral-7B's 32 layers (the output says "layers": 8)
+  step generate_sampler generate.jsonl 30 60 "$PY" benchmarks/bench_generate.py --sampler
   step generate generate.jsonl 60 150 "$PY" benchmarks/bench_generate.py --batches 1,64 --layers 8 \
     --prompt-len 256 --new-tokens 128
   # 5. the CUDA tests (the kernel check itself ran in step 1)

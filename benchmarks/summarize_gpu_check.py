@@ -95,7 +95,11 @@ def generate(out: Path) -> list[str]:
         lines.append(f"- generate: {head.get('layers', '?')} layers, {head.get('params')} params, "
                      f"compile={head.get('compile')}, logits vs HF {head.get('logits_rel_diff_vs_hf')}")
     for r in rows:
-        if r.get("impl") == "minispin":
+        if "sampler" in r:
+            lines.append(f"  - sampler {r['sampler']}, {r['setting']} (batch {r['batch']}, vocab {r['vocab']}): "
+                         f"{r['ms']} ms, {r['settled_by_candidates']} settled by candidates, "
+                         f"same tokens as the full sort: {r['same_tokens_as_full_sort']}")
+        elif r.get("impl") == "minispin":
             extra = f", roofline {r['roofline_fraction']} (target >= 0.7)" if "roofline_fraction" in r else ""
             lines.append(f"  - batch {r['batch']}: minispin {r['tok_s']} tok/s{extra}")
         elif "speedup_vs_hf" in r:

@@ -1,16 +1,20 @@
 """The batched sampler: KV-cache decode vs full recompute, greedy vs step-by-step argmax, padding and
 batch-size independence, seeded sampling, stop tokens/strings, the counter-based RNG, encode_prompt."""
+import importlib
+import math
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from minispin import load_model
 from minispin.sampler import (GeneratedSequence, counter_uniform, encode_prompt, generate, generate_tokens,
-                               iter_generate_tokens, sample_from_logits)
+                               iter_generate_tokens, sample_from_logits, sample_from_logits_reference)
 from minispin.model import KVCache
 from tiny import FIXTURES
 
 TINY = ["hf-tiny-llama", "hf-tiny-mistral"]
+sampler_module = importlib.import_module("minispin.sampler")  # the module even if minispin exports generate()
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +202,142 @@ def test_inverse_cdf_sampling_matches_the_filtered_distribution(top_k, top_p):
     assert sample_from_logits(logits[None], None, temperature=0).item() == logits.argmax().item()
 
 
+# ----------------------------------------------------------------------------- the candidate-set sampler
+
+SETTINGS = [(0.7, 0.9, 0), (1.0, 0.5, 0), (1.3, 0.98, 0), (1.0, 0.999, 0), (0.7, 0.9, 50), (1.0, 1.0, 20),
+            (0.8, 0.9, 1000), (0.8, 0.9, 1500), (0.9, 1.0, 5000)]  # (temperature, top_p, top_k)
+
+
+def rows_of_every_kind(n, vocab, seed):
+    """Logit rows from peaked (a few tokens hold the nucleus) to flat (it spans most of the vocabulary)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1.3, 0.8, n)[:, None]  # std 0.05 .. 6.3
+    return torch.randn(n, vocab, generator=g) * scale
+
+
+class PathSpy:
+    """Counts the rows each path of sample_from_logits draws: candidate sets by size, and the full sort."""
+
+    def __init__(self, monkeypatch):
+        self.candidates, self.sorted_rows = {}, 0
+        real_candidates, real_sorted = sampler_module._sample_candidates, sampler_module._sample_sorted
+
+        def candidates(scaled, uniform, top_p, top_k, size, probs=None):
+            token, complete = real_candidates(scaled, uniform, top_p, top_k, size, probs)
+            self.candidates[size] = self.candidates.get(size, 0) + int(complete.sum())
+            return token, complete
+
+        def sorted_(scaled, *args):
+            self.sorted_rows += scaled.shape[0]
+            return real_sorted(scaled, *args)
+        monkeypatch.setattr(sampler_module, "_sample_candidates", candidates)
+        monkeypatch.setattr(sampler_module, "_sample_sorted", sorted_)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", SETTINGS)
+def test_candidate_sampler_draws_the_full_sorts_token(temperature, top_p, top_k, monkeypatch):
+    """CPU. Token for token (same uniform), the candidate-set sampler gives what the stable full-vocabulary
+    sort gives, on rows from peaked to flat: rows the smallest set settles, rows the larger one settles,
+    rows only the sort settles (flat rows, top_p near 1, top_k past the largest set), all three present
+    where the setting allows them. With top-k the candidate path's probabilities are the sort's bit for
+    bit; with top-p alone the normaliser is summed in another order (~1e-7 relative), so a draw could
+    differ only if a uniform fell within that distance of a CDF step: none does for these fixed seeds."""
+    vocab = 3001
+    logits = rows_of_every_kind(300, vocab, seed=1)
+    u = counter_uniform(5, torch.arange(300))
+    want = sample_from_logits_reference(logits, u, temperature, top_p, top_k)
+    spy = PathSpy(monkeypatch)
+    got = sample_from_logits(logits, u, temperature, top_p, top_k)
+    assert torch.equal(got, want)
+    settled = sum(spy.candidates.values())
+    assert settled + spy.sorted_rows == 300
+    if top_k > 1024:  # a top-k past the largest set: the sort
+        assert settled == 0
+    elif top_k:  # one set: exactly the top k
+        assert settled == 300
+    else:  # top-p alone: flat rows are sorted; the 64-set settles peaked rows, the 1024-set more
+        assert spy.sorted_rows > 0
+        assert top_p > 0.99 or spy.candidates[64] > 0 and spy.candidates[1024] > 0
+    # the branch torch.compile / CUDA graphs take (both paths, torch.where) draws the same tokens
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(sample_from_logits(logits, u, temperature, top_p, top_k), want)
+
+
+def test_candidate_sampler_compiles_whole_and_keeps_ties_and_batches_apart(monkeypatch):
+    """CPU. Ties rank by token id on either side of a candidate set's edge; a row's token does not depend
+    on the other rows of its batch (nor on which path they take); temperature 0 is the argmax; the
+    sampler traces as one graph under torch.compile(fullgraph=True) and draws the same tokens there."""
+    monkeypatch.setattr(sampler_module, "CANDIDATE_SIZES", (4, 16))
+    vocab = 40
+    base = torch.linspace(3, -3, vocab)
+    tied = [base.clone() for _ in range(4)]
+    tied[0][[2, 20, 21, 35]] = base[2].item()  # ranks 2-5 tied: across the 4-set's edge, inside the 16-set
+    tied[1][:] = 0.0  # every token tied: the nucleus is the lowest ids
+    tied[2][[14, 22, 30, 31, 39]] = base[14].item()  # ranks 14-18 tied: across the 16-set's edge
+    tied[3][[0, 39]] = 9.0  # a tie at the top
+    logits = torch.cat([torch.stack(tied), rows_of_every_kind(60, vocab, seed=2)])
+    u = counter_uniform(9, torch.arange(len(logits)))
+    for temperature, top_p, top_k in [(1.0, 0.5, 0), (0.8, 0.9, 0), (1.0, 0.3, 4), (1.0, 1.0, 3), (1.0, 0.7, 12)]:
+        want = sample_from_logits_reference(logits, u, temperature, top_p, top_k)
+        assert torch.equal(sample_from_logits(logits, u, temperature, top_p, top_k), want)
+        one_by_one = [sample_from_logits(logits[i:i + 1], u[i:i + 1], temperature, top_p, top_k) for i in range(8)]
+        assert torch.equal(torch.cat(one_by_one), want[:8])
+    all_tied = sample_from_logits(tied[1].expand(500, vocab), counter_uniform(3, torch.arange(500)), 1.0, 0.1, 0)
+    assert set(all_tied.tolist()) == set(range(4))  # 4 tokens of 1/40 reach 0.1: the 4 lowest ids
+    assert torch.equal(sample_from_logits(logits, None, temperature=0), logits.argmax(-1))
+    assert sample_from_logits(tied[3][None], None, temperature=0).item() == 0
+    compiled = torch.compile(sample_from_logits, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(logits, u, 0.8, 0.9, 0), sample_from_logits_reference(logits, u, 0.8, 0.9, 0))
+
+
+def exact_distribution(logits, temperature, top_p, top_k):
+    """The filtered distribution in float64, from its definition: rank by (logit descending, id), keep the
+    first top_k, then each token whose predecessors' mass is below top_p; renormalise."""
+    z = logits.double() / temperature
+    order = sorted(range(len(z)), key=lambda i: (-z[i].item(), i))
+    if top_k:
+        order = order[:top_k]
+    p = torch.softmax(z[order], -1)
+    before = torch.cumsum(p, 0) - p
+    kept = [i for i, m in zip(order, before.tolist()) if m < top_p]
+    dist = torch.zeros(len(z), dtype=torch.float64)
+    dist[kept] = torch.softmax(z, -1)[kept]
+    return dist / dist.sum()
+
+
+def bernstein_bound(n, p, false_failure):
+    """t with P(|Binomial(n, p) - n p| >= t) <= false_failure, by Bernstein's inequality."""
+    L = math.log(2 / false_failure)
+    return L / 3 + math.sqrt(L * L / 9 + 2 * L * n * p * (1 - p))
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 0.9, 0), (1.0, 0.6, 0), (1.0, 0.999, 0),
+                                                     (1.0, 1.0, 7), (0.8, 0.8, 12), (1.0, 0.9, 25)])
+def test_candidate_sampler_follows_the_exact_distribution(temperature, top_p, top_k, monkeypatch):
+    """CPU, statistical. 40000 draws per row (the sampler's own counter-based uniforms) from a peaked, a
+    medium and a flat row (settled by the 4-set, the 16-set, the sort), and a row whose nucleus ends in
+    a tie: no token outside the float64 support is ever drawn, and every token's count is within
+    Bernstein's bound of its expectation. Each count's bound fails with probability <= 1e-8 by chance,
+    so with 4 rows x 64 tokens x 6 settings the test fails falsely with probability < 1e-5 (and never
+    for these fixed seeds: the counter RNG is deterministic)."""
+    monkeypatch.setattr(sampler_module, "CANDIDATE_SIZES", (4, 16))
+    vocab, draws = 64, 40000
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(vocab, generator=g) * s for s in (4.0, 1.5, 0.1)]
+    tie = torch.full((vocab,), -2.0)
+    tie[[2, 7, 11, 40, 50]] = 0.0  # 5 tied tokens of ~0.16: a nucleus of 0.6 / 0.8 / 0.9 ends inside them
+    rows.append(tie)
+    for r, row in enumerate(rows):
+        u = counter_uniform(11, torch.full((draws,), r), torch.arange(draws))
+        counts = torch.bincount(sample_from_logits(row.expand(draws, vocab), u, temperature, top_p, top_k),
+                                minlength=vocab).double()
+        dist = exact_distribution(row, temperature, top_p, top_k)
+        assert (counts[dist == 0] == 0).all(), (r, counts[dist == 0].nonzero())
+        for t in dist.nonzero().flatten().tolist():
+            bound = bernstein_bound(draws, dist[t].item(), 1e-8)
+            assert abs(counts[t] - draws * dist[t]) <= bound, (r, t, counts[t], draws * dist[t], bound)
+
+
 def test_stop_tokens_and_max_new_tokens(models):
     model = models["hf-tiny-mistral"]
     prompts = random_prompts([6, 4, 8], seed=4)
@@ -330,8 +470,8 @@ def test_compiled_decode_step_traces_whole_and_matches_eager(models, monkeypatch
     import importlib
     gen = importlib.import_module("minispin.sampler")  # the module even if minispin exports generate()
     model = models["hf-tiny-llama"]
-    monkeypatch.setattr(gen, "_compiled_decode_step",
-                        torch.compile(gen._decode_step, backend="aot_eager", fullgraph=True, dynamic=False))
+    monkeypatch.setattr(gen, "_compiled_decode_one_token",
+                        torch.compile(gen.decode_one_token, backend="aot_eager", fullgraph=True, dynamic=False))
     prompts = random_prompts([4, 7, 2], seed=7)
     kw = dict(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, batch_size=2, stop_token_ids=[])
     assert [o.token_ids for o in generate_tokens(model, prompts, compile=True, **kw)] == \
@@ -384,19 +524,19 @@ def test_refill_writes_the_decode_state_in_place(models):
     gen = importlib.import_module("minispin.sampler")
     model = models["hf-tiny-llama"]
 
-    def state(sampler):
-        tensors = [t for t in sampler._args() if isinstance(t, torch.Tensor)]
-        return tensors + [sampler.cache.positions, *sampler.cache.k, *sampler.cache.v]
+    def state(decoder):
+        return decoder.state.tensors() + [decoder.cache.positions, *decoder.cache.k, *decoder.cache.v]
 
     with torch.inference_mode():
-        sampler = gen._SlotSampler(model, num_slots=3, max_len=64, max_new_tokens=5, stop_token_ids=[],
-                                   temperature=0.9, top_p=0.9, top_k=0, seed=1, compile=False)
-        objects = state(sampler)
+        sampling = gen.Sampling(temperature=0.9, top_p=0.9, top_k=0, vocab_limit=model.config.vocab_size)
+        decoder = gen.Decoder(model, num_slots=3, max_len=64, max_new_tokens=5, stop_token_ids=[],
+                              sampling=sampling, seed=1, compile=False)
+        objects = state(decoder)
         addresses = [(t.data_ptr(), t.shape) for t in objects]
-        sampler.prefill([0, 2], random_prompts([4, 6], seed=9), [0, 1], [0, 0])
-        sampler.step()
-        sampler.prefill([1], random_prompts([9], seed=10), [2], [0])  # refill a free slot mid-run
-        sampler.step()
-        assert all(a is b for a, b in zip(state(sampler), objects, strict=True))
+        decoder.prefill([0, 2], random_prompts([4, 6], seed=9), [0, 1], [0, 0])
+        decoder.decode_n_tokens(1)
+        decoder.prefill([1], random_prompts([9], seed=10), [2], [0])  # refill a free slot mid-run
+        decoder.decode_n_tokens(1)
+        assert all(a is b for a, b in zip(state(decoder), objects, strict=True))
         assert [(t.data_ptr(), t.shape) for t in objects] == addresses
-        assert sampler.n_gen.tolist() == [3, 2, 3] and sampler.pos.tolist() == [6, 10, 8]
+        assert decoder.state.n_gen.tolist() == [3, 2, 3] and decoder.state.pos.tolist() == [6, 10, 8]

@@ -28,6 +28,7 @@ def test_gpu_check_dry_run(tmp_path):
         assert len(lines) > 1, name  # the step wrote results, not only its status
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "torch " in summary and "triton " in summary and "GPU: none (CPU)" in summary
-    assert all(f"| {s} | ok |" in summary for s in STEPS), summary
+    assert all(f"| {s} | ok |" in summary for s in STEPS + ["generate_sampler"]), summary
+    assert "sampler candidates, top_p" in summary and "same tokens as the full sort: True" in summary
     kernels = [json.loads(x) for x in (out / "kernels.jsonl").read_text().splitlines()]
     assert kernels[0].get("status") == "skipped" or {"check": "summary", "status": "ok", "failed": 0} in kernels
