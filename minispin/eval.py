@@ -306,6 +306,22 @@ def _read_cell(path: Path, settings: dict[str, Any], log: Callable[[str], None])
     return cell
 
 
+def _task_manager(TaskManager: Any, tasks: Sequence[EvalTask], include_path: Sequence[str]) -> Any:
+    """lm-eval's TaskManager that knows every task in `tasks` (or EvalError naming the unknown ones)."""
+    # local tasks only: skip indexing lm-eval's thousands of built-in task files (a minute on a slow disk)
+    task_manager = TaskManager(include_path=[str(p) for p in include_path], include_defaults=False) \
+        if include_path else None
+    if task_manager is None or not {t.name for t in tasks} <= set(task_manager.all_tasks):
+        task_manager = TaskManager(include_path=[str(p) for p in include_path] or None)
+    known = set(task_manager.all_tasks)
+    unknown = [t.name for t in tasks if t.name not in known]
+    if unknown:
+        where = f"built in or in {', '.join(map(str, include_path))}" if include_path else \
+            "built in; local tasks need --include_path DIR"
+        raise EvalError(f"--tasks: no lm-eval task named {', '.join(unknown)} ({where})")
+    return task_manager
+
+
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TASKS, *,
                  limit: float | None = None, include_path: Sequence[str] = (), sft_model: str | None = None,
                  batch_size: int | str = 8, device: str | None = None, dtype: str = "auto",
@@ -323,17 +339,7 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
     _offline()
     lm_eval, simple_evaluate, HFLM, TaskManager = _import_lm_eval()
     version = getattr(lm_eval, "__version__", "unknown")
-    # local tasks only: skip indexing lm-eval's thousands of built-in task files (a minute on a slow disk)
-    task_manager = TaskManager(include_path=[str(p) for p in include_path], include_defaults=False) \
-        if include_path else None
-    if task_manager is None or not {t.name for t in tasks} <= set(task_manager.all_tasks):
-        task_manager = TaskManager(include_path=[str(p) for p in include_path] or None)
-    known = set(task_manager.all_tasks)
-    unknown = [t.name for t in tasks if t.name not in known]
-    if unknown:
-        where = f"built in or in {', '.join(map(str, include_path))}" if include_path else \
-            "built in; local tasks need --include_path DIR"
-        raise EvalError(f"--tasks: no lm-eval task named {', '.join(unknown)} ({where})")
+    task_manager = _task_manager(TaskManager, tasks, include_path)
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,35 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class ModelConfigError(UserError):
     """A model config we cannot run faithfully (unknown architecture, rope type, unsupported feature)."""
+
+
+def _rope_from_hf(hf: dict[str, Any], bad: Callable[[str, str], ModelConfigError]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling or None) of a config.json; an unsupported or incomplete rope scaling is refused."""
+    # RoPE: 4.x has rope_theta + rope_scaling; 5.x has rope_parameters {rope_theta, rope_type, ...}.
+    rope_params = hf.get("rope_parameters")
+    if rope_params is not None:
+        if not isinstance(rope_params, dict) or "rope_theta" not in rope_params:
+            raise bad("rope_parameters", "must be a dict with rope_theta (per-layer-type rope is not supported)")
+        rope_theta = rope_params["rope_theta"]
+        scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        scaling_key = "rope_parameters"
+    else:
+        rope_theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf.get("rope_scaling") or {})
+        scaling_key = "rope_scaling"
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise bad(scaling_key, f"has rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if rope_type == "linear" and "factor" not in scaling:
+        raise bad(scaling_key, "of type 'linear' needs 'factor'")
+    if rope_type == "llama3":
+        need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in need if k not in scaling]
+        if missing:
+            raise bad(scaling_key, f"of type 'llama3' lacks {', '.join(missing)}")
+    rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+    return float(rope_theta), rope_scaling
 
 
 @dataclass
@@ -133,30 +162,7 @@ class ModelConfig:
             if not isinstance(hf.get(key), int):
                 raise bad(key, f"is missing or not an integer (got {hf.get(key)!r})")
 
-        # RoPE: 4.x has rope_theta + rope_scaling; 5.x has rope_parameters {rope_theta, rope_type, ...}.
-        rope_params = hf.get("rope_parameters")
-        if rope_params is not None:
-            if not isinstance(rope_params, dict) or "rope_theta" not in rope_params:
-                raise bad("rope_parameters", "must be a dict with rope_theta (per-layer-type rope is not supported)")
-            rope_theta = rope_params["rope_theta"]
-            scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-            scaling_key = "rope_parameters"
-        else:
-            rope_theta = hf.get("rope_theta", 10000.0)
-            scaling = dict(hf.get("rope_scaling") or {})
-            scaling_key = "rope_scaling"
-        rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-        scaling.pop("type", None)
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise bad(scaling_key, f"has rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
-        if rope_type == "linear" and "factor" not in scaling:
-            raise bad(scaling_key, "of type 'linear' needs 'factor'")
-        if rope_type == "llama3":
-            need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            missing = [k for k in need if k not in scaling]
-            if missing:
-                raise bad(scaling_key, f"of type 'llama3' lacks {', '.join(missing)}")
-        rope_scaling = None if rope_type == "default" else {"rope_type": rope_type, **scaling}
+        rope_theta, rope_scaling = _rope_from_hf(hf, bad)
 
         sliding_window = hf.get("sliding_window") if arch == "MistralForCausalLM" else None
         if hf.get("use_sliding_window") is False:
@@ -180,7 +186,7 @@ class ModelConfig:
             head_dim=hf.get("head_dim", QWEN3_DEFAULT_HEAD_DIM if arch == "Qwen3ForCausalLM" else None),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
+            rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             sliding_window=sliding_window,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
