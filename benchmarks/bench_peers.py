@@ -147,7 +147,7 @@ def generate_pairs(args, model_dir: Path) -> list[dict]:
         prompt_ids, real_ids = tokenize_answer(tok, e.prompt, e.real)
         if len(prompt_ids) <= args.max_prompt_length and len(real_ids) <= budget:
             candidates.append(e)
-        if len(candidates) >= args.pairs + args.pairs // 4 + 4:
+        if len(candidates) >= args.pairs + args.pairs // 8 + 2:  # a few spares for answers that do not fit
             break
     note(f"generating the model's answers to {len(candidates)} alpaca prompts (cached afterwards)")
     model = minispin.load_model(model_dir, dtype=torch.float32, device="cpu")
