@@ -137,16 +137,18 @@ def loss_and_grads(model: Transformer, ids, mask, weight):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if n != "lm_head.weight"}
 
 
-@pytest.mark.parametrize("case", ["causal", "padding_mask", "bf16", "repeat_kv"])
+@pytest.mark.parametrize("case", ["causal", "padding_mask", "bf16", "repeat_kv", "qwen2", "qwen3"])
 def test_recomputed_gradients_are_bit_identical(case, monkeypatch):
-    """Same loss and gradients, bit for bit, with and without recomputation; also through full activation
-    checkpointing (which turns the scope off: the whole block is recomputed)."""
+    """Same loss and gradients, bit for bit, with and without recomputation, for every family's block; also
+    through full activation checkpointing (which turns the scope off: the whole block is recomputed)."""
     import minispin.model as model_mod
     if case == "repeat_kv":
         monkeypatch.setattr(model_mod, "SDPA_HAS_ENABLE_GQA", False)
+    # Qwen2: q/k/v biases; Qwen3: q/k RMSNorms (recomputed too) and, with attention_bias, o_proj's bias
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(case, "LlamaForCausalLM")
     cfg = ModelConfig(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32",
-                      architecture="LlamaForCausalLM")
+                      architecture=arch, attention_bias=case == "qwen3")
     torch.manual_seed(0)
     model = Transformer(cfg)
     if case == "bf16":
