@@ -36,11 +36,15 @@ def lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
 # ----------------------------------------------------------------------------- memory model
 
 GIB = 2 ** 30
-# bf16 bytes saved for the backward per token and layer, without activation checkpointing, in units of
-# the hidden size H and the MLP width I: the two RMSNorms (bf16 input + fp32 upcast + bf16 output, ~8H
-# each), the q/k/v projections' input, rotated q and k, v, the attention output and o_proj's input (~8H),
-# gate, up, silu(gate) and their product (8I). An estimate: bench_train prints it next to the measured peak.
-ACTIVATION_H_BYTES, ACTIVATION_I_BYTES = 24, 8
+# bf16 bytes saved for the backward per token and layer, in units of the hidden size H and the MLP width I.
+# A decoder block under its RecomputeScope (minispin.recompute) keeps its input and the input of the second
+# norm, rotated q, k and v (~7H with a quarter as many kv heads), gate and up (4I). A block without it (the
+# one block being recomputed under full activation checkpointing) keeps everything: the two RMSNorms (bf16
+# input + fp32 upcast + bf16 output, ~8H each), the projections' inputs, rotated q and k, v, the attention
+# output (~8H), gate, up, silu(gate) and their product (8I). An estimate: bench_train prints it next to the
+# measured peak.
+ACTIVATION_H_BYTES, ACTIVATION_I_BYTES = 7, 4
+ACTIVATION_H_BYTES_ALL, ACTIVATION_I_BYTES_ALL = 24, 8
 
 
 def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, seq_len: int | None = None,
@@ -64,11 +68,10 @@ def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, s
     T = seq_len or config.max_length
     R = response_len if response_len is not None else T - config.max_prompt_length // 2
     tokens = 2 * config.micro_batch_size * T  # chosen + rejected rows
-    per_token_layer = ACTIVATION_H_BYTES * H + ACTIVATION_I_BYTES * I
     if config.activation_checkpointing:
-        activations = tokens * L * 2 * H + tokens * per_token_layer
+        activations = tokens * L * 2 * H + tokens * (ACTIVATION_H_BYTES_ALL * H + ACTIVATION_I_BYTES_ALL * I)
     else:
-        activations = tokens * L * per_token_layer
+        activations = tokens * L * (ACTIVATION_H_BYTES * H + ACTIVATION_I_BYTES * I)
     resp = 2 * config.micro_batch_size * R
     lm_head = resp * H * (2 + 4) + (1 << 27)  # bf16 hidden + fp32 d_hidden accumulator + 128 MiB chunk
     states = 2 if config.optimizer == "adamw" else 1

@@ -52,6 +52,7 @@ def apply_activation_checkpointing(model: Transformer) -> None:
     from torch.utils.checkpoint import checkpoint
 
     for layer in model.layers:
+        layer.recompute_activations = False  # the whole block is recomputed; its scope would hide checkpoint's hooks
         inner = layer.forward
 
         def forward(*args, _inner=inner, **kwargs):

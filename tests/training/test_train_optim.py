@@ -36,7 +36,7 @@ def test_memory_model_fits_7b_on_one_h200():
     params = 7.24e9  # Mistral-7B
     assert figures["rmsprop", False]["weights_fp32"] == pytest.approx(4 * params / 2**30, rel=0.01)
     assert figures["adamw", False]["optimizer_state"] == pytest.approx(2 * figures["rmsprop", False]["optimizer_state"])
-    assert figures["adamw", True]["activations"] < figures["adamw", False]["activations"] / 10
+    assert figures["adamw", True]["activations"] < figures["adamw", False]["activations"] / 5
     assert figures["adamw", True]["total"] < 139 - 20  # headroom with checkpointing
     assert figures["rmsprop", False]["optimizer_temp"] < 1  # one tensor's temporary, not a model's
     for optimizer in ("rmsprop", "adamw"):
