@@ -46,13 +46,12 @@ from ..generation_job import GenerationConfig
 from ..io import atomic_write_json
 from ..log import print0
 from ..pinned import SMOLLM2, fetch
-from ..runs import check_manifest, describe_changes
 from ..sampler import generate
 from ..report import write_report
 from ..stats import mean_interval, mean_se, paired_bootstrap
 from ..tokenizer import load_tokenizer
 from ..training import TrainConfig
-from .run import add_common_options, launch_if_asked, publish_results
+from .run import add_common_options, check_settings, launch_if_asked, publish_results
 
 DATA = Path(__file__).resolve().parent / "data" / "alpaca_en_demo.json"
 SPLIT_SEED = 1234  # the train / held-out split never depends on --seed: seeds vary sampling and data order
@@ -228,18 +227,10 @@ def format_answers(stages: list[dict[str, Any]], heldout: list[dict[str, str]]) 
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def _check_settings(out: Path, config: ChatDemoConfig) -> str | None:
-    changed = check_manifest(out / "demo_config.json", asdict(config))
-    if changed:
-        return (f"{out} holds a demo run with other settings ({describe_changes(changed)}); use another --out "
-                "or the same options")
-    return None
-
-
 def chat_stages(out: Path, config: ChatDemoConfig, device: str, world_size: int) -> dict[str, Any]:
     """Every stage of one demo run in `out` (on every rank of an initialized process group)."""
     t_start = time.perf_counter()
-    error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
+    error = dist.broadcast_json(check_settings(out, config) if dist.is_main() else None)
     if error:
         raise SystemExit(f"error: {error}")
     model = start_model(config) if dist.is_main() else None

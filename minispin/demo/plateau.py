@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from .. import distributed as dist
 from ..driver import SpinConfig, spin
 from ..io import atomic_write_text
 from ..log import print0
-from ..runs import check_manifest, describe_changes
 from . import run as demo_run
 from . import task as demo_task
 from .run import (DemoConfig, evaluate_stage, generation_config, init_model, make_task, run_settings, run_sft,
@@ -116,21 +115,13 @@ def _better(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["val_exact_match"], a["val_mean_logprob"]) > (b["val_exact_match"], b["val_mean_logprob"])
 
 
-def _check_settings(out: Path, config: PlateauConfig) -> str | None:
-    changed = check_manifest(out / "plateau_config.json", asdict(config))
-    if changed:
-        return (f"{out} holds a plateau run with other settings ({describe_changes(changed)}); use another --out "
-                "or the same options")
-    return None
-
-
 def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: int) -> dict[str, Any]:
     """The plateau regime for one seed: the demo's task, init and SFT in `out` (read back when there),
     then everything else in <out>/plateau (on every rank of an initialized process group; every step
     resumes from what is on disk). Returns the results (also <out>/plateau/results.json)."""
     t_start = time.perf_counter()
     d, pdir = config.demo, out / "plateau"
-    error = dist.broadcast_json((demo_run._check_settings(out, d) or _check_settings(pdir, config))
+    error = dist.broadcast_json((demo_run.check_settings(out, d) or demo_run.check_settings(pdir, config, "plateau"))
                                 if dist.is_main() else None)
     if error:
         raise SystemExit(f"error: {error}")

@@ -104,11 +104,12 @@ def _paths(out: Path) -> dict[str, Path]:
             "spin": out / "spin", "eval": out / "eval"}
 
 
-def _check_settings(out: Path, config: DemoConfig) -> str | None:
-    """Rank 0: record the demo's settings; an error message when `out` holds a run made with other ones."""
-    changed = check_manifest(out / "demo_config.json", asdict(config))
+def check_settings(out: Path, config: Any, kind: str = "demo") -> str | None:
+    """Rank 0: record a demo run's settings (a dataclass) in <out>/<kind>_config.json; an error message when
+    `out` holds a run made with other ones."""
+    changed = check_manifest(out / f"{kind}_config.json", asdict(config))
     if changed:
-        return (f"{out} holds a demo run with other settings ({describe_changes(changed)}); use another --out "
+        return (f"{out} holds a {kind} run with other settings ({describe_changes(changed)}); use another --out "
                 "or the same options")
     return None
 
@@ -266,7 +267,7 @@ def demo_stages(out: Path, config: DemoConfig, device: str, world_size: int) -> 
     """Every stage of one demo run in `out` (on every rank of an initialized process group)."""
     t_start = time.perf_counter()
     paths = _paths(out)
-    error = dist.broadcast_json(_check_settings(out, config) if dist.is_main() else None)
+    error = dist.broadcast_json(check_settings(out, config) if dist.is_main() else None)
     if error:
         raise SystemExit(f"error: {error}")
     _say(f"run dir {out}; {world_size} rank(s) on {device}; seed {config.seed}")
