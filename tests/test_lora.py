@@ -237,10 +237,13 @@ WORKER = textwrap.dedent('''
     save_adapter(result.model, out_dir + "/adapter", base_model=model_dir)
     save_trained_model(result.policy, out_dir + "/model", dtype=None)
     params = list(result.policy.named_parameters())
-    print(json.dumps({"frozen": sorted({str(p.dtype) for n, p in params if not p.requires_grad}),
-                      "trainable": sorted({str(p.dtype) for n, p in params if p.requires_grad}),
-                      "fsdp": all(hasattr(p, "full_tensor") for n, p in params),
-                      "devices": sorted({p.device.type for n, p in params})}))
+    # only rank 0 prints: two ranks writing to one pipe can run their lines together
+    facts = json.dumps({"frozen": sorted({str(p.dtype) for n, p in params if not p.requires_grad}),
+                        "trainable": sorted({str(p.dtype) for n, p in params if p.requires_grad}),
+                        "fsdp": all(hasattr(p, "full_tensor") for n, p in params),
+                        "devices": sorted({p.device.type for n, p in params})})
+    if dist.get_rank() == 0:
+        print(facts, flush=True)
     del result, params
     dist.shutdown(dist.DistInfo(dist.get_rank(), dist.get_world_size(), 0, torch.device("cpu"), "gloo", True))
 ''')
