@@ -9,7 +9,7 @@ Data: rows with a prompt and chosen / rejected answers - TRL style `prompt` / `c
 style `conversations` / `chosen` / `rejected` (minispin.data.read_preferences). No generation: the
 reference is the starting model, its log-probs computed once before training as in SPIN.
 Recipe: one iteration, beta 0.1 (the DPO paper's), lr 5e-7, 1 epoch, RMSProp, global batch 64,
-warmup 0.1 then linear decay (SpinConfig's defaults otherwise).
+warmup 0.1 then linear decay (RunConfig's defaults otherwise).
 """
 from __future__ import annotations
 

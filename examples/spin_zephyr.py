@@ -13,7 +13,7 @@
 RMSProp without weight decay, global batch 64, linear schedule with 10% warmup, 2 epochs per
 iteration, max length 1024 / prompt 512, bf16 compute with fp32 master weights, generation of at
 most 256 new tokens at temperature 1, ONE prompt template (the model's chat template) for generation
-and training. Those are minispin's SpinConfig defaults; this script adds the 50k-prompt limit and the
+and training. Those are minispin's RunConfig defaults; this script adds the 50k-prompt limit and the
 train_sft split (of a folder; a single file is read whole). Every option can be overridden (`--help`), e.g.
 `--num_iterations 1`, `--train.micro_batch_size 4`, `--lr 1e-7` (every iteration; the betas stay the
 paper's), `--iterations '[{"lr": 1e-6, "beta": 0.1}]'` (replaces the whole schedule).
@@ -24,7 +24,7 @@ from __future__ import annotations
 from minispin.cli import run_recipe
 from minispin.demo.__main__ import main as demo_main
 
-# The recipe on top of SpinConfig's (paper) defaults; options you give win over it.
+# The recipe on top of RunConfig's (paper) defaults; options you give win over it.
 RECIPE = {"limit": 50000, "split": "train_sft", "num_iterations": 4, "output_dir": "runs/spin-zephyr"}
 
 if __name__ == "__main__":

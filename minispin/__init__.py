@@ -3,7 +3,7 @@
     model = minispin.load_model("zephyr-7b-sft-full", dtype=torch.bfloat16, device="cuda")
     tok = minispin.load_tokenizer("zephyr-7b-sft-full")
     texts = minispin.generate(model, tok, ["Hi!"], max_new_tokens=64, temperature=0.7, seed=0)
-    minispin.spin(minispin.SpinConfig(model="zephyr-7b-sft-full", data="ultrachat_200k", split="train_sft"))
+    minispin.spin(minispin.RunConfig(model="zephyr-7b-sft-full", data="ultrachat_200k", split="train_sft"))
 
 Note: `minispin.generate`, `minispin.train` and `minispin.spin` are the functions; their modules are
 reached with `from minispin.sampler import ...` (or importlib).
@@ -15,7 +15,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 from .sampler import generate  # noqa: E402  (rebinds the submodule attribute to the function)
 from .generation_job import GenerationConfig, run_generation_job
 from .training import TrainConfig, train
-from .driver import SpinConfig, spin
+from .driver import RunConfig, spin
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,5 @@ __all__ = [
     "ModelConfig", "Transformer", "KVCache", "load_model", "save_model",
     "Tokenizer", "load_tokenizer", "read_examples", "read_preferences",
     "generate", "GenerationConfig", "run_generation_job",
-    "TrainConfig", "train", "SpinConfig", "spin",
+    "TrainConfig", "train", "RunConfig", "spin",
 ]

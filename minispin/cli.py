@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from .config import (FILE, GIVEN, RECIPE, ConfigError, field_default, field_of, from_dict, section_type,
                      strip_optional)
-from .driver import SpinConfig, SpinResult, spin
+from .driver import RunConfig, RunResult, spin
 from .driver import __doc__ as DRIVER_DOC
 from .distributed import launch, launched_by_torchrun
 from .log import print_result, run_main
@@ -160,8 +160,8 @@ def build_parser(cls: type, description: str | None = None,
 
     `--a.b.c` sets one field; `--c` (the leaf name alone) sets every field of that name, e.g. `--seed`
     sets train.seed and generation.seed; a dotted option given too wins over the flat one. When `cls`
-    itself has a field `c`, `--c` sets only that one (e.g. `--method` is SpinConfig.method, not
-    train.method, which the driver derives from it). aliases: extra option names, e.g.
+    itself has a field `c`, `--c` sets only that one (e.g. `--method` is RunConfig.method, not
+    train.objective, which the driver derives from it). aliases: extra option names, e.g.
     {"--out": "--output_dir"}. Help lists each field's comment and default, grouped by section.
     """
     parser = _Parser(description=description or (cls.__doc__ or "").strip().split("\n")[0],
@@ -340,14 +340,14 @@ def _read_config_file(path: Path) -> list[tuple[dict[str, Any], str]]:
 # ----------------------------------------------------------------------------- entry points
 
 def parse_args(argv: Sequence[str] | None = None, description: str | None = None, *,
-               recipe: dict[str, Any] | None = None) -> SpinConfig:
-    """A SpinConfig from command-line options (recipe < --config file < command line)."""
-    return parse_config(SpinConfig, argv, description=description, recipe=recipe)
+               recipe: dict[str, Any] | None = None) -> RunConfig:
+    """A RunConfig from command-line options (recipe < --config file < command line)."""
+    return parse_config(RunConfig, argv, description=description, recipe=recipe)
 
 
 def run_recipe(recipe: dict[str, Any], argv: Sequence[str] | None = None, *, description: str | None = None,
-               demo: Callable[[list[str]], Any] | None = None) -> SpinResult | None:
-    """An example's (or `python -m minispin`'s) whole command line: `recipe` (dotted SpinConfig names ->
+               demo: Callable[[list[str]], Any] | None = None) -> RunResult | None:
+    """An example's (or `python -m minispin`'s) whole command line: `recipe` (dotted RunConfig names ->
     default values) + the user's options -> `minispin.spin`, with the one error printing (`run_main`) and the
     result line {"run_dir", "models"} on rank 0. `--demo [options]` first: `demo(options)` instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -357,7 +357,7 @@ def run_recipe(recipe: dict[str, Any], argv: Sequence[str] | None = None, *, des
         shown = " ".join(f"--{k} {shlex.quote(v if isinstance(v, str) else json.dumps(v))}" for k, v in recipe.items())
         description += f"\nRecipe (defaults; your options win): {shown}"
 
-    def run() -> SpinResult | None:
+    def run() -> RunResult | None:
         config = parse_args(argv, description=description, recipe=recipe)  # every option checked before ranks start
         nproc, rest = _nproc_per_node(argv)
         if nproc is not None and not launched_by_torchrun():
@@ -399,6 +399,6 @@ def _this_program() -> list[str]:
                       "`python -m`; from a notebook, start a script with torchrun instead")
 
 
-def main(argv: Sequence[str] | None = None) -> SpinResult | None:
-    """`python -m minispin`: every SpinConfig field is an option."""
+def main(argv: Sequence[str] | None = None) -> RunResult | None:
+    """`python -m minispin`: every RunConfig field is an option."""
     return run_recipe({}, argv, description=DRIVER_DOC)

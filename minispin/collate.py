@@ -5,7 +5,7 @@ rejected answer (SPIN: the model's own; None for continued SFT), and optional pe
 (label smoothing, SPPO targets, precomputed reference log-probs).
 
 Tokenization (`tokenize_answers`, the ONE place an answer becomes training ids - SFT, SPIN, DPO, judge,
-noise, adaptive, SPPO and `minispin.evaluate` all use it):
+noise, adaptive, SPPO and `minispin.heldout` all use it):
 - an answer whose sampled token ids came with it (`Pair.chosen_ids` / `Pair.rejected_ids`, stored by the
   generation job as "generated_ids") is trained on exactly those ids, after the generation prompt
   `minispin.sampler.encode_prompt` (the ids the sampler was fed). Re-encoding the decoded text would

@@ -67,7 +67,7 @@ from .methods import METHODS, PAPER_SCHEDULE, JudgeConfig, Method, describe_coun
 from .tokenizer import check_tokenizer_fits, load_tokenizer
 from .training import TrainConfig, save_trained_model, train
 
-__all__ = ["SpinConfig", "SpinResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
+__all__ = ["RunConfig", "RunResult", "Pair", "Method", "METHODS", "register_method", "build_pairs", "spin",
            "PAPER_SCHEDULE", "Iteration", "resolve", "run_record"]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -75,21 +75,21 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 @records_given
 @dataclass
-class SpinConfig:
-    """A whole SPIN run. Defaults follow the paper (zephyr-7b-sft-full on UltraChat200k, 4 iterations).
+class RunConfig:
+    """A whole run of SPIN or a relative (`method`). Defaults follow the SPIN paper (zephyr-7b-sft-full on UltraChat200k, 4 iterations).
 
     Settings resolve by one rule (minispin.config): the method's recipe < a --config file < what was given
     (command line, or passed to a constructor here / in TrainConfig, GenerationConfig, JudgeConfig)."""
 
     # settings of the whole run that generation and training share: they live here only (the driver
-    # writes them into each iteration's TrainConfig / GenerationConfig, with train.method from `method`)
+    # writes them into each iteration's TrainConfig / GenerationConfig, with train.objective from `method`)
     RUN_LEVEL: ClassVar[tuple[str, ...]] = ("template", "max_prompt_length", "seed")
     # may change between a run and its resume (minispin.config; num_iterations: a finished run may be
     # extended by more iterations); the sections list their own
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("output_dir", "allow_config_change", "num_iterations",
                                               "keep_train_state")
     SET_BY_RUN: ClassVar[tuple[str, ...]] = ("train.template", "train.max_prompt_length", "train.seed",
-                                             "train.method", "generation.template",
+                                             "train.objective", "generation.template",
                                              "generation.max_prompt_length", "generation.seed")
 
     model: str = ""  # the starting (SFT) model: an HF safetensors folder
@@ -148,7 +148,7 @@ class SpinConfig:
 
 
 @dataclass
-class SpinResult:
+class RunResult:
     """Where the run wrote its models: models[t] = theta_{t+1} (HF folder)."""
     run_dir: Path
     models: list[Path]
@@ -160,7 +160,7 @@ class SpinResult:
 
 # ----------------------------------------------------------------------------- methods and pairs
 
-def build_pairs(examples: Sequence[Example], config: SpinConfig) -> list[Pair]:
+def build_pairs(examples: Sequence[Example], config: RunConfig) -> list[Pair]:
     """The pair-builder seam: examples (with generated answers where the method generates) -> pairs."""
     return get_method(config.method).build_pairs(examples, config)
 
@@ -178,8 +178,8 @@ class Iteration(NamedTuple):
 def _per_iteration_names() -> dict[str, str]:
     """{a key an `iterations` entry may use: the setting it sets}: "lr" / "train.lr" -> "train.lr",
     "generation.top_p", "mix_previous"; not the run-level settings (template, max_prompt_length, seed)."""
-    run_level = set(SpinConfig.RUN_LEVEL)
-    train = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in run_level | {"method"}]
+    run_level = set(RunConfig.RUN_LEVEL)
+    train = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in run_level | {"objective"}]
     generation = [f.name for f in dataclasses.fields(GenerationConfig) if f.name not in run_level]
     names = [f"train.{n}" for n in train] + [f"generation.{n}" for n in generation] + ["mix_previous"]
     return {**{name: name for name in names}, **{n: f"train.{n}" for n in train}}
@@ -189,7 +189,7 @@ _PER_ITERATION = _per_iteration_names()
 _SETTINGS = list(dict.fromkeys(_PER_ITERATION.values()))  # the per-iteration settings, in field order
 
 
-def resolve(config: SpinConfig) -> list[Iteration]:
+def resolve(config: RunConfig) -> list[Iteration]:
     """Every iteration's settings by minispin.config's rule (how many: `_schedule`). A per-iteration setting
     takes the value that wins among the schedule's entry for the iteration and the value given in train /
     generation / mix_previous (the higher level wins; two of the same level are refused); every other
@@ -209,7 +209,7 @@ def _method_schedule(method_name: str) -> list[dict[str, Any]]:
     return method.schedule if method is not None and method.schedule is not None else PAPER_SCHEDULE
 
 
-def _schedule(config: SpinConfig, given: dict[str, str]) -> tuple[list[dict[str, Any]], str, int]:
+def _schedule(config: RunConfig, given: dict[str, str]) -> tuple[list[dict[str, Any]], str, int]:
     """The per-iteration settings in force, their source and the number of iterations. A given `iterations`
     list has one entry per iteration (a given num_iterations must agree); a recipe's schedule (the method's,
     or an example's) runs num_iterations iterations, by default its length."""
@@ -230,7 +230,7 @@ def _entry(schedule: list[dict[str, Any]], t: int) -> dict[str, Any]:
     return schedule[min(t, len(schedule) - 1)] if schedule else {}
 
 
-def _iteration(config: SpinConfig, method: Method, given: dict[str, str], t: int, entry: dict[str, Any],
+def _iteration(config: RunConfig, method: Method, given: dict[str, str], t: int, entry: dict[str, Any],
                source: str, recipe_entry: dict[str, Any]) -> Iteration:
     """Iteration t's configs: the winning per-iteration values over the sections, the run-level settings
     written in, the method's fixed loss checked; and what differs from the recipe alone."""
@@ -242,12 +242,12 @@ def _iteration(config: SpinConfig, method: Method, given: dict[str, str], t: int
             raise ConfigError(f"iterations[{t}]: method {method.name!r} trains with loss {method.loss!r}, "
                               f"not {train_kw['loss']!r}")
         train_kw["loss"] = method.loss
-    elif train_kw.get("loss", config.train.loss) == "sppo" and method.train_method == "spin":
+    elif train_kw.get("loss", config.train.loss) == "sppo" and method.objective == "pairwise":
         raise ConfigError(f"iterations[{t}]: loss 'sppo' needs SPPO's targets; use --method sppo")
     shared = {"template": config.template, "max_prompt_length": config.max_prompt_length}
     try:
         train_cfg = dataclasses.replace(config.train, **train_kw, **shared, seed=config.seed,
-                                        method=method.train_method)
+                                        objective=method.objective)
         gen_cfg = dataclasses.replace(config.generation, **gen_kw, **shared,
                                       seed=config.seed + t)  # new samples every iteration
     except (TypeError, ValueError) as e:
@@ -257,7 +257,7 @@ def _iteration(config: SpinConfig, method: Method, given: dict[str, str], t: int
     return Iteration(train_cfg, gen_cfg, run, _differences_from_recipe(config, method, given, now, recipe_entry))
 
 
-def _differences_from_recipe(config: SpinConfig, method: Method, given: dict[str, str], now: dict[str, Any],
+def _differences_from_recipe(config: RunConfig, method: Method, given: dict[str, str], now: dict[str, Any],
                      recipe_entry: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{setting: (value, the recipe's value)} of an iteration's per-iteration settings (`now`) that differ
     from what the recipe alone gives: its entry's value, else the section's where nobody gave one, else
@@ -270,13 +270,13 @@ def _differences_from_recipe(config: SpinConfig, method: Method, given: dict[str
         if name in recipe:
             base = recipe[name]
         else:
-            base = field_default(SpinConfig, name) if name in given else lookup(config, name)
+            base = field_default(RunConfig, name) if name in given else lookup(config, name)
         if value != base:
             changed[name] = (value, base)
     return changed
 
 
-def _winning_values(config: SpinConfig, given: dict[str, str], t: int, entry: dict[str, Any],
+def _winning_values(config: RunConfig, given: dict[str, str], t: int, entry: dict[str, Any],
                     source: str) -> dict[str, Any]:
     """{setting: value} of the per-iteration settings that iteration t's entry or a given option sets, each
     the winner by minispin.config's rule."""
@@ -285,7 +285,7 @@ def _winning_values(config: SpinConfig, given: dict[str, str], t: int, entry: di
         if key not in _PER_ITERATION:
             raise ConfigError(f"iterations[{t}]: unknown per-iteration setting {key!r} (use a TrainConfig field "
                               "such as lr/beta/epochs/loss, train.<field>, generation.<field> or mix_previous; "
-                              f"{'/'.join(SpinConfig.RUN_LEVEL)} are settings of the whole run)")
+                              f"{'/'.join(RunConfig.RUN_LEVEL)} are settings of the whole run)")
         candidates.setdefault(_PER_ITERATION[key], []).append((f"iterations[{t}]", value, source))
     for name, src in given.items():
         if _PER_ITERATION.get(name) == name:
@@ -294,20 +294,20 @@ def _winning_values(config: SpinConfig, given: dict[str, str], t: int, entry: di
 
 
 def _check_run_level(given: dict[str, str]) -> None:
-    """The run-level settings live in SpinConfig only: a value given in a section's copy is refused."""
-    for dotted in SpinConfig.SET_BY_RUN:
+    """The run-level settings live in RunConfig only: a value given in a section's copy is refused."""
+    for dotted in RunConfig.SET_BY_RUN:
         if dotted in given:
             name = dotted.split(".")[1]
-            raise ConfigError(f"{dotted} is set by the run: give {name} once (--{name}, SpinConfig.{name}); "
+            raise ConfigError(f"{dotted} is set by the run: give {name} once (--{name}, RunConfig.{name}); "
                               "it serves generation and training alike")
 
 
-def run_record(config: SpinConfig, iterations: list[Iteration] | None = None) -> dict[str, Any]:
+def run_record(config: RunConfig, iterations: list[Iteration] | None = None) -> dict[str, Any]:
     """What <run>/config.json records: the settings as given and resolved ("settings"; the run-level
     ones once, at the top), the names given and where ("given"), and the EFFECTIVE train / generation /
     run settings of every iteration ("iterations"; `resolve(config)` unless passed)."""
     iterations = resolve(config) if iterations is None else iterations
-    return {"settings": to_dict(config, leave_out=set(SpinConfig.SET_BY_RUN).__contains__),
+    return {"settings": to_dict(config, leave_out=set(RunConfig.SET_BY_RUN).__contains__),
             "given": given_names(config),
             "iterations": [{"train": to_dict(it.train), "generation": to_dict(it.generation), **it.run}
                            for it in iterations]}
@@ -319,7 +319,7 @@ def _iter_dir(run: Path, t: int) -> Path:
     return run / f"iter{t}"
 
 
-def _check_run_config(run: Path, config: SpinConfig, current: dict[str, Any]) -> dict[str, Any] | None:
+def _check_run_config(run: Path, config: RunConfig, current: dict[str, Any]) -> dict[str, Any] | None:
     """Rank 0: record the config of a new run (`current`: its run_record), or compare with the config the
     run started with. A config changed under --allow_config_change is returned (not written): the caller
     records it once the resumed work has passed its own checks, so a refused resume leaves config.json as
@@ -328,7 +328,7 @@ def _check_run_config(run: Path, config: SpinConfig, current: dict[str, Any]) ->
     # what must match is the EFFECTIVE settings: where a value came from ("given") may differ (a run's own
     # config.json given back as --config resumes it); iterations compare over the ones both have (extending
     # a run adds iterations)
-    free = resume_free_names(SpinConfig)
+    free = resume_free_names(RunConfig)
     allowed = [f"settings.{k}" for k in free] + ["given", "iterations"]
     changed = check_manifest(path, current, allowed=allowed)
     recorded = read_manifest(path)
@@ -351,7 +351,7 @@ def _started(run: Path) -> bool:
     return any(run.glob("iter*"))
 
 
-def _check_run_inputs(run: Path, config: SpinConfig) -> None:
+def _check_run_inputs(run: Path, config: RunConfig) -> None:
     """Rank 0: fingerprint the data files (size + digest) when the run starts; a resume over changed data
     is refused naming the files (a new run, or one refused before any work, records the new data)."""
     path = run / "inputs.json"
@@ -407,19 +407,19 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _generation_dtype(config: SpinConfig, device: torch.device) -> torch.dtype | None:
+def _generation_dtype(config: RunConfig, device: torch.device) -> torch.dtype | None:
     if config.generation_dtype != "auto":
         return getattr(torch, config.generation_dtype)
     return None if device.type == "cuda" else torch.float32
 
 
-def _read_generated(path: Path, config: SpinConfig, source: str) -> list[Example]:
+def _read_generated(path: Path, config: RunConfig, source: str) -> list[Example]:
     # require_real=False: the input rows were checked when read; SPPO's prompts may have no answer
     rows = read_examples(path, format="spin", require_real=False, require_generated=False, warn=_log)
     return [dataclasses.replace(e, source=source) for e in rows]
 
 
-_log = functools.partial(print0, prefix="spin")  # the driver's status lines: "[spin] ..." on rank 0
+_log = functools.partial(print0, prefix="run")  # the driver's status lines: "[run] ..." on rank 0
 
 
 def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) -> None:
@@ -436,85 +436,105 @@ def _record_pair_stats(run: Path, t: int, method: str, stats: dict[str, Any]) ->
 
 # ----------------------------------------------------------------------------- the driver
 
-def spin(config: SpinConfig) -> SpinResult:
-    """Run (or resume) a whole SPIN run; returns the saved models. Call on every rank under torchrun."""
+@dataclass
+class _Run:
+    """One run in progress, on every rank: what its iterations share, and the models saved so far."""
+    dir: Path
+    config: RunConfig
+    method: Method
+    tokenizer: Any
+    examples: list
+    device: torch.device
+    pending: dict[str, Any] | None  # a config changed under --allow_config_change, written once work starts
+    models: list[Path] = field(default_factory=list)
+    summaries: list[dict[str, Any] | None] = field(default_factory=list)
+
+    @property
+    def current(self) -> str | Path:
+        """The model the next iteration starts from: the last one saved, else the run's input model."""
+        return self.models[-1] if self.models else self.config.model
+
+    def record_config(self) -> None:
+        if self.pending is not None and dist.is_main():
+            write_manifest(self.dir / "config.json", self.pending)
+        self.pending = None
+
+    def mark(self, t: int, phase: str) -> None:
+        """Iteration t entered `phase`: the run's state.json says so (resume and status read it)."""
+        _write_state(self.dir, iteration=t, phase=phase, model=str(self.current),
+                     models=[str(m) for m in self.models])
+        if phase == "train":  # the reference pass is complete and training passed its resume checks
+            self.record_config()
+            _record_new_phase(_iter_dir(self.dir, t), "reference", _iter_dir(self.dir, t) / "reference_logps.jsonl")
+
+    def iteration(self, t: int, settings: Iteration) -> None:
+        """Iteration t, or what is left of it: generate, pair, train, save; a finished one is read back."""
+        it, config = _iter_dir(self.dir, t), self.config
+        final = it / "model"
+        if _phase_done(it, "model"):
+            _log(f"iteration {t}: done earlier ({final})")
+            _cleanup_train_state(it, config)
+            self.models.append(final)
+            self.summaries.append(_read_summary(it))
+            return
+        t0 = time.perf_counter()
+        if dist.is_main():
+            it.mkdir(parents=True, exist_ok=True)
+        train_cfg = settings.train
+        mark = functools.partial(self.mark, t)
+        examples = _iteration_examples(self.dir, t, config, self.method, self.examples, self.current,
+                                       self.tokenizer, settings.generation, self.device, mark)
+        pairs = _iteration_pairs(self.dir, t, config, self.method, examples, settings.run)
+        noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
+                                                                    ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
+        _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
+             f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(settings.changed)}")
+
+        _phase_done(it, "reference")  # a damaged reference file is refused, not trained on
+        result = train(self.current, self.tokenizer, pairs, train_cfg, run_dir=it, on_phase=mark)
+        truncation = result.truncation
+        assert truncation is not None  # train() tokenized the pairs itself
+        mark("save")
+        saved = [final]
+        if train_cfg.lora is not None:  # LoRA: the adapters in PEFT's layout, on the model they trained on
+            saved.append(save_adapter(result.policy.model, it / "adapter", base_model=str(self.current)))
+        save_trained_model(result.policy, final, tokenizer=self.tokenizer, dtype=_save_dtype(config))
+        _record_phase(it, "model", *saved)
+        del result
+        _free_memory()
+        _cleanup_train_state(it, config)
+        dist.kill_point("save", iteration=t)
+        self.models.append(final)
+        _log(f"iteration {t}: saved {final}")
+        self.summaries.append(_write_summary(it, t, self.method.name, len(pairs), time.perf_counter() - t0, final,
+                                             truncation, train_cfg))
+
+
+def spin(config: RunConfig) -> RunResult:
+    """Run (or resume) a whole run of `config.method`; returns the saved models. Call on every rank under
+    torchrun."""
     config = _check_inputs(config)
     method = get_method(config.method)
     schedule = resolve(config)  # every iteration's settings, once
     info = dist.init_distributed(config.train.device, single_process_group=torch.cuda.is_available()
                                  and (config.train.device or "cuda").startswith("cuda"))
-    run = Path(config.output_dir)
+    run_dir = Path(config.output_dir)
     lock = None
     try:
-        lock = lock_run(run)
-        pending = _start_run(run, config, run_record(config, schedule))
-
-        def record_config() -> None:  # a config changed under --allow_config_change, once its work starts
-            nonlocal pending
-            if pending is not None and dist.is_main():
-                write_manifest(run / "config.json", pending)
-            pending = None
-
+        lock = lock_run(run_dir)
+        pending = _start_run(run_dir, config, run_record(config, schedule))
         tokenizer = load_tokenizer(config.tokenizer or config.model)
         check_tokenizer_fits(tokenizer, load_config(config.model).vocab_size, config.model)
         examples = _read_data(config, method)
         _log(f"{len(examples)} examples from {config.data}; method {method.name}; "
              f"{len(schedule)} iteration(s); world size {info.world_size}")
-
-        current: str | Path = config.model
-        models: list[Path] = []
-        summaries: list[dict[str, Any] | None] = []
-        for t, (train_cfg, gen_cfg, run_kw, changed) in enumerate(schedule):
-            it = _iter_dir(run, t)
-            final = it / "model"
-            if _phase_done(it, "model"):
-                _log(f"iteration {t}: done earlier ({final})")
-                _cleanup_train_state(it, config)
-                models.append(final)
-                current = final
-                summaries.append(_read_summary(it))
-                continue
-            t0 = time.perf_counter()
-            if dist.is_main():
-                it.mkdir(parents=True, exist_ok=True)
-
-            def on_phase(phase: str, _t=t, _it=it) -> None:
-                _write_state(run, iteration=_t, phase=phase, model=str(current), models=[str(m) for m in models])
-                if phase == "train":  # the reference pass is complete and training passed its resume checks
-                    record_config()
-                    _record_new_phase(_it, "reference", _it / "reference_logps.jsonl")
-
-            current_examples = _iteration_examples(run, t, config, method, examples, current, tokenizer, gen_cfg,
-                                                   info.device, on_phase)
-            pairs = _iteration_pairs(run, t, config, method, current_examples, run_kw)
-            noise = "".join(f", {name} {value:g}" for name, value in (("label smoothing", train_cfg.label_smoothing),
-                                                                        ("NEFTune alpha", train_cfg.neftune_alpha)) if value)
-            _log(f"iteration {t}: {len(pairs)} pairs; lr {train_cfg.lr:g}, beta {train_cfg.beta:g}, "
-                 f"{train_cfg.epochs:g} epoch(s), loss {train_cfg.loss}{noise}{_not_from_recipe(changed)}")
-
-            _phase_done(it, "reference")  # a damaged reference file is refused, not trained on
-            result = train(current, tokenizer, pairs, train_cfg, run_dir=it, on_phase=on_phase)
-            truncation = result.truncation
-            assert truncation is not None  # train() tokenized the pairs itself
-            on_phase("save")
-            saved = [final]
-            if train_cfg.lora is not None:  # LoRA: the adapters in PEFT's layout, on the model they trained on
-                saved.append(save_adapter(result.policy.model, it / "adapter", base_model=str(current)))
-            save_trained_model(result.policy, final, tokenizer=tokenizer, dtype=_save_dtype(config))
-            _record_phase(it, "model", *saved)
-            del result
-            _free_memory()
-            _cleanup_train_state(it, config)
-            dist.kill_point("save", iteration=t)
-            models.append(final)
-            current = final
-            _log(f"iteration {t}: saved {final}")
-            summaries.append(_write_summary(it, t, method.name, len(pairs), time.perf_counter() - t0, final,
-                                            truncation, train_cfg))
-        record_config()
-        _write_state(run, iteration=len(schedule), phase="done", models=[str(m) for m in models])
-        _write_run_summary(run, summaries)
-        return SpinResult(run, models)
+        run = _Run(run_dir, config, method, tokenizer, examples, info.device, pending)
+        for t, settings in enumerate(schedule):
+            run.iteration(t, settings)
+        run.record_config()
+        _write_state(run_dir, iteration=len(schedule), phase="done", models=[str(m) for m in run.models])
+        _write_run_summary(run_dir, run.summaries)
+        return RunResult(run_dir, run.models)
     finally:
         if lock is not None:
             lock.release()
@@ -580,7 +600,7 @@ def _write_run_summary(run: Path, summaries: list[dict[str, Any] | None]) -> Non
 MODEL_FILES = "config.json, model.safetensors (or model.safetensors.index.json + shards) and tokenizer files"
 
 
-def _check_model_folder(model: Path, config: SpinConfig) -> None:
+def _check_model_folder(model: Path, config: RunConfig) -> None:
     """A Hugging Face model folder holds a config, weights and (unless --tokenizer) a tokenizer."""
     lacks = [name for name, ok in (
         ("config.json", (model / "config.json").is_file()),
@@ -593,7 +613,7 @@ def _check_model_folder(model: Path, config: SpinConfig) -> None:
         raise UserError(f"--model {config.model} lacks {'; '.join(lacks)}")
 
 
-def _check_inputs(config: SpinConfig) -> SpinConfig:
+def _check_inputs(config: RunConfig) -> RunConfig:
     """Before any work: the model folder, the data and the method's needs, each refused with one clear
     message naming the option that fixes it. Returns the config with the split resolved (a split only
     chooses inside a folder: an unasked one - e.g. an example's default - is dropped for a single file)."""
@@ -636,7 +656,7 @@ def _check_inputs(config: SpinConfig) -> SpinConfig:
     return config
 
 
-def _start_run(run: Path, config: SpinConfig, record: dict[str, Any]) -> dict[str, Any] | None:
+def _start_run(run: Path, config: RunConfig, record: dict[str, Any]) -> dict[str, Any] | None:
     """Every rank, holding the run's lock: temp files of interrupted writes removed; the run's config.json
     (`record`) and data fingerprints are this run's (or the resume is refused and nothing is written).
     Returns a config changed under --allow_config_change, to be recorded once the work starts."""
@@ -657,9 +677,9 @@ def _start_run(run: Path, config: SpinConfig, record: dict[str, Any]) -> dict[st
     return pending
 
 
-def _read_data(config: SpinConfig, method: Method) -> list:
+def _read_data(config: RunConfig, method: Method) -> list:
     """The run's records, read the method's way (SFT / SPIN rows by default)."""
-    warn = functools.partial(warn0, prefix="spin")
+    warn = functools.partial(warn0, prefix="run")
     examples = method.read_data(config, warn) if method.read_data is not None else None
     if examples is None:
         examples = read_examples(config.data, format=config.data_format, split=config.split, limit=config.limit,
@@ -671,7 +691,7 @@ def _read_data(config: SpinConfig, method: Method) -> list:
     return examples
 
 
-def _iteration_examples(run: Path, t: int, config: SpinConfig, method: Method, examples: list, current: str | Path,
+def _iteration_examples(run: Path, t: int, config: RunConfig, method: Method, examples: list, current: str | Path,
                         tokenizer: Any, gen_cfg: GenerationConfig, device: torch.device,
                         on_phase: Any) -> list:
     """Iteration t's records: the model's generated answers (resumable job -> <iter>/generated.jsonl) when
@@ -692,7 +712,7 @@ def _iteration_examples(run: Path, t: int, config: SpinConfig, method: Method, e
     return _read_generated(gen_path, config, f"iter{t}")
 
 
-def _iteration_pairs(run: Path, t: int, config: SpinConfig, method: Method, current_examples: list,
+def _iteration_pairs(run: Path, t: int, config: RunConfig, method: Method, current_examples: list,
                      run_kw: dict[str, Any]) -> list[Pair]:
     """Iteration t's pairs: judge scores attached (cached), the method's pairs, the previous iteration's
     pairs mixed in (mix_previous), renumbered; the method's decision counts recorded and printed."""
@@ -730,11 +750,11 @@ def _short(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else json.dumps(value)
 
 
-def _save_dtype(config: SpinConfig):
+def _save_dtype(config: RunConfig):
     return "auto" if config.save_dtype == "auto" else getattr(torch, config.save_dtype)
 
 
-def _cleanup_train_state(it: Path, config: SpinConfig) -> None:
+def _cleanup_train_state(it: Path, config: RunConfig) -> None:
     if config.keep_train_state or not dist.is_main():
         return
     for name in ("train_state", "train_state.old"):

@@ -105,30 +105,34 @@ def _average(scores: dict[str, float | None], columns: Sequence[str]) -> float |
 
 
 def make_table(columns: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], *, source: str,
-               **extra: Any) -> dict[str, Any]:
+               average: bool = True, change: tuple[float, str] = (100.0, "points"), **extra: Any) -> dict[str, Any]:
     """The table as JSON-ready dict. columns: [{"key", "label", ...}]; rows: [{"name", "scores": {key:
     value or None}, optional "model", "baseline" (True: a comparison row such as continued SFT, drawn
-    as a reference line rather than as a point of the iteration axis)}]. Average is computed here."""
+    as a reference line rather than as a point of the iteration axis)}]. Average is computed here, unless
+    `average` is False (columns in different quantities, e.g. log-probs and their gap: no mean of them is
+    meaningful). change: (scale, unit) of differences from the first row in the figure (accuracies: points)."""
     keys = [c["key"] for c in columns]
     assert len(set(keys)) == len(keys), f"duplicate columns {keys}"
     out_rows = []
     for r in rows:
         scores = {k: r["scores"].get(k) for k in keys}
         out_rows.append(dict(r, scores=scores, baseline=bool(r.get("baseline", False)),
-                             average=_average(scores, keys)))
+                             average=_average(scores, keys) if average else None))
     return {"source": source, "columns": list(columns), "rows": out_rows,
-            "average": "unweighted mean of the columns (empty until every column of the row is done)",
+            "average": "unweighted mean of the columns (empty until every column of the row is done)"
+            if average else None, "change": {"scale": change[0], "unit": change[1]},
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
 
 
 def format_table(table: dict[str, Any], digits: int = 4) -> str:
     """The table in markdown, as the seeds print it (rows: models; columns: tasks, then Average)."""
     cols = table["columns"]
-    head = ["Task"] + [c.get("label", c["key"]) for c in cols] + ["Average"]
+    average = table.get("average") is not None
+    head = ["Task"] + [c.get("label", c["key"]) for c in cols] + ["Average"] * average
     fmt = lambda v: "" if v is None else f"{v:.{digits}f}"  # noqa: E731
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in table["rows"]:
-        cells = [r["name"]] + [fmt(r["scores"].get(c["key"])) for c in cols] + [fmt(r.get("average"))]
+        cells = [r["name"]] + [fmt(r["scores"].get(c["key"])) for c in cols] + [fmt(r.get("average"))] * average
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -137,7 +141,7 @@ def write_table(directory: str | os.PathLike, table: dict[str, Any]) -> Path:
     """Write <directory>/eval_table.json and eval_table.md atomically; returns the JSON path."""
     directory = Path(directory)
     atomic_write_json(directory / TABLE_JSON, table)
-    note = f"\nSource: {table['source']}. Average: {table['average']}."
+    note = f"\nSource: {table['source']}." + (f" Average: {table['average']}." if table.get("average") else "")
     if table.get("limit") is not None:
         note += f" Only the first {table['limit']:g} examples of each task (--limit): a quick look, not the benchmark."
     note += "\n"
@@ -322,6 +326,25 @@ def _task_manager(TaskManager: Any, tasks: Sequence[EvalTask], include_path: Seq
     return task_manager
 
 
+def _compute_cell(simple_evaluate: Callable[..., Any], lm: Any, t: EvalTask, settings: dict[str, Any],
+                  limit: float | None, task_manager: Any, row: str) -> dict[str, Any]:
+    """One (row, task) cell: lm-eval's score of the loaded model on task t, with its settings and time."""
+    start = time.perf_counter()
+    try:
+        out = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=limit,
+                              task_manager=task_manager, log_samples=False, verbosity="WARNING")
+    except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub (OfflineModeIsEnabled)"
+        raise EvalError(f"task {t.name}: its data set is not on this machine ({e}). minispin.eval runs "
+                        "lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1): fill the Hugging Face "
+                        "datasets cache once where the hub is reachable (e.g. run lm-eval on the task "
+                        "there) and use that cache here (HF_HOME / HF_DATASETS_CACHE)") from None
+    key, value, stderr = pick_metric(t, out["results"])
+    n = out.get("n-samples", {}).get(t.name, {})
+    return {"row": row, "value": value, "stderr": stderr, "metric": key, "settings": settings,
+            "n_samples": n.get("effective") if isinstance(n, dict) else None,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
 def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TASKS, *,
                  limit: float | None = None, include_path: Sequence[str] = (), sft_model: str | None = None,
                  batch_size: int | str = 8, device: str | None = None, dtype: str = "auto",
@@ -378,26 +401,13 @@ def evaluate_run(run_dir: str | os.PathLike, tasks: Sequence[EvalTask] = SEED_TA
         log(f"{row}: loading {path}")
         lm = HFLM(pretrained=str(path), device=device, batch_size=batch_size, dtype=dtype, trust_remote_code=False)
         for i, (t, settings) in enumerate(todo, 1):
-            start = time.perf_counter()
             log(f"{row}: {t.label} ({i}/{len(todo)})" + (f", limit {limit:g}" if limit is not None else ""))
-            try:
-                out = simple_evaluate(model=lm, tasks=[t.name], num_fewshot=t.num_fewshot, limit=limit,
-                                      task_manager=task_manager, log_samples=False, verbosity="WARNING")
-            except ConnectionError as e:  # datasets' "Couldn't reach ... on the Hub (OfflineModeIsEnabled)"
-                raise EvalError(f"task {t.name}: its data set is not on this machine ({e}). minispin.eval runs "
-                                "lm-eval offline (HF_HUB_OFFLINE=1, HF_DATASETS_OFFLINE=1): fill the Hugging Face "
-                                "datasets cache once where the hub is reachable (e.g. run lm-eval on the task "
-                                "there) and use that cache here (HF_HOME / HF_DATASETS_CACHE)") from None
-            key, value, stderr = pick_metric(t, out["results"])
-            n = out.get("n-samples", {}).get(t.name, {})
-            cell = {"row": row, "value": value, "stderr": stderr, "metric": key, "settings": settings,
-                    "n_samples": n.get("effective") if isinstance(n, dict) else None,
-                    "seconds": round(time.perf_counter() - start, 2)}
+            cell = _compute_cell(simple_evaluate, lm, t, settings, limit, task_manager, row)
             atomic_write_json(_cell_path(run, row, t), cell)
             cells[(row, t.name)] = cell
             computed.append((row, t.name))
             write_table(run, table())
-            log(f"{row}: {t.label} {key} = {value:.4f} ({cell['seconds']:.0f}s)")
+            log(f"{row}: {t.label} {cell['metric']} = {cell['value']:.4f} ({cell['seconds']:.0f}s)")
             bar.update(len(cells), f"{row} {t.label}")
         del lm
     bar.close()

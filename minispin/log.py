@@ -37,7 +37,7 @@ def _printing_rank() -> bool:
 
 
 def print0(message: str, *, prefix: str = "") -> None:
-    """One line on stderr, printed by rank 0 only (`prefix`: e.g. "spin" -> "[spin] message")."""
+    """One line on stderr, printed by rank 0 only (`prefix`: e.g. "run" -> "[run] message")."""
     if _printing_rank():
         print(f"[{prefix}] {message}" if prefix else message, file=sys.stderr, flush=True)
 

@@ -239,10 +239,10 @@ def plot_training(run: RunLog):
 
 
 def plot_eval(table: dict[str, Any], title: str = ""):
-    """The evaluation table by row (SFT, iter0, ...): left, each task's score and the Average (bold);
-    right, the change from the first row (SFT) in points. Baseline rows (e.g. continued SFT) are drawn
-    as dashed horizontal lines of their Average. One line per task plus Average in each panel, labelled
-    by the column's label. Returns a matplotlib Figure."""
+    """The evaluation table by row (SFT, iter0, ...): left, each task's score and the Average (bold; none
+    when the table has no Average); right, the change from the first row (SFT), in the table's change unit
+    (points for accuracies). Baseline rows (e.g. continued SFT) are drawn as dashed horizontal lines: of
+    their Average, or of each column without one. Returns a matplotlib Figure."""
     Figure, FigureCanvasAgg = _matplotlib()
     cols = table["columns"]
     rows = [r for r in table["rows"] if not r.get("baseline")]
@@ -255,8 +255,11 @@ def plot_eval(table: dict[str, Any], title: str = ""):
     series = [(c.get("label", c["key"]), [r["scores"].get(c["key"]) for r in rows],
                first["scores"].get(c["key"]) if first else None, dict(linewidth=1.2, marker="o", markersize=4),
                [(r.get("stderr") or {}).get(c["key"]) for r in rows]) for c in cols]
-    series.append(("Average", [r.get("average") for r in rows], first.get("average") if first else None,
-                   dict(linewidth=2.6, marker="s", markersize=6, color="black"), [None] * len(rows)))
+    if table.get("average") is not None:
+        series.append(("Average", [r.get("average") for r in rows], first.get("average") if first else None,
+                       dict(linewidth=2.6, marker="s", markersize=6, color="black"), [None] * len(rows)))
+    change = table.get("change") or {"scale": 100.0, "unit": "points"}  # tables written before it was a key
+    colors = {}
     for label, ys, y0, style, errs in series:
         pts = [(xi, y) for xi, y in zip(x, ys) if y is not None]
         line, = ax_abs.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
@@ -264,16 +267,24 @@ def plot_eval(table: dict[str, Any], title: str = ""):
         if band:  # lm-eval's standard error, +-1
             ax_abs.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                                 color=line.get_color(), alpha=0.12, linewidth=0)
-        diff = [(xi, 100 * (y - y0)) for xi, y in pts if y0 is not None]
+        diff = [(xi, change["scale"] * (y - y0)) for xi, y in pts if y0 is not None]
         ax_diff.plot([p[0] for p in diff], [p[1] for p in diff], label=label,
                      **dict(style, color=line.get_color()))
-    for r in baselines:
-        if r.get("average") is not None:
-            ax_abs.axhline(r["average"], color="0.4", linestyle="--", linewidth=1,
-                           label=f"{r['name']} (Average)")
-            if first is not None and first.get("average") is not None:
-                ax_diff.axhline(100 * (r["average"] - first["average"]), color="0.4", linestyle="--",
-                                linewidth=1, label=f"{r['name']} (Average)")
+        colors[label] = line.get_color()
+    for r in baselines:  # dashed lines: the Average's, or each column's in its colour
+        if table.get("average") is not None:
+            lines = [("Average", r.get("average"), first.get("average") if first else None, "0.4")]
+        else:
+            lines = [(c.get("label", c["key"]), r["scores"].get(c["key"]),
+                      first["scores"].get(c["key"]) if first else None, colors[c.get("label", c["key"])])
+                     for c in cols]
+        for label, y, y0, color in lines:
+            if y is None:
+                continue
+            ax_abs.axhline(y, color=color, linestyle="--", linewidth=1, label=f"{r['name']} ({label})")
+            if y0 is not None:
+                ax_diff.axhline(change["scale"] * (y - y0), color=color, linestyle="--", linewidth=1,
+                                label=f"{r['name']} ({label})")
     for ax in (ax_abs, ax_diff):
         ax.set_xticks(x, [r["name"] for r in rows], fontsize=8)
         ax.grid(True, alpha=0.3)
@@ -281,7 +292,8 @@ def plot_eval(table: dict[str, Any], title: str = ""):
     ax_diff.axhline(0.0, color="0.6", linewidth=0.8)
     bands = any((r.get("stderr") or {}) for r in rows)
     ax_abs.set_title("score" + (" (band: +-1 standard error)" if bands else ""), fontsize=9, loc="left")
-    ax_diff.set_title(f"change from {first['name'] if first else 'the first row'} (points)", fontsize=9, loc="left")
+    ax_diff.set_title(f"change from {first['name'] if first else 'the first row'} ({change['unit']})", fontsize=9,
+                      loc="left")
     fig.legend(*ax_abs.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     fig.suptitle(f"evaluation{' ' + title if title else ''}: {table.get('source', '')}", fontsize=9)
     return fig
@@ -381,7 +393,8 @@ def write_report(directory: str | os.PathLike, out_dir: str | os.PathLike | None
         md += [f"No {TABLE_JSON} yet: run `python -m minispin.eval {root}` (lm-evaluation-harness).", ""]
     for name, table in tables.items():
         where = f"{name}/" if name else ""
-        md += [f"From `{where}{TABLE_JSON}` ({table.get('source', '')}; Average: {table.get('average', 'mean')}).",
+        average = f"; Average: {table['average']}" if table.get("average") else ""
+        md += [f"From `{where}{TABLE_JSON}` ({table.get('source', '')}{average}).",
                "", format_table(table), f"![evaluation{' ' + name if name else ''}](eval{'_' + name if name else ''}.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     files.append(out / "report.md")

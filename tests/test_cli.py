@@ -137,9 +137,9 @@ def test_bad_nproc_per_node_is_one_line(tmp_path, run_here):
 def test_cli_parses_nested_flat_and_json_options():
     from minispin.cli import parse_config
     from minispin.config import ConfigError
-    from minispin.driver import SpinConfig, resolve
+    from minispin.driver import RunConfig, resolve
 
-    cfg = parse_config(SpinConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
+    cfg = parse_config(RunConfig, ["--model", "m", "--data", "d", "--train.lr", "5e-7", "--beta", "0.5",
                                     "--seed", "3", "--mix_previous", "false",
                                     "--iterations", '[{"epochs": 1, "loss": "hinge"}]', "--limit", "none",
                                     "--max-prompt-length", "100", "--activation_checkpointing"])
@@ -151,9 +151,9 @@ def test_cli_parses_nested_flat_and_json_options():
     assert [(t.max_prompt_length, g.max_prompt_length) for t, g, *_ in resolve(cfg)] == [(100, 100)]
     assert cfg.train.activation_checkpointing is True
     with pytest.raises(ConfigError, match="unknown option"):
-        parse_config(SpinConfig, ["--no_such_option", "1"])
+        parse_config(RunConfig, ["--no_such_option", "1"])
     with pytest.raises(ConfigError, match="--train.seed"):  # a run-level setting has no section option
-        parse_config(SpinConfig, ["--train.seed", "7"])
+        parse_config(RunConfig, ["--train.seed", "7"])
 
 
 ZEPHYR = str(REPO / "examples" / "spin_zephyr.py")

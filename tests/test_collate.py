@@ -18,7 +18,7 @@ from minispin import generation_job
 from minispin.collate import (IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_answer,
                               tokenize_pairs, truncate)
 from minispin.data import Example, read_examples
-from minispin.evaluate import answer_logprobs
+from minispin.heldout import answer_logprobs
 from minispin.sampler import GeneratedSequence, encode_prompt
 from minispin.generation_job import GenerationConfig, run_generation_job, sample_answer
 from minispin.methods import JudgeConfig, judge_pairs, spin_pairs, sppo_pairs

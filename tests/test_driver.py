@@ -21,7 +21,7 @@ from minispin.checkpoint import load_model, save_model
 from minispin.data import DataError
 from minispin.model import Transformer
 from minispin.config import ConfigError
-from minispin.driver import PAPER_SCHEDULE, SpinConfig, resolve, run_record, spin
+from minispin.driver import PAPER_SCHEDULE, RunConfig, resolve, run_record, spin
 from minispin.errors import UserError
 from minispin.training import TrainConfig
 from minispin.runs import RunError, temp_files
@@ -205,15 +205,15 @@ def test_resume_with_another_config_is_refused(base, uninterrupted):
     argv = _argv(model_dir, data, uninterrupted) + ["--generation.temperature", "0.5"]
     from minispin.cli import parse_config
     with pytest.raises(ValueError, match="different config.*generation.temperature"):
-        spin(parse_config(SpinConfig, argv))
+        spin(parse_config(RunConfig, argv))
     # the same config: everything is done, returns at once
-    result = spin(parse_config(SpinConfig, _argv(model_dir, data, uninterrupted)))
+    result = spin(parse_config(RunConfig, _argv(model_dir, data, uninterrupted)))
     assert result.final_model == uninterrupted / "iter1" / "model"
 
 
 def test_continued_sft_method(base, tmp_path):
     _, model_dir, data = base
-    cfg = SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "sft"), method="sft",
+    cfg = RunConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "sft"), method="sft",
                      iterations=[{"lr": 1e-3, "epochs": 1}])
     cfg.train.global_batch_size, cfg.train.progress, cfg.train.device = 5, False, "cpu"
     result = spin(cfg)
@@ -226,7 +226,7 @@ def test_continued_sft_method(base, tmp_path):
 
 
 def test_paper_schedule_is_one_config():
-    cfg = SpinConfig(model="m", data="d")
+    cfg = RunConfig(model="m", data="d")
     its = resolve(cfg)
     assert [t.lr for t, *_ in its] == [5e-7, 5e-7, 1e-7, 1e-7]
     assert [t.beta for t, *_ in its] == [0.1, 0.1, 0.1, 5.0]
@@ -236,22 +236,22 @@ def test_paper_schedule_is_one_config():
     assert all(g.max_new_tokens == 256 for _, g, *_ in its)
     assert cfg.iterations is None and cfg.mix_previous  # None: the method's recipe, the paper's schedule
     assert [{"lr": t.lr, "beta": t.beta} for t, *_ in its] == PAPER_SCHEDULE
-    five = SpinConfig(model="m", data="d", num_iterations=5)
+    five = RunConfig(model="m", data="d", num_iterations=5)
     assert resolve(five)[4].train.beta == 5.0  # past the list: its last entry
-    over = SpinConfig(model="m", data="d", iterations=[{"loss": "hinge", "generation.temperature": 0.7,
+    over = RunConfig(model="m", data="d", iterations=[{"loss": "hinge", "generation.temperature": 0.7,
                                                         "mix_previous": False}])
     t, g, s, _ = resolve(over)[0]
     assert t.loss == "hinge" and g.temperature == 0.7 and s == {"mix_previous": False}
     with pytest.raises(ConfigError, match=r"iterations\[0\]: unknown per-iteration setting 'lr_max'"):
-        SpinConfig(model="m", data="d", iterations=[{"lr_max": 1.0}])
-    cfg = SpinConfig(model="m", data="d", template="spin", max_prompt_length=100)
+        RunConfig(model="m", data="d", iterations=[{"lr_max": 1.0}])
+    cfg = RunConfig(model="m", data="d", template="spin", max_prompt_length=100)
     assert {(t.template, g.template, t.max_prompt_length, g.max_prompt_length) for t, g, *_ in resolve(cfg)} \
-        == {("spin", "spin", 100, 100)}  # one home each: SpinConfig.template / max_prompt_length
+        == {("spin", "spin", 100, 100)}  # one home each: RunConfig.template / max_prompt_length
     with pytest.raises(ConfigError, match="generation.template is set by the run: give template once"):
         cfg.generation.template = "chat"
         resolve(cfg)
     with pytest.raises(ConfigError, match="train.max_prompt_length is set by the run"):
-        SpinConfig(model="m", data="d", train=TrainConfig(max_prompt_length=64))
+        RunConfig(model="m", data="d", train=TrainConfig(max_prompt_length=64))
 
 
 def test_given_options_win_over_the_default_schedule(tmp_path):
@@ -274,13 +274,13 @@ def test_given_options_win_over_the_default_schedule(tmp_path):
     with pytest.raises(ConfigError, match="train.lr is set both in iterations"):  # contradictory: which lr?
         parse_args(["--model", "m", "--data", "d", "--iterations", '[{"lr": 1e-3}]', "--train.lr", "1e-4"])
     saved = tmp_path / "config.json"  # a run's config.json as --config: command-line options win over it
-    saved.write_text(json.dumps(run_record(SpinConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
+    saved.write_text(json.dumps(run_record(RunConfig(model="m", data="d", iterations=[{"lr": 1e-3, "beta": 0.2}]))))
     cfg = parse_args(["--config", str(saved), "--lr", "1e-4"])
     assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-4, 0.2)]
-    cfg = SpinConfig(model="m", data="d", train=TrainConfig(lr=1e-6))
+    cfg = RunConfig(model="m", data="d", train=TrainConfig(lr=1e-6))
     assert [(t.lr, t.beta) for t, *_ in resolve(cfg)] == [(1e-6, 0.1)] * 3 + [(1e-6, 5.0)]
     with pytest.raises(ValueError, match="method 'sppo' trains with loss 'sppo', not 'hinge'"):
-        SpinConfig(model="m", data="d", method="sppo", train=TrainConfig(loss="hinge"))
+        RunConfig(model="m", data="d", method="sppo", train=TrainConfig(loss="hinge"))
 
 
 def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_path):
@@ -291,29 +291,29 @@ def test_run_config_check_allows_fixes_before_any_work_and_more_iterations(tmp_p
     run = tmp_path / "run"
     run.mkdir()
     check = lambda cfg: _check_run_config(run, cfg, run_record(cfg))  # noqa: E731
-    check(SpinConfig(model="m", data="bad.jsonl"))
-    check(SpinConfig(model="m", data="good.jsonl"))  # nothing started: accepted
+    check(RunConfig(model="m", data="bad.jsonl"))
+    check(RunConfig(model="m", data="good.jsonl"))  # nothing started: accepted
     assert json.loads((run / "config.json").read_text())["settings"]["data"] == "good.jsonl"
     (run / "iter0").mkdir()
     with pytest.raises(ValueError, match="different config .*settings.data: 'good.jsonl' -> 'other.jsonl'"):
-        check(SpinConfig(model="m", data="other.jsonl"))
-    check(SpinConfig(model="m", data="good.jsonl", num_iterations=6))
+        check(RunConfig(model="m", data="other.jsonl"))
+    check(RunConfig(model="m", data="good.jsonl", num_iterations=6))
 
 
 def test_clear_errors_for_missing_paths_and_bad_rows(base, tmp_path):
     _, model_dir, data = base
     cpu = TrainConfig(device="cpu")
     with pytest.raises(UserError, match="--model .*nope: no such folder"):
-        spin(SpinConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a"), train=cpu))
+        spin(RunConfig(model=str(tmp_path / "nope"), data=str(data), output_dir=str(tmp_path / "a"), train=cpu))
     with pytest.raises(UserError, match="--data .*missing.jsonl: no such file or folder"):
-        spin(SpinConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"),
+        spin(RunConfig(model=str(model_dir), data=str(tmp_path / "missing.jsonl"), output_dir=str(tmp_path / "b"),
                         train=cpu))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "fine", "response": "ok"}) + "\n" + json.dumps({"prompt": "q", "response": 7}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl: line 2: key 'response'"):
-        spin(SpinConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
+        spin(RunConfig(model=str(model_dir), data=str(bad), output_dir=str(tmp_path / "c"), train=cpu))
     with pytest.raises(ValueError, match="--method 'dpo-magic' is not a method"):
-        spin(SpinConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
+        spin(RunConfig(model=str(model_dir), data=str(data), output_dir=str(tmp_path / "d"), method="dpo-magic",
                         train=cpu))
 
 
@@ -421,10 +421,10 @@ def test_damaged_final_weights_are_detected_on_resume(uninterrupted, base, tmp_p
     with open(weights, "r+b") as f:
         f.truncate(1000)
     with pytest.raises(RunError, match=f"{weights}: 1000 bytes, recorded [0-9]+"):
-        spin(parse_config(SpinConfig, _argv(model_dir, data, out)))
+        spin(parse_config(RunConfig, _argv(model_dir, data, out)))
     (out / "iter0" / "model" / "model.safetensors").unlink()
     with pytest.raises(RunError, match=f"{out / 'iter0' / 'model' / 'model.safetensors'}: missing"):
-        spin(parse_config(SpinConfig, _argv(model_dir, data, out)))
+        spin(parse_config(RunConfig, _argv(model_dir, data, out)))
 
 
 def test_an_edited_data_file_is_refused_on_resume(base, tmp_path):
@@ -441,10 +441,10 @@ def test_an_edited_data_file_is_refused_on_resume(base, tmp_path):
     original = edited.read_bytes()
     edited.write_text(original.decode().replace("What is", "Compute", 3))
     with pytest.raises(RunError, match=f"started on other data: {edited.resolve()}: changed"):
-        spin(parse_config(SpinConfig, argv))
+        spin(parse_config(RunConfig, argv))
     assert not (out / "iter0" / "generated.jsonl").exists()
     edited.write_bytes(original)
-    assert spin(parse_config(SpinConfig, argv)).final_model == out / "iter0" / "model"
+    assert spin(parse_config(RunConfig, argv)).final_model == out / "iter0" / "model"
 
 
 def test_a_refused_config_change_leaves_config_json_byte_identical(base, tmp_path):
@@ -460,10 +460,10 @@ def test_a_refused_config_change_leaves_config_json_byte_identical(base, tmp_pat
     other = list(argv)
     other[other.index("--iterations") + 1] = '[{"lr": 2e-3, "beta": 0.1}]'
     with pytest.raises(ValueError, match="different config"):
-        spin(parse_config(SpinConfig, other))
+        spin(parse_config(RunConfig, other))
     assert (out / "config.json").read_bytes() == before
     with pytest.raises(ValueError, match="train_state: saved by a run with other settings"):
-        spin(parse_config(SpinConfig, other + ["--allow_config_change", "true"]))
+        spin(parse_config(RunConfig, other + ["--allow_config_change", "true"]))
     assert (out / "config.json").read_bytes() == before
 
 
@@ -477,7 +477,7 @@ def test_mismatched_tokenizer_fails_before_generation_starts(base, tmp_path):
     (tok_dir / "tokenizer.json").write_text(tok.to_str())
     shutil.copy(model_dir / "tokenizer_config.json", tok_dir)
     out = tmp_path / "run"
-    cfg = SpinConfig(model=str(model_dir), data=str(data), output_dir=str(out), tokenizer=str(tok_dir))
+    cfg = RunConfig(model=str(model_dir), data=str(data), output_dir=str(out), tokenizer=str(tok_dir))
     with pytest.raises(ValueError, match=f"do not match: the tokenizer has {VOCAB_SIZE + 40} tokens but the "
                                          f"model's vocabulary has {VOCAB_SIZE}"):
         spin(cfg)
@@ -494,11 +494,11 @@ def test_settings_are_validated_before_any_work(base, tmp_path, capsys):
     with pytest.raises(ConfigError, match="save_dtype must be one of auto, float32, bfloat16, float16, got 'bfloat61'"):
         parse_args(given + ["--save_dtype", "bfloat61"])  # a usage error: python -m minispin prints it as one line
     with pytest.raises(ValueError, match="generation_dtype must be one of"):
-        SpinConfig(model=str(model_dir), data=str(data), generation_dtype="fp8")
+        RunConfig(model=str(model_dir), data=str(data), generation_dtype="fp8")
     with pytest.raises(ValueError, match=r"bad sampling settings: temperature -1"):
-        SpinConfig(model=str(model_dir), data=str(data), iterations=[{}, {"generation.temperature": -1}])
+        RunConfig(model=str(model_dir), data=str(data), iterations=[{}, {"generation.temperature": -1}])
     with pytest.raises(ValueError, match="label_smoothing must be in"):
-        SpinConfig(model=str(model_dir), data=str(data), iterations=[{"lr": 1e-7}, {"label_smoothing": 0.7}])
+        RunConfig(model=str(model_dir), data=str(data), iterations=[{"lr": 1e-7}, {"label_smoothing": 0.7}])
     with pytest.raises(ConfigError, match="beta > 0"):
         parse_args(given + ["--beta", "0"])
     assert not (tmp_path / "run").exists()

@@ -3,10 +3,10 @@ from minispin.log import Progress, print0, warn0
 
 
 def test_print0_and_warn0_write_one_line_on_stderr(capsys):
-    print0("hello", prefix="spin")
+    print0("hello", prefix="run")
     warn0("careful")
     out = capsys.readouterr()
-    assert out.out == "" and out.err == "[spin] hello\nwarning: careful\n"
+    assert out.out == "" and out.err == "[run] hello\nwarning: careful\n"
 
 
 def test_progress_line_shows_done_total_rate_eta_and_resume():

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from minispin.cli import parse_args
-from minispin.eval import read_table, table_from_demo, write_table
-from minispin.report import PANELS, ReportError, _moving_average, find_runs, read_metrics, write_report
+from minispin.eval import format_table, make_table, read_table, table_from_demo, write_table
+from minispin.report import PANELS, ReportError, _moving_average, find_runs, plot_eval, read_metrics, write_report
 from minispin.tensorboard import TensorBoardSink
 from tiny_run import ITERATIONS, STEPS, copy_run, tiny_run
 from tiny import REPO
@@ -192,6 +192,26 @@ def test_table_from_demo_rows_columns_average():
     assert table["rows"][2]["exact_match_all"] == 0.343
 
 
+def test_a_table_of_unlike_columns_has_no_average_and_its_own_change_unit():
+    """The chat demo's columns (log p(real), log p(sample), their gap) have no meaningful mean: no Average
+    column or line; differences from the first row in nats, not points; the baseline drawn per column."""
+    columns = [{"key": "real", "label": "log p(real)"}, {"key": "gap", "label": "gap"}]
+    rows = [{"name": "start", "scores": {"real": -1.5, "gap": -0.6}},
+            {"name": "continued SFT", "scores": {"real": -1.7, "gap": -0.4}, "baseline": True},
+            {"name": "SPIN iter 0", "scores": {"real": -2.2, "gap": -0.2}}]
+    table = make_table(columns, rows, source="demo", average=False, change=(1.0, "nats per token"))
+    assert all(r["average"] is None for r in table["rows"]) and table["average"] is None
+    assert format_table(table, digits=1).splitlines()[:3] == ["| Task | log p(real) | gap |", "|---|---|---|",
+                                                              "| start | -1.5 | -0.6 |"]
+    ax_abs, ax_diff = plot_eval(table).get_axes()
+    assert "(nats per token)" in ax_diff.get_title(loc="left")
+    lines = _labelled_lines(ax_diff)
+    assert set(lines) == {"log p(real)", "gap", "continued SFT (log p(real))", "continued SFT (gap)"}
+    assert list(lines["log p(real)"].get_ydata()) == pytest.approx([0.0, -0.7])
+    assert list(lines["continued SFT (gap)"].get_ydata()) == pytest.approx([0.2, 0.2])
+    assert set(_labelled_lines(ax_abs)) == set(lines)
+
+
 def test_moving_average():
     assert _moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 1) == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert _moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.5, 2.0, 3.0, 4.0, 4.5]
@@ -296,9 +316,9 @@ def test_driver_writes_iteration_summaries_and_run_table(run, tmp_path, capfd):
     capfd.readouterr()
     spin(parse_args(["--config", str(resumed / "config.json"), "--out", str(resumed)]))  # every iteration done earlier: the table again, from the summaries on disk
     err = capfd.readouterr().err.splitlines()
-    head = err.index(next(line for line in err if line.startswith("[spin] iter  pairs  steps")))
+    head = err.index(next(line for line in err if line.startswith("[run] iter  pairs  steps")))
     rows = [line.split()[1:] for line in err[head + 2: head + 2 + ITERATIONS]]
     assert [r[:3] for r in rows] == [[str(t), str(8 * (t + 1)), str(STEPS[t])] for t in range(ITERATIONS)]
     assert [float(r[4]) for r in rows] == [pytest.approx(s["loss"], abs=6e-5) for s in total]
     assert [r[-1] for r in rows] == [str(t + 1) for t in range(ITERATIONS)]  # the "cut" column
-    assert err[head + 2 + ITERATIONS] == f"[spin] summary: {resumed / 'summary.json'}"
+    assert err[head + 2 + ITERATIONS] == f"[run] summary: {resumed / 'summary.json'}"

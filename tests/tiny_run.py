@@ -12,7 +12,7 @@ import torch
 from minispin.checkpoint import save_model
 from minispin.generation_job import GenerationConfig
 from minispin.model import Transformer
-from minispin.driver import SpinConfig, spin
+from minispin.driver import RunConfig, spin
 from minispin.training import TrainConfig
 from tiny import tiny_config, write_char_tokenizer
 
@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory) -> Path:
     # the last answer is too long for max_length 48: one pair per iteration's new pairs is truncated
     data.write_text("".join(json.dumps({"prompt": f"what is {i}+{i}?", "response": f"it is {2 * i}." + LONG * (i == 7)})
                             + "\n" for i in range(8)))
-    spin(SpinConfig(
+    spin(RunConfig(
         model=str(model_dir), data=str(data), output_dir=str(run), iterations=[{"lr": 1e-3, "beta": 0.1}] * ITERATIONS,
         save_dtype="float32", max_prompt_length=24,
         train=TrainConfig(epochs=1, global_batch_size=2, micro_batch_size=2, max_length=48,

@@ -39,9 +39,9 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import load_model
-from ..driver import SpinConfig, spin
+from ..driver import RunConfig, spin
 from ..eval import make_table, write_table
-from ..evaluate import answer_logprobs, greedy_answers
+from ..heldout import answer_logprobs, greedy_answers
 from ..generation_job import GenerationConfig
 from ..io import atomic_write_json
 from ..log import print0
@@ -134,7 +134,7 @@ def generation_config(config: ChatDemoConfig) -> GenerationConfig:
 def run_stage(model: str, data: Path, out: Path, config: ChatDemoConfig, device: str, method: str) -> list[Path]:
     """Continued SFT (`method` "sft", one iteration) or SPIN (T iterations) through the driver; its models."""
     iterations = 1 if method == "sft" else config.iterations
-    result = spin(SpinConfig(
+    result = spin(RunConfig(
         model=model, data=str(data), output_dir=str(out), method=method,
         iterations=[{"lr": config.lr, "beta": config.beta}] * iterations, mix_previous=True, save_dtype="float32",
         max_prompt_length=config.max_prompt_length, seed=config.seed, train=train_config(config, device),
@@ -268,7 +268,8 @@ def publish(out: Path, config: ChatDemoConfig, stages: list[dict[str, Any]], hel
                                                "baseline": s["stage"] == "continued_sft",
                                                "scores": {m: r[m] for m in METRICS}}
                                               for r, s in zip(rows, stages)],
-                                    source="minispin demo: held-out per-token log-probs"))
+                                    source="minispin demo: held-out per-token log-probs",
+                                    average=False, change=(1.0, "nats per token")))
         report = write_report(out)  # training curves of both runs + the held-out table, as PNG
         _say(f"figures: {', '.join(str(f) for f in report.files if f.suffix == '.png')}")
     publish_results(out, results, "results.md", _say)

@@ -38,7 +38,7 @@ from typing import Any
 
 from .. import distributed as dist
 from ..config import replace as replace_config
-from ..driver import SpinConfig, spin
+from ..driver import RunConfig, spin
 from ..eval import table_from_demo, write_table
 from ..io import atomic_write_text
 from ..log import print0
@@ -167,7 +167,7 @@ def write_method_data(task_train: Path, out: Path, n_spin: int, label_noise: flo
 
 def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, config: MethodsDemoConfig,
                   device: str):
-    """The SpinConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
+    """The RunConfig of one method on the demo (what examples/<method>.py would run at paper scale)."""
     d = config.demo
     base = {"lr": d.spin_lr, "beta": d.spin_beta}
 
@@ -180,25 +180,25 @@ def method_config(name: str, sft_model: Path, data: dict[str, Path], out: Path, 
         train=demo_run.train_config(d, device, epochs=d.spin_epochs), generation=demo_run.generation_config(d))
     judge = JudgeConfig(function=JUDGE, tau=config.tau, smoothing=config.smoothing)
     if name == "continued_sft":
-        return SpinConfig(method="sft", iterations=schedule({"lr": d.continued_lr}), **kw)
+        return RunConfig(method="sft", iterations=schedule({"lr": d.continued_lr}), **kw)
     if name == "spin":
-        return SpinConfig(method="spin", iterations=schedule(base), **kw)
+        return RunConfig(method="spin", iterations=schedule(base), **kw)
     if name == "judge_spin":
-        return SpinConfig(method="judge_spin", iterations=schedule(base), judge=judge, **kw)
+        return RunConfig(method="judge_spin", iterations=schedule(base), judge=judge, **kw)
     if name == "noise_spin":
         noisy = dict(base, label_smoothing=config.noise_label_smoothing, neftune_alpha=config.neftune_alpha)
-        return SpinConfig(method="spin", iterations=schedule(noisy), **kw)
+        return RunConfig(method="spin", iterations=schedule(noisy), **kw)
     if name == "adaptive":
-        return SpinConfig(method="adaptive", iterations=schedule(base), judge=judge, **kw)
+        return RunConfig(method="adaptive", iterations=schedule(base), judge=judge, **kw)
     if name == "sppo":
         kw["mix_previous"] = False  # SPPO trains on each iteration's own pairs, K samples of its own
         kw["generation"] = replace_config(kw["generation"], num_samples=config.sppo_samples,
                                           temperature=config.sppo_temperature, top_p=config.sppo_top_p)
-        return SpinConfig(method="sppo", judge=judge, iterations=schedule({
+        return RunConfig(method="sppo", judge=judge, iterations=schedule({
             "lr": d.spin_lr, "beta": 1.0 / config.sppo_eta, "loss": "sppo"}), **kw)
     if name == "dpo":
         kw["data"] = str(data["preferences"])
-        return SpinConfig(method="dpo", iterations=schedule(base), **kw)
+        return RunConfig(method="dpo", iterations=schedule(base), **kw)
     raise ValueError(f"unknown method {name!r}")
 
 

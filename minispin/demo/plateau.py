@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
-from ..driver import SpinConfig, spin
+from ..driver import RunConfig, spin
 from ..io import atomic_write_text
 from ..log import print0
 from . import run as demo_run
@@ -175,9 +175,9 @@ def plateau_stages(out: Path, config: PlateauConfig, device: str, world_size: in
     common = dict(model=str(sft_model), data=str(train), limit=config.n_spin, num_iterations=len(schedule),
                   save_dtype="float32", **run_settings(d), train=train_config(d, device, epochs=config.epochs_per_iteration),
                   generation=generation_config(d))
-    runs = {"continued_sft": SpinConfig(method="sft", output_dir=str(pdir / "continued_sft"),
+    runs = {"continued_sft": RunConfig(method="sft", output_dir=str(pdir / "continued_sft"),
                                         iterations=[{"lr": s["lr"]} for s in schedule], **common),
-            "spin": SpinConfig(method="spin", output_dir=str(pdir / "spin"), iterations=schedule, mix_previous=True,
+            "spin": RunConfig(method="spin", output_dir=str(pdir / "spin"), iterations=schedule, mix_previous=True,
                                **common)}
     mech: dict[str, list[dict[str, float]]] = {}
     for name, label in (("continued_sft", "continued SFT"), ("spin", "SPIN")):

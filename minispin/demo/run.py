@@ -17,7 +17,7 @@ Stages (each skipped when its output exists, so re-running with the same --out c
 5. SPIN       iterations 0..T-1 from the SFT model (`minispin.spin`): generate, pair with the real
               answers, reference log-probs, train; iteration t >= 1 also trains on iteration t-1's pairs
 After each model: held-out exact-match accuracy of greedy answers and the mean summed log-prob of
-the real answers (`minispin.evaluate`), printed as a table and written to <out>/results.json with the
+the real answers (`minispin.heldout`), printed as a table and written to <out>/results.json with the
 per-question results; the table gives each stage's 95% Wilson interval and its paired-bootstrap
 difference from SFT over the same questions (`minispin.stats`).
 
@@ -47,9 +47,9 @@ import torch
 from .. import distributed as dist
 from ..checkpoint import load_model, save_model
 from ..data import read_examples
-from ..driver import SpinConfig, spin
+from ..driver import RunConfig, spin
 from ..eval import table_from_demo, write_table
-from ..evaluate import answer_logprobs, exact_match_per_question, greedy_answers
+from ..heldout import answer_logprobs, exact_match_per_question, greedy_answers
 from ..generation_job import GenerationConfig
 from ..io import atomic_write_json, atomic_write_text
 from ..log import print0
@@ -145,7 +145,7 @@ def init_model(out: Path, tokenizer_dir: Path, config: DemoConfig) -> Path:
 
 
 def run_settings(config: DemoConfig) -> dict[str, Any]:
-    """The demo's run-level SpinConfig settings (prompts of at most 24 tokens, the demo's seed)."""
+    """The demo's run-level RunConfig settings (prompts of at most 24 tokens, the demo's seed)."""
     return dict(max_prompt_length=24, seed=config.seed)
 
 
@@ -171,7 +171,7 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
     settings = run_settings(config)
     if seed is not None:
         settings["seed"] = seed
-    result = spin(SpinConfig(
+    result = spin(RunConfig(
         model=str(model), data=str(data), output_dir=str(out), method="sft", limit=limit, num_iterations=1,
         iterations=[{"lr": lr, "epochs": 1}], save_dtype="float32", **settings,
         train=train_config(config, device), generation=generation_config(config)))
@@ -180,7 +180,7 @@ def run_sft(model: Path, data: Path, out: Path, config: DemoConfig, device: str,
 
 def run_spin(model: Path, data: Path, out: Path, config: DemoConfig, device: str) -> list[Path]:
     """SPIN iterations 0..T-1 from `model` through the iteration driver; returns each iteration's model."""
-    result = spin(SpinConfig(
+    result = spin(RunConfig(
         model=str(model), data=str(data), output_dir=str(out), method="spin", limit=config.n_spin,
         iterations=[{"lr": config.spin_lr, "beta": config.spin_beta}] * config.iterations, mix_previous=True,
         save_dtype="float32",

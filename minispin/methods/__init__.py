@@ -36,7 +36,7 @@ Judges / preference scorers (`JudgeConfig`; no network access is built in):
             `real_column` / `generated_column`, e.g. "score_real" / "score_generated"; SPPO:
             `samples_column`, a list aligned with "samples", or chosen_probs_win / chosen_probs_lose).
             Columns describe the answers IN the data, so they serve runs that train on those answers
-            (SpinConfig.generate = False); freshly generated answers always need a function or command.
+            (RunConfig.generate = False); freshly generated answers always need a function or command.
 For judge_spin the judge sees [real, generated] in that order. Scores are computed once per iteration,
 each rank scoring its share of the prompts, and cached in <iteration>/judge_scores/ (resumable; a
 cached row whose texts changed is an error, not silently reused).
@@ -72,7 +72,7 @@ __all__ = [
 
 
 class RunSettings(DataSettings, Protocol):
-    """What a method reads of the run's settings (SpinConfig has them; methods never import the driver)."""
+    """What a method reads of the run's settings (RunConfig has them; methods never import the driver)."""
     judge: JudgeConfig
     generate: bool
 
@@ -84,7 +84,7 @@ class Method:
     a default schedule and a fixed loss type."""
     name: str
     needs_generation: bool
-    train_method: str  # TrainConfig.method: "spin" (pairwise, any loss type) | "sft"
+    objective: str  # TrainConfig.objective: "pairwise" (any loss type) | "sft"
     build_pairs: Callable[[Sequence[Any], RunSettings], list[Pair]]
     # (config, warn) -> records; None: read_examples (SFT / SPIN rows)
     read_data: Callable[[RunSettings, Callable[[str], None]], list] | None = None
@@ -97,7 +97,7 @@ class Method:
 
 
 def _log(message: str) -> None:
-    log.print0(message, prefix="spin")
+    log.print0(message, prefix="run")
 
 
 def _prepare_judge(examples: list, config: RunSettings, cache: Path) -> list:
@@ -113,19 +113,19 @@ def _read_sppo_data(config: RunSettings, warn: Callable[[str], None]) -> list:
 
 
 METHODS: dict[str, Method] = {
-    "spin": Method("spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs),
-    "sft": Method("sft", needs_generation=False, train_method="sft", build_pairs=sft_pairs),
-    "dpo": Method("dpo", needs_generation=False, train_method="spin", build_pairs=lambda ex, c: dpo_pairs(ex),
+    "spin": Method("spin", needs_generation=True, objective="pairwise", build_pairs=spin_pairs),
+    "sft": Method("sft", needs_generation=False, objective="sft", build_pairs=sft_pairs),
+    "dpo": Method("dpo", needs_generation=False, objective="pairwise", build_pairs=lambda ex, c: dpo_pairs(ex),
                   read_data=read_preference_data, schedule=DPO_SCHEDULE),
-    "judge_spin": Method("judge_spin", needs_generation=True, train_method="spin",
+    "judge_spin": Method("judge_spin", needs_generation=True, objective="pairwise",
                          build_pairs=lambda ex, c: judge_pairs(ex, c.judge), prepare=_prepare_judge,
                          summarize=summarize_pairs, needs_scorer=True),
-    "noise_spin": Method("noise_spin", needs_generation=True, train_method="spin", build_pairs=spin_pairs,
+    "noise_spin": Method("noise_spin", needs_generation=True, objective="pairwise", build_pairs=spin_pairs,
                          schedule=noise_schedule(PAPER_SCHEDULE)),
-    "adaptive": Method("adaptive", needs_generation=True, train_method="spin",
+    "adaptive": Method("adaptive", needs_generation=True, objective="pairwise",
                        build_pairs=lambda ex, c: adaptive_pairs(ex, c.judge), prepare=_prepare_judge,
                        summarize=summarize_pairs, needs_scorer=True),
-    "sppo": Method("sppo", needs_generation=True, train_method="spin",
+    "sppo": Method("sppo", needs_generation=True, objective="pairwise",
                    build_pairs=lambda ex, c: sppo_pairs(ex, c.judge), read_data=_read_sppo_data,
                    prepare=_prepare_samples, summarize=summarize_pairs, schedule=SPPO_SCHEDULE, loss="sppo",
                    needs_scorer=True),

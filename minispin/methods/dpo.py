@@ -11,7 +11,7 @@ DPO_SCHEDULE: list[dict[str, Any]] = [{"lr": 5e-7, "beta": 0.1, "epochs": 1}]
 
 
 class DataSettings(Protocol):
-    """The run settings a method's data reader uses (SpinConfig has them; methods never import the driver)."""
+    """The run settings a method's data reader uses (RunConfig has them; methods never import the driver)."""
     data: str
     split: str | None
     data_format: str

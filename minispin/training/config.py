@@ -14,7 +14,7 @@ from ..tensorboard import tensorboard_available
 from ..config import ConfigError, records_given
 from ..lora import LORA_TARGETS, LoraConfig, parse_targets
 from .losses import LOSS_TYPES
-TRAIN_OBJECTIVES = ("spin", "sft")  # TrainConfig.method: pairwise loss vs the reference | NLL of the real answers
+TRAIN_OBJECTIVES = ("pairwise", "sft")  # TrainConfig.objective: pair loss vs the reference | NLL of the real answers
 
 
 class TrainingDiverged(RuntimeError):
@@ -29,7 +29,7 @@ class TrainConfig:
     RESUME_FREE: ClassVar[tuple[str, ...]] = ("save_steps", "status_every", "progress", "device",
                                               "reference_batch_size", "tensorboard")
 
-    method: str = "spin"  # "spin": pairwise loss vs the frozen reference; "sft": NLL of the real answers
+    objective: str = "pairwise"  # "pairwise": pair loss vs the frozen reference; "sft": NLL of the real answers
     loss: str = "sigmoid"  # one of LOSS_TYPES (minispin.training.losses); sigmoid: the paper's logistic loss
     beta: float = 0.1
     label_smoothing: float = 0.0  # default for pairs without their own label_smoothing
@@ -68,8 +68,8 @@ class TrainConfig:
     lora_targets: str = ",".join(LORA_TARGETS)  # comma-separated Hugging Face module names
 
     def __post_init__(self) -> None:
-        if self.method not in TRAIN_OBJECTIVES:
-            raise ValueError(f"method must be one of {TRAIN_OBJECTIVES}, got {self.method!r}")
+        if self.objective not in TRAIN_OBJECTIVES:
+            raise ValueError(f"objective must be one of {TRAIN_OBJECTIVES}, got {self.objective!r}")
         if self.loss not in LOSS_TYPES:
             raise ValueError(f"loss must be one of {LOSS_TYPES}, got {self.loss!r}")
         if self.optimizer not in ("rmsprop", "adamw"):
@@ -105,7 +105,7 @@ class TrainConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.method == "spin" and not self.reference_free
+        return self.objective == "pairwise" and not self.reference_free
 
     @property
     def lora(self) -> LoraConfig | None:

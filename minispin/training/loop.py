@@ -73,7 +73,7 @@ def _check_pairs(pairs: Sequence[Pair], config: TrainConfig) -> None:
         if p.index in seen:
             raise ValueError(f"train: two pairs have index {p.index}; pair indexes must be unique")
         seen.add(p.index)
-        if config.method == "spin" and p.rejected is None:
+        if config.objective == "pairwise" and p.rejected is None:
             raise ValueError(f"train: pair {p.index} has no rejected (generated) answer; method 'spin' needs one")
 
 
@@ -130,7 +130,7 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
                          total_steps=len(plan))
 
     on_phase("train")
-    batches = _MicroBatches(tokenized, {p.index: p for p in pairs}, refs, pad_id, sft=config.method == "sft")
+    batches = _MicroBatches(tokenized, {p.index: p for p in pairs}, refs, pad_id, sft=config.objective == "sft")
     log = _StepLog(run, config, start_step, len(plan))
     history: list[dict] = []
     saved_step = start_step if start_step else None  # the step of the train state on disk
@@ -216,7 +216,7 @@ class _StepLog:
 
     def __init__(self, run: _RunFiles | None, config: TrainConfig, start_step: int, total_steps: int):
         self.run = run if dist.is_main() else None
-        self.sft = config.method == "sft"
+        self.sft = config.objective == "sft"
         self.status = Progress(total_steps, "sft" if self.sft else "train", enabled=config.progress,
                                start=start_step, unit="steps", every=config.status_every)
         # a copy of metrics.jsonl; purge_step: a resumed run's re-run steps replace the old events
@@ -330,7 +330,7 @@ def _metrics(step: int, sums: dict[str, float], config: TrainConfig, lr: float, 
     """One metrics.jsonl record: the step's sums as means over its pairs, plus lr, grad norm and speed."""
     n = max(sums["pairs"], 1.0)
     rec = {"step": step, "loss": sums["loss"]}
-    if config.method == "spin":
+    if config.objective == "pairwise":
         rec.update({"rewards/real": sums["rewards_real"] / n, "rewards/generated": sums["rewards_generated"] / n,
                     "margins": sums["margins"] / n, "accuracies": sums["correct"] / n,
                     "logps/real": sums["logps_real"] / n, "logps/generated": sums["logps_generated"] / n})

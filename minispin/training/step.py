@@ -24,7 +24,7 @@ def batch_loss(policy: nn.Module, batch: PairBatch, config: TrainConfig) -> tupl
     """
     _, sequence_logps = fused_kernels()
     token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
-    if config.method == "sft":
+    if config.objective == "sft":
         seq = sequence_logps(token_logps.detach(), batch.seq_index, batch.input_ids.shape[0], check_values=False)
         return -token_logps.sum(), seq
     seq = sequence_logps(token_logps, batch.seq_index, 2 * batch.num_pairs, check_values=False)
@@ -99,7 +99,7 @@ class StepSums:
         self.add("pairs", P)
         self.add("tokens", batch.num_tokens)
         self.add("response_tokens", batch.labels.numel())
-        if config.method == "sft":
+        if config.objective == "sft":
             self.add("logps_real", seq[:P].sum().double())
             return
         real, gen = seq[:P].double(), seq[P:2 * P].double()

@@ -104,7 +104,7 @@ def test_demo_small_two_ranks_end_to_end_and_resume(tmp_path):
     proc4 = subprocess.run([sys.executable, "-m", "minispin.demo.toy", "--small", "--nproc", "1", "--seeds", "1", "--out",
                             str(out.parent)], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc4.returncode == 0, proc4.stdout[-3000:] + proc4.stderr[-3000:]
-    assert "finished earlier, read back" in proc4.stderr and "[spin]" not in proc4.stderr
+    assert "finished earlier, read back" in proc4.stderr and "[run]" not in proc4.stderr
     summary = json.loads((out.parent / "seeds.json").read_text())
     assert summary["seeds"] == [0] and summary["seeds_computed_this_run"] == 0
     assert [s["exact_match"]["values"] for s in summary["stages"]] == [[s["exact_match"]] for s in results["stages"]]

@@ -16,16 +16,16 @@ from methods_helpers import PROMPT, ex
 def test_sppo_prompts_need_no_answers_and_may_come_from_preference_rows(tmp_path):
     """SPPO samples its candidates: prompt-only rows are enough, preference rows give their prompts."""
     from minispin.methods import read_prompts
-    from minispin.driver import SpinConfig
+    from minispin.driver import RunConfig
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in ("Say hi", "Count")))
-    got = read_prompts(SpinConfig(model="m", data=str(prompts), method="sppo"))
+    got = read_prompts(RunConfig(model="m", data=str(prompts), method="sppo"))
     assert [(e.prompt, e.real, e.generated) for e in got] == \
         [([{"role": "user", "content": "Say hi"}], "", None), ([{"role": "user", "content": "Count"}], "", None)]
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "Say yo", "chosen": "yo", "rejected": "no"}) + "\n")
-    got = read_prompts(SpinConfig(model="m", data=str(prefs), method="sppo"))
+    got = read_prompts(RunConfig(model="m", data=str(prefs), method="sppo"))
     assert [(e.index, e.prompt[-1]["content"], e.generated) for e in got] == [(0, "Say yo", None)]
 
 

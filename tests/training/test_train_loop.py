@@ -40,7 +40,7 @@ def test_sft_loss_is_mean_token_nll(setup):
         logp = torch.log_softmax(m64(torch.tensor([ids]))[0], -1)
         nll -= logp[len(prompt) - 1: len(ids) - 1].gather(1, torch.tensor(ids[len(prompt):])[:, None]).sum().item()
         count += len(ids) - len(prompt)
-    result = train(model, tok, pairs, TrainConfig(method="sft", lr=1e-4, max_steps=1, global_batch_size=3,
+    result = train(model, tok, pairs, TrainConfig(objective="sft", lr=1e-4, max_steps=1, global_batch_size=3,
                                                    micro_batch_size=1, progress=False, device="cpu"))
     assert result.history[0]["loss"] == pytest.approx(nll / count, rel=1e-5)
 

@@ -1,11 +1,11 @@
-"""minispin.evaluate against plain recomputations: a naive greedy loop and float64 log-softmax sums."""
+"""minispin.heldout against plain recomputations: a naive greedy loop and float64 log-softmax sums."""
 import math
 
 import pytest
 import torch
 
 from minispin.demo import task as demo_task
-from minispin.evaluate import (answer_logprobs, exact_match, exact_match_per_question, example_parts, greedy_answers,
+from minispin.heldout import (answer_logprobs, exact_match, exact_match_per_question, example_parts, greedy_answers,
                                mean_logprob)
 from minispin.model import ModelConfig, Transformer
 from minispin.tokenizer import load_tokenizer
