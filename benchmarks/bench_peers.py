@@ -1,11 +1,18 @@
-"""Peer benchmark on the real model: minispin's DPO training job vs TRL's DPOTrainer, same pairs and settings.
+"""Peer benchmark on the real model: minispin.generate vs HF generate, and minispin's DPO training job vs
+TRL's DPOTrainer, same prompts, pairs and settings.
 
-    python benchmarks/bench_peers.py            # 64 pairs, 3 repeats of each job (about an hour on 2 CPU cores)
-    python benchmarks/bench_peers.py --small    # 16 pairs, 1 repeat: a smoke run of the real model
+    python benchmarks/bench_peers.py            # generation + 64 pairs, 3 repeats of each (over an hour on 2 CPU cores)
+    python benchmarks/bench_peers.py --small    # batches 1 and 4, 16 new tokens, 16 pairs, 1 repeat: a smoke run
+    python benchmarks/bench_peers.py --jobs generate            # only the generation half
+
+Generation (`--jobs generate`): benchmarks/bench_generate.py's `compare_with_hf` in this process: the first
+alpaca prompts (chat template, the same token ids to both), batch 1 and 32, greedy and T 0.7 / top-p 0.9,
+exactly `--new-tokens` new tokens per prompt on both sides, the two libraries back to back in each repeat
+(alternating which goes first); ratios of minispin's tok/s to HF's per repeat.
 
 Needs the optional extras transformers, trl (and their datasets, accelerate, gguf). The model is
-SmolLM2-135M-Instruct: the pinned GGUF (`minispin.pinned.fetch`) converted once to an HF folder with
-transformers (`--model-dir`, default `smollm2-hf` next to minispin's cache), fp32, on the CPU.
+SmolLM2-135M-Instruct: the pinned GGUF (`minispin.pinned.fetch`) converted once to an HF folder by
+`minispin.convert` (`--model-dir`, default `smollm2-hf` next to minispin's cache), fp32, on the CPU.
 
 Pairs: alpaca prompts (tests/fixtures/data/alpaca_en_demo.json) whose real answer and the model's own
 sampled answer (`minispin.generate`, T 0.7, top-p 0.9, seed 0; generated once and cached in
@@ -40,16 +47,17 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_generate import alpaca_prompts, compare_with_hf  # noqa: E402
 
 ALPACA = REPO / "tests" / "fixtures" / "data" / "alpaca_en_demo.json"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
-JOBS = ("minispin", "trl")
+JOBS = ("generate", "minispin", "trl")  # generate: minispin.generate vs HF generate; the other two train
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of each job")
     p.add_argument("--activation-checkpointing", action="store_true", help="full activation checkpointing in both")
-    p.add_argument("--jobs", default="minispin,trl", help="which jobs to run (comma list of minispin, trl)")
+    p.add_argument("--jobs", default=",".join(JOBS), help=f"which jobs to run (comma list of {', '.join(JOBS)})")
+    p.add_argument("--gen-batches", default=None, help="generation batch sizes (default 1,32; --small 1,4)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 96; --small 16)")
     p.add_argument("--results", default=None, help="append the table here (default: benchmarks/RESULTS.md for a "
                                                   "full run, none for --small)")
     p.add_argument("--no-results", action="store_true", help="do not write a RESULTS.md row")
@@ -82,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
     if unknown := set(args.jobs) - set(JOBS):
         p.error(f"--jobs: unknown {sorted(unknown)}; choose from {', '.join(JOBS)}")
+    args.train_jobs = [j for j in args.jobs if j != "generate"]
+    try:
+        args.gen_batches = [int(b) for b in (args.gen_batches or ("1,4" if args.small else "1,32")).split(",")]
+    except ValueError:
+        p.error(f"--gen-batches: expected comma-separated integers, got {args.gen_batches!r}")
+    args.new_tokens = args.new_tokens or (16 if args.small else 96)
     if args.batch % args.micro:
         p.error(f"--batch {args.batch} must be a multiple of --micro {args.micro}")
     return args
@@ -94,26 +110,19 @@ def note(text: str) -> None:
 # ----------------------------------------------------------------------------- the model and the pairs
 
 def model_folder(args) -> Path:
-    """The HF folder of SmolLM2-135M-Instruct; converted once from the pinned GGUF with transformers if
-    missing (written to a temp folder and renamed, so a concurrent or killed conversion never leaves half)."""
+    """The HF folder of SmolLM2-135M-Instruct; converted once from the pinned GGUF with `minispin.convert`
+    if missing (atomic: a killed conversion never leaves half a folder). transformers loads it with the
+    same logits as its own GGUF loading (tests/test_convert.py); transformers 5.25 itself refuses to save a
+    model it loaded from GGUF."""
     from minispin import pinned
+    from minispin.convert import convert
 
     folder = Path(args.model_dir) if args.model_dir else pinned.cache_dir().parent / "smollm2-hf"
-    if all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = pinned.fetch()
-    note(f"converting {gguf.name} to an HF folder at {folder} (transformers, fp32)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        gguf = pinned.fetch()
+        note(f"converting {gguf.name} to an HF folder at {folder} (minispin.convert, fp32)")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        convert(gguf, folder)
     return folder
 
 
@@ -253,7 +262,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 
 
 def summarize(runs: list[dict], tokens: int, args) -> dict:
-    by = {j: [r for r in runs if r["job"] == j] for j in args.jobs}
+    by = {j: [r for r in runs if r["job"] == j] for j in args.train_jobs}
     out = {"tokens": tokens, "jobs": {}}
     for job, rs in by.items():
         out["jobs"][job] = {"wall_s": spread([r["wall_s"] for r in rs]),
@@ -299,21 +308,53 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def generation_report(rows: list[dict], args) -> list[str]:
+    """The generation table (minispin / HF tok/s per batch and setting) and its targets."""
+    lines = [f"Generation: the first {max(args.gen_batches)} alpaca prompts, exactly {args.new_tokens} new tokens "
+             "each, greedy and T 0.7 / top-p 0.9 (top-k off); minispin.generate and HF generate back to back "
+             f"in one process per repeat, {args.repeats} repeat(s). Ratio: minispin tok/s / HF tok/s, median "
+             "(min–max) over repeats.", "",
+             "| batch | setting | minispin tok/s | HF tok/s | minispin / HF |", "|---|---|---|---|---|"]
+    ratio = lambda r: (r["min"], r["median"], r["max"])  # noqa: E731
+    for r in rows:
+        if "setting" in r:
+            lines.append(f"| {r['batch']} | {r['setting']} | {r['minispin_tok_s']} | {r['hf_tok_s']} | "
+                         f"{fmt(ratio(r['minispin_over_hf']))} |")
+    by = {(r["batch"], r.get("setting", "top_p/greedy")): r for r in rows}
+    big, targets = max(args.gen_batches), []
+    if (big, "top_p/greedy") in by:
+        v = by[(big, "top_p/greedy")]["minispin_top_p_over_greedy"]["median"]
+        targets.append(f"batch {big} top-p / greedy {v:.2f} (target ≥ 0.9: {'met' if v >= 0.9 else 'not met'})")
+    if (big, "top_p") in by:
+        v = by[(big, "top_p")]["minispin_over_hf"]["median"]
+        targets.append(f"batch {big} top-p {v:.2f}× HF (target ≥ 1.3: {'met' if v >= 1.3 else 'not met'})")
+    for setting in ("greedy", "top_p"):
+        if (1, setting) in by:
+            v = by[(1, setting)]["minispin_over_hf"]["median"]
+            targets.append(f"batch 1 {setting} {v:.2f}× HF (target ≥ 1.0: {'met' if v >= 1.0 else 'not met'})")
+    return lines + (["", "Targets (medians): " + "; ".join(targets) + "."] if targets else [])
+
+
 def report(summary: dict, args, meta: dict) -> str:
-    """The RESULTS.md section: setup, versions, command, one table, the ratios against the targets."""
-    lines = [f"## Peer benchmark: minispin's DPO job vs TRL's DPOTrainer, real model, CPU — {meta['date']}", "",
-             f"- Machine: {meta['machine']}; {args.threads} threads per job; load average "
-             f"{meta['load_before']} before, {meta['load_after']} after (the machine was shared with other work).",
+    """The RESULTS.md section: setup, versions, command, the generation and training tables, the ratios
+    against the targets."""
+    lines = [f"## Peer benchmark: minispin vs HF generate and TRL's DPOTrainer, real model, CPU — {meta['date']}",
+             "", f"- Machine: {meta['machine']}; {args.threads} threads per job; load average "
+             f"{meta['load_before']} before, {meta['load_after']} after.",
              "- Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-             f"- Command: `{meta['command']}` ({meta['elapsed_min']:.0f} min).",
-             f"- Setup: SmolLM2-135M-Instruct (fp32), {args.pairs} alpaca pairs (real answer vs the model's own "
-             f"sample), one epoch, global batch {args.batch}, micro-batch {args.micro}, max length "
-             f"{args.max_length}, RMSProp, β {args.beta}, sigmoid loss, reference log-probs precomputed, "
-             f"full activation checkpointing {'on' if args.activation_checkpointing else 'off'} in both; "
-             f"{summary['tokens']} tokens per epoch; {args.repeats} runs of each job, alternating.",
-             "- Wall = the whole job in its own process (load, reference pass, training, save); peak = the "
-             "process's peak RSS. Median (min–max) over the runs.", "",
-             "| job | wall (s) | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
+             f"- Command: `{meta['command']}` ({meta['elapsed_min']:.0f} min).", ""]
+    if summary["generation"]:
+        lines += generation_report(summary["generation"], args) + [""]
+    if not summary["jobs"]:
+        return "\n".join(lines) + "\n"
+    lines += [f"- Training setup: SmolLM2-135M-Instruct (fp32), {args.pairs} alpaca pairs (real answer vs the "
+              f"model's own sample), one epoch, global batch {args.batch}, micro-batch {args.micro}, max length "
+              f"{args.max_length}, RMSProp, β {args.beta}, sigmoid loss, reference log-probs precomputed, "
+              f"full activation checkpointing {'on' if args.activation_checkpointing else 'off'} in both; "
+              f"{summary['tokens']} tokens per epoch; {args.repeats} runs of each job, alternating.",
+              "- Wall = the whole job in its own process (load, reference pass, training, save); peak = the "
+              "process's peak RSS. Median (min–max) over the runs.", "",
+              "| job | wall (s) | tokens/s | peak RSS (GB) |", "|---|---|---|---|"]
     names = {"minispin": "`python -m minispin --method dpo`", "trl": "TRL `DPOTrainer` (precompute_ref_log_probs)"}
     for job, s in summary["jobs"].items():
         lines.append(f"| {names[job]} | {fmt(s['wall_s'], 1)} | {fmt(s['tokens_per_s'], 1)} | {fmt(s['peak_rss_gb'])} |")
@@ -336,24 +377,31 @@ def main(argv=None) -> None:
     work = Path(args.work_dir) if args.work_dir else pinned.cache_dir() / "bench_peers"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = model_folder(args)
-    data = pairs_file(args, model_dir, work)
-    tokens = count_tokens(data, model_dir)
-    note(f"{args.pairs} pairs in {data}, {tokens} tokens; jobs {', '.join(args.jobs)}, {args.repeats} repeats")
+
+    # --- generation: minispin.generate vs HF generate in this process (before training: its own memory) ---
+    generation = []
+    if "generate" in args.jobs:
+        note(f"generation: batches {args.gen_batches}, {args.new_tokens} new tokens, {args.repeats} repeats")
+        generation = compare_with_hf(model_dir, alpaca_prompts(max(args.gen_batches), ALPACA),
+                                     batches=args.gen_batches, new_tokens=args.new_tokens, repeats=args.repeats,
+                                     threads=args.threads)
 
     # --- training: minispin's DPO job vs TRL's DPOTrainer, alternating, each in a child process ---
-    runs = []
-    for rep in range(args.repeats):
-        for job in (args.jobs if rep % 2 == 0 else args.jobs[::-1]):
+    runs, tokens = [], 0
+    if args.train_jobs:
+        data = pairs_file(args, model_dir, work)
+        tokens = count_tokens(data, model_dir)
+        note(f"{args.pairs} pairs in {data}, {tokens} tokens; jobs {', '.join(args.train_jobs)}, "
+             f"{args.repeats} repeats")
+    for rep in range(args.repeats if args.train_jobs else 0):
+        for job in (args.train_jobs if rep % 2 == 0 else args.train_jobs[::-1]):
             run = run_job(job, args, model_dir, data, work / "runs" / job)
             run["repeat"] = rep
             runs.append(run)
             print(json.dumps({k: v for k, v in run.items() if k != "command"}), flush=True)
 
-    # --- generation (the other half of the peer benchmark, issue 20): minispin.generate vs HF generate
-    # at batch 1 and 32, greedy and top-p. Its author wires benchmarks/bench_generate.py's
-    # compare_with_hf(...) in HERE and adds its rows to the report below; this script only trains. ---
-
     summary = summarize(runs, tokens, args)
+    summary["generation"] = [r for r in generation if r["compare"] == "summary"]
     print(json.dumps({"summary": summary}), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": machine(), "versions": versions(),
             "load_before": load_before, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg()),

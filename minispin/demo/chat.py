@@ -18,11 +18,12 @@ by `minispin.report`.
 
 Settings, fixed before any held-out result was looked at, scaled down from the paper's (lr 5e-7, batch 64,
 50k prompts, 2 epochs, max length 1024), so that the whole demo fits 10 minutes on 2 CPU cores: 24 training
-prompts, 1 epoch at global batch 8 (3 optimizer steps per stage), RMSProp at lr 5e-5 (the paper's 5e-7 for
-~1,500 steps per iteration; 3 steps at 5e-7 would not move the model), beta 0.1 (the paper's), answers of at
-most 96 new tokens (T 0.7, top-p 0.9), max length 256, 32 held-out prompts. SPIN iterations 0 and 1: the
-only setting changed after a result was seen (seed 0's iteration 0), because the measured 4 min 41 s from a
-fresh clone left room for iteration 1 within the 10 minutes (`--iterations 1` runs iteration 0 only).
+prompts, 1 epoch at global batch 8 (3 optimizer steps; 6 in iteration 1, which adds iteration 0's pairs),
+RMSProp at lr 5e-5 (the paper's 5e-7 for ~1,500 steps per iteration; 3 steps at 5e-7 would not move the
+model), beta 0.1 (the paper's), answers of at most 96 new tokens (T 0.7, top-p 0.9), max length 256, 32
+held-out prompts. SPIN iterations 0 and 1: the only setting changed after a result was seen (seed 0's
+iteration 0), because the measured 4 min 41 s from a fresh clone left room for iteration 1 within the
+10 minutes (`--iterations 1` runs iteration 0 only).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ class ChatDemoConfig:
     model: str = ""  # "" = the pinned SmolLM2-135M-Instruct GGUF (fetched once); or any model folder / .gguf
     n_train: int = 24  # training prompts (SFT and SPIN alike)
     n_heldout: int = 32  # held-out prompts: evaluation only
-    iterations: int = 2  # SPIN iterations 0 and 1 (iteration 1: about 2 more minutes on 2 cores)
+    iterations: int = 2  # SPIN iterations 0 and 1 (iteration 1: about 3 more minutes on 2 cores)
     lr: float = 5e-5
     beta: float = 0.1
     epochs: float = 1

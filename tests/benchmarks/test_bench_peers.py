@@ -30,3 +30,27 @@ def test_bench_peers_small_path_runs_both_jobs(tmp_path):
     assert (work / "runs" / "minispin" / "out" / "iter0" / "model" / "model.safetensors").is_file()
     assert (work / "runs" / "trl" / "out" / "model" / "model.safetensors").is_file()
     assert "Peer benchmark" in proc.stderr and "| TRL `DPOTrainer`" in proc.stderr
+
+
+def test_bench_peers_generation_half_reports_ratios_without_trl(tmp_path):
+    """`--jobs generate` (CPU, tiny checkpoint, transformers only): minispin.generate vs HF generate at two
+    batch sizes, greedy and top-p; the summary and the report carry the ratios and the targets."""
+    model = make_model_dir(tmp_path / "tiny")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_peers.py"), "--model-dir", str(model), "--work-dir",
+           str(tmp_path / "work"), "--jobs", "generate", "--gen-batches", "1,3", "--new-tokens", "4",
+           "--repeats", "2", "--threads", "1", "--no-results"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    runs = [r for r in lines if r.get("compare") == "run"]
+    assert len(runs) == 2 * 2 * 2 * 2  # repeats x batches x settings x libraries
+    summary = lines[-1]["summary"]
+    assert summary["jobs"] == {} and "speed_ratio" not in summary
+    rows = {(r["batch"], r.get("setting")): r for r in summary["generation"]}
+    assert set(rows) == {(1, "greedy"), (1, "top_p"), (3, "greedy"), (3, "top_p"), (1, None), (3, None)}
+    for (batch, setting), r in rows.items():
+        if setting:  # minispin / HF over the repeats
+            ratio = r["minispin_over_hf"]
+            assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert "| 3 | top_p |" in proc.stderr and "batch 1 greedy" in proc.stderr and "target ≥ 1.3" in proc.stderr
+    assert "Training setup" not in proc.stderr
