@@ -25,3 +25,13 @@ __all__ = [
     "generate", "GenerationConfig", "run_generation_job",
     "TrainConfig", "train", "RunConfig", "spin",
 ]
+
+_RENAMED = {"SpinConfig": "RunConfig"}  # public names that changed: {old: new}
+
+
+def __getattr__(name: str):
+    """A renamed public name fails with its new name, not a bare AttributeError."""
+    if name in _RENAMED:
+        raise AttributeError(f"minispin.{name} is now minispin.{_RENAMED[name]} (it configures every method's "
+                             "run, not only SPIN's)")
+    raise AttributeError(f"module 'minispin' has no attribute {name!r}")

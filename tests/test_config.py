@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+import minispin
 from minispin.cli import parse_args, parse_config
 from minispin.config import FILE, GIVEN, ConfigError, given, given_names, replace
 from minispin.driver import RunConfig, resolve, run_record
@@ -135,3 +136,10 @@ def test_run_level_settings_have_one_home():
     with pytest.raises(ConfigError, match="max_prompt_length .512. must be < max_length .256."):
         RunConfig(model="m", data="d", train=TrainConfig(max_length=256))
     assert TrainConfig(max_length=256).max_prompt_length == 128  # standalone: half of max_length
+
+
+def test_the_renamed_run_config_says_its_new_name():
+    with pytest.raises(AttributeError, match=r"minispin.SpinConfig is now minispin.RunConfig"):
+        minispin.SpinConfig  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        minispin.NoSuchThing  # noqa: B018
