@@ -76,7 +76,8 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 @records_given
 @dataclass
 class RunConfig:
-    """A whole run of SPIN or a relative (`method`). Defaults follow the SPIN paper (zephyr-7b-sft-full on UltraChat200k, 4 iterations).
+    """A whole run of SPIN or a relative (`method`). Defaults follow the SPIN paper (zephyr-7b-sft-full on
+    UltraChat200k, 4 iterations).
 
     Settings resolve by one rule (minispin.config): the method's recipe < a --config file < what was given
     (command line, or passed to a constructor here / in TrainConfig, GenerationConfig, JudgeConfig)."""
@@ -258,7 +259,7 @@ def _iteration(config: RunConfig, method: Method, given: dict[str, str], t: int,
 
 
 def _differences_from_recipe(config: RunConfig, method: Method, given: dict[str, str], now: dict[str, Any],
-                     recipe_entry: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+                             recipe_entry: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{setting: (value, the recipe's value)} of an iteration's per-iteration settings (`now`) that differ
     from what the recipe alone gives: its entry's value, else the section's where nobody gave one, else
     the default."""
