@@ -41,12 +41,13 @@ import torch
 
 from .. import distributed as dist
 from ..checkpoint import load_model
+from ..errors import UserError
 from ..driver import RunConfig, spin
 from ..eval import make_table, write_table
 from ..heldout import answer_logprobs, greedy_answers
 from ..generation_job import GenerationConfig
 from ..io import atomic_write_json
-from ..log import print0
+from ..log import print0, run_main
 from ..pinned import SMOLLM2, fetch
 from ..sampler import generate
 from ..report import write_report
@@ -232,11 +233,13 @@ def format_answers(stages: list[dict[str, Any]], heldout: list[dict[str, str]]) 
 def chat_stages(out: Path, config: ChatDemoConfig, device: str, world_size: int) -> dict[str, Any]:
     """Every stage of one demo run in `out` (on every rank of an initialized process group)."""
     t_start = time.perf_counter()
-    error = dist.broadcast_json(check_settings(out, config) if dist.is_main() else None)
-    if error:
-        raise SystemExit(f"error: {error}")
     model = start_model(config) if dist.is_main() else None
     model = dist.broadcast_json(model)
+    # the start model's resolved path is a setting too: a run folder made from a model cached elsewhere
+    # is refused here, in the demo's words, before the driver's own check of each stage
+    error = dist.broadcast_json(check_settings(out, replace(config, model=model)) if dist.is_main() else None)
+    if error:
+        raise UserError(error)
     if dist.is_main():
         write_data(out, config)
     dist.barrier()
@@ -351,15 +354,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides["iterations"] = args.iterations
     config = ChatDemoConfig.small(**overrides) if args.small else ChatDemoConfig(**overrides)
     out = Path(args.out or ("runs/demo_chat_seeds" if args.seeds else "runs/demo_chat"))
-    info = dist.init_distributed(args.device)
-    try:
-        if args.seeds is None:
-            chat_stages(out, config, args.device, info.world_size)
-        else:
-            run_seeds(out, config, [args.seed + k for k in range(args.seeds)], args.device, info.world_size)
-    finally:
-        dist.shutdown(info)
-    return 0
+
+    def run() -> int:  # a user's mistake (a bad --model, a run folder made otherwise): one "error:" line
+        info = dist.init_distributed(args.device)
+        try:
+            if args.seeds is None:
+                chat_stages(out, config, args.device, info.world_size)
+            else:
+                run_seeds(out, config, [args.seed + k for k in range(args.seeds)], args.device, info.world_size)
+        finally:
+            dist.shutdown(info)
+        return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
+from ..log import run_main
 from .plateau import PlateauConfig, plateau_stages
 from .run import DemoConfig, add_common_options, demo_stages, launch_if_asked
 from .seeds import run_seeds, with_seed
@@ -53,18 +54,21 @@ def main(argv: list[str] | None = None) -> int:
         config = DemoConfig.small(**overrides) if args.small else DemoConfig(**overrides)
         run_one = demo_stages
     out = Path(args.out or ("runs/demo_seeds" if args.seeds else "runs/demo"))
-    info = dist.init_distributed(args.device)
-    try:
-        if args.seeds is None:
-            run_one(out, config, args.device, info.world_size)
-        else:
-            plateau = args.regime == "plateau"
-            run_seeds(out, [with_seed(config, args.seed + k) for k in range(args.seeds)], run_one, args.device,
-                      info.world_size, results_in="plateau" if plateau else "",
-                      name="plateau_seeds" if plateau else "seeds")
-    finally:
-        dist.shutdown(info)
-    return 0
+
+    def run() -> int:  # a user's mistake (a run folder made with other settings): one "error:" line
+        info = dist.init_distributed(args.device)
+        try:
+            if args.seeds is None:
+                run_one(out, config, args.device, info.world_size)
+            else:
+                plateau = args.regime == "plateau"
+                run_seeds(out, [with_seed(config, args.seed + k) for k in range(args.seeds)], run_one,
+                          args.device, info.world_size, results_in="plateau" if plateau else "",
+                          name="plateau_seeds" if plateau else "seeds")
+        finally:
+            dist.shutdown(info)
+        return 0
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

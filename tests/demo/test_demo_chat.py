@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 
@@ -67,6 +69,18 @@ def test_small_demo_on_the_real_model_end_to_end_and_rerun(tmp_path, run_here):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "generating" not in again.stderr and "steps |" not in again.stderr  # every stage reused
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+    # the same options with the model cached elsewhere (same content, another path): refused in one line
+    elsewhere = tmp_path / "cache"
+    elsewhere.mkdir()
+    try:
+        os.link(fetch(), elsewhere / fetch().name)
+    except OSError:  # another file system
+        shutil.copyfile(fetch(), elsewhere / fetch().name)
+    moved = run_here(["-m", "minispin.demo", "--small", "--out", str(out)], tmp_path, MINISPIN_CACHE=str(elsewhere))
+    assert moved.returncode == 1 and "Traceback" not in moved.stderr
+    [line] = moved.stderr.splitlines()
+    assert line.startswith(f"error: {out} holds a demo run with other settings (model: ") and str(elsewhere) in line
 
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "spin" / "iter0" / "model")
