@@ -12,9 +12,8 @@ rsqrt; gate and up; q, k and v).
 When the scope closes, every tensor autograd saved inside it that is `act` or `hidden` or a view of one
 is replaced by `swiglu` and its inputs, and backward calls `swiglu(gate, up)` again (once for all its
 outputs): the same ops on the same inputs, so the rebuilt tensors, and therefore every gradient, are
-bit-identical to keeping them. (Because
-the swap happens at the scope's end, a mark also covers an op's own saved outputs, which autograd saves
-before the caller can mark them.) Outside a scope (no grad, eval, or a block under full activation
+bit-identical to keeping them. (Because the swap happens at the scope's end, a mark also covers an op's
+own saved outputs, which autograd saves before the caller can mark them.) Outside a scope (no grad, eval, or a block under full activation
 checkpointing) `recomputable` returns `y` unchanged.
 """
 from __future__ import annotations
