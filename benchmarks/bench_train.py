@@ -15,8 +15,9 @@ installed, the baseline runs the same naive recipe on minispin's Transformer and
         --prompt-len 512 --response-len 512                # LoRA: bf16 frozen base, fp32 adapters (24 GB?)
 
 Output: JSON lines (one per implementation and shape, then the ratios). MFU counts the model FLOPs
-the step needs: 6 x (decoder-block params) x tokens + 6 x H x V x response tokens (the LM head is only
-needed there) + causal attention 6 x L x H x T^2 per sequence; it is reported against --peak-flops
+the step runs: 6 x (decoder-block params) x tokens + 6 x H x V x response tokens (the LM head is only
+needed there) + causal attention 6 x L x H x T^2 per sequence, where minispin's tokens count each pair's
+prompt once (its packed pairs share it; tokens/s counts both rows' tokens for both implementations); it is reported against --peak-flops
 (H200 dense bf16: 989e12) and against a measured bf16 matmul rate. Activation-checkpoint recompute is
 not counted. With --lora-r (minispin only, no baseline) the weights are frozen: 4 instead of 6 per weight.
 """
@@ -65,16 +66,18 @@ def model_config(shape: str) -> ModelConfig:
     return ModelConfig(**SHAPES[shape], max_position_embeddings=4096, torch_dtype="bfloat16", sliding_window=None)
 
 
-def step_flops(cfg: ModelConfig, rows: int, T: int, response: int, frozen_base: bool = False) -> float:
+def step_flops(cfg: ModelConfig, rows: int, T: int, response: int, frozen_base: bool = False,
+               shared_prompt: int = 0) -> float:
     """Model FLOPs of one forward+backward over `rows` sequences of length T (see module doc). frozen_base
     (LoRA): the backward needs no weight gradients, 4 instead of 6 FLOPs per weight and token (the
-    adapters' own FLOPs are negligible)."""
+    adapters' own FLOPs are negligible). shared_prompt: prompt tokens each pair runs once, not twice
+    (minispin's packed pairs), so MFU counts only the work that is done."""
     H, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
     hd = cfg.head_dim
     kv = cfg.num_key_value_heads * hd
     per_layer = H * cfg.num_attention_heads * hd * 2 + H * kv * 2 + 3 * H * cfg.intermediate_size + 2 * H
     block_params = L * per_layer + H
-    tokens = rows * T
+    tokens = rows * T - rows // 2 * shared_prompt
     # causal attention per layer and sequence: QK^T and AV, 2 T^2 d FLOPs each at half the square,
     # x3 for forward + backward -> 6 T^2 d
     attention = 6 * L * cfg.num_attention_heads * hd * T * T * rows
@@ -211,7 +214,20 @@ def _naive_models(cfg: ModelConfig, device: torch.device, ac: bool):
     return policy.train(), reference, forward, kind
 
 
-def bench_naive(cfg: ModelConfig, args, device: torch.device, batches) -> dict:
+def padded_rows(group: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive layout: chosen rows then rejected rows, right-padded to [2P, T], with row-aligned labels
+    (-100 on prompts and padding)."""
+    rows = [(t.prompt_ids, t.chosen_ids) for t in group] + [(t.prompt_ids, t.rejected_ids) for t in group]
+    T = max(len(p) + len(a) for p, a in rows)
+    input_ids = torch.zeros(len(rows), T, dtype=torch.int64)
+    labels = torch.full((len(rows), T), -100, dtype=torch.int64)
+    for r, (p, a) in enumerate(rows):
+        input_ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+        labels[r, len(p): len(p) + len(a)] = torch.tensor(a)
+    return input_ids, labels
+
+
+def bench_naive(cfg: ModelConfig, args, device: torch.device, groups: list[list[TokenizedPair]]) -> dict:
     policy, reference, forward, kind = _naive_models(cfg, device, args.ac)
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(policy.parameters(), lr=5e-7, eps=1e-8, weight_decay=0.0)
@@ -220,23 +236,21 @@ def bench_naive(cfg: ModelConfig, args, device: torch.device, batches) -> dict:
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     beta = 0.1
 
-    def seq_logps(model, batch):
-        logits = forward(model, batch.input_ids)[:, :-1].float()
-        labels_2d = torch.full_like(batch.input_ids, -100)  # row-aligned labels from the flat ones
-        labels_2d.view(-1)[batch.token_index + 1] = batch.labels
-        labels = labels_2d[:, 1:]
+    def seq_logps(model, input_ids, labels):
+        logits = forward(model, input_ids)[:, :-1].float()
+        labels = labels[:, 1:]
         mask = labels != -100
         logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         return (logp * mask).sum(-1)
 
     def run_step():
-        for batch in batches:
-            batch = batch.to(device, non_blocking=True)
-            P = batch.num_pairs
+        for group in groups:
+            input_ids, labels = (t.to(device, non_blocking=True) for t in padded_rows(group))
+            P = len(group)
             with amp:
-                pi = seq_logps(policy, batch)
+                pi = seq_logps(policy, input_ids, labels)
                 with torch.no_grad():
-                    ref = seq_logps(reference, batch)
+                    ref = seq_logps(reference, input_ids, labels)
             z = beta * ((pi[:P] - ref[:P]) - (pi[P:] - ref[P:]))
             loss = torch.nn.functional.softplus(-z).mean() / args.accum
             loss.backward()
@@ -259,15 +273,15 @@ def run_one(impl: str, shape: str, args, info: dist.DistInfo, hardware: dict) ->
     T = args.prompt_len + args.response_len
     pairs = random_pairs(cfg, args.micro_batch * args.accum, args.prompt_len, args.response_len, seed=1)
     ref = {p.index: (-100.0 - p.index, -120.0 - p.index) for p in pairs}
-    batches = [collate_pairs(pairs[i: i + args.micro_batch], 0, ref_logps=ref)
-               for i in range(0, len(pairs), args.micro_batch)]
+    groups = [pairs[i: i + args.micro_batch] for i in range(0, len(pairs), args.micro_batch)]
+    batches = [collate_pairs(group, ref_logps=ref) for group in groups]
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     record = {"bench": "train_step", "shape": shape, "impl": impl}
     try:
-        out = bench_minispin(cfg, args, info, batches) if impl == "minispin" else bench_naive(cfg, args, device, batches)
+        out = bench_minispin(cfg, args, info, batches) if impl == "minispin" else bench_naive(cfg, args, device, groups)
     except torch.OutOfMemoryError as e:
         record.update(status="oom", error=str(e).split("\n")[0][:300], peak_mem_gb=peak_memory_gb(device))
         return record | hardware
@@ -282,7 +296,8 @@ def run_one(impl: str, shape: str, args, info: dist.DistInfo, hardware: dict) ->
     step_time = statistics.median(times)
     rows = 2 * args.micro_batch * args.accum * info.world_size
     tokens = rows * T
-    flops = step_flops(cfg, rows, T, args.response_len, frozen_base=bool(args.lora_r))
+    flops = step_flops(cfg, rows, T, args.response_len, frozen_base=bool(args.lora_r),
+                       shared_prompt=args.prompt_len if impl == "minispin" else 0)
     record.update(out)
     if impl == "minispin":  # the reference pass runs once per iteration, over `epochs` passes of training
         ref_s = record.pop("reference_forward_s")

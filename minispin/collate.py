@@ -27,11 +27,15 @@ Truncation (the paper's, as the public SPIN/TRL collator): if prompt + longer an
 `max_length`, the prompt is cut to its last `max_prompt_length` tokens (keeping a leading BOS); if
 still too long, both answers are cut to `max_length - max_prompt_length` tokens.
 
-A micro-batch packs P pairs as 2P right-padded rows [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}]
-of length T = longest row; right padding needs no attention mask in our causal model. Instead of
-[2P, T] labels the loss gets a flat list of the N response tokens only: `token_index` (row * T + t,
-the position whose hidden state predicts the token), `labels` (the token) and `seq_index` (its row),
-so the LM head (the fused `linear_logprobs` kernel) only ever touches response tokens.
+A micro-batch holds P pairs as 2P rows, chosen_0..chosen_{P-1} then rejected_0..rejected_{P-1}, packed end
+to end in one sequence with no padding (`minispin.model.PackedRows`): each pair is its prompt and chosen
+answer, then the rejected answer, which attends to the prompt where it lies instead of repeating it. On
+the peer benchmark's 64 alpaca pairs (micro-batches of 4) that runs 44% fewer tokens through the decoder
+than length-grouped right-padded rows did (15,328 vs 27,512: a third were padding, and a sixth of the
+rest a second copy of a prompt). Instead of [2P, T] labels the loss gets a flat
+list of the response tokens only: `token_index` (the packed position whose hidden state predicts the
+token), `labels` (the token) and `seq_index` (its row), so the LM head (the fused `linear_logprobs`
+kernel) only ever touches response tokens.
 """
 from __future__ import annotations
 
@@ -42,9 +46,8 @@ from typing import Any, Sequence
 import torch
 
 from .data import DataError
+from .model import PackedRows
 from .sampler import encode_prompt, truncate_prompt
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -230,15 +233,19 @@ def tokenize_pairs(pairs: Sequence[Pair], tokenizer: Any, *, template: str | Non
 
 @dataclass
 class PairBatch:
-    """One packed micro-batch (see module doc). Rows 0..P-1 chosen, P..2P-1 rejected (SFT: P rows).
-    The training step uses the flat token_index / labels / seq_index (no [R, T] label tensor)."""
-    input_ids: torch.Tensor  # [R, T] int64, right-padded
-    token_index: torch.Tensor  # [N] int64: row * T + t (the hidden state that predicts the token)
-    labels: torch.Tensor  # [N] int64
-    seq_index: torch.Tensor  # [N] int64 in [0, R)
+    """One packed micro-batch (see module doc): rows 0..P-1 chosen, P..2P-1 rejected (SFT: P rows), packed
+    end to end in one sequence as `packed` describes. The training step uses the flat token_index / labels /
+    seq_index (no [rows, T] label tensor)."""
+    input_ids: torch.Tensor  # [1, N] int64, no padding
+    position_ids: torch.Tensor  # [1, N] int64: each token's position in its row
+    packed: PackedRows
+    token_index: torch.Tensor  # [N'] int64: the packed position whose hidden state predicts the token
+    labels: torch.Tensor  # [N'] int64
+    seq_index: torch.Tensor  # [N'] int64: the token's row in [0, num_rows)
     pair_index: list[int]  # Pair.index of each pair
     num_pairs: int  # P
-    num_tokens: int  # non-padding tokens in input_ids (for tokens/s)
+    num_rows: int  # 2P (SFT: P)
+    num_tokens: int  # tokens of the rows, prompt + answer (shared tokens count in each row; for tokens/s)
     ref_logps: torch.Tensor | None = None  # [2P] fp32: ref chosen then ref rejected
     label_smoothing: torch.Tensor | None = None  # [P] fp32
     targets: torch.Tensor | None = None  # [2P] fp32 (SPPO)
@@ -253,41 +260,63 @@ class PairBatch:
                             for k, v in self.__dict__.items()})
 
 
-def collate_pairs(tokenized: Sequence[TokenizedPair], pad_id: int, *, sft: bool = False,
-                  pairs: Sequence[Pair] | None = None, ref_logps: dict[int, tuple[float, float]] | None = None,
-                  pad_to_multiple_of: int = 1) -> PairBatch:
+def _shared_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two rows have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def collate_pairs(tokenized: Sequence[TokenizedPair], *, sft: bool = False, share_prefix: bool = True,
+                  pairs: Sequence[Pair] | None = None,
+                  ref_logps: dict[int, tuple[float, float]] | None = None) -> PairBatch:
     """Pack tokenized pairs into a PairBatch. sft=True packs only the chosen rows.
 
+    share_prefix: a pair's rejected row reuses the tokens it begins with in common with the chosen row (the
+    prompt, at least), so they run once: exactly the same log-probs for less work (SPIN's prompts are a third
+    of the tokens). False gives every row tokens of its own (NEFTune draws each row's noise apart).
     pairs: the Pair objects (same order) for label_smoothing/targets; ref_logps: {pair index: (chosen,
-    rejected)} summed reference log-probs. pad_to_multiple_of rounds T up (fewer distinct shapes).
+    rejected)} summed reference log-probs.
     """
     if not tokenized:
         raise ValueError("collate_pairs: empty micro-batch")
     if not sft and any(t.rejected_ids is None for t in tokenized):
         raise ValueError("collate_pairs: a pair without a rejected answer in a pairwise batch")
-    rows = [t.rows[0] for t in tokenized]
-    if not sft:
-        rows += [t.rows[1] for t in tokenized]
-    T = max(len(p) + len(a) for p, a in rows)
-    T = int(math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of)
-    R = len(rows)
-    input_ids = torch.full((R, T), pad_id, dtype=torch.int64)
+    P = len(tokenized)
+    rows = [[p + a for p, a in t.rows[: 1 if sft else 2]] for t in tokenized]  # per pair: its rows' ids
+    R = P if sft else 2 * P
+    ids, positions, blocks = [], [], []
     token_index, flat_labels, seq_index = [], [], []
     num_tokens = 0
-    for r, (prompt, answer) in enumerate(rows):
-        ids = prompt + answer
-        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
-        first = max(len(prompt), 1)  # a token at position 0 has no predecessor to predict it
-        token_index.extend(range(r * T + first - 1, r * T + len(ids) - 1))
-        flat_labels.extend(ids[first:])
-        seq_index.extend([r] * (len(ids) - first))
-        num_tokens += len(ids)
+    for j, (t, pair_rows) in enumerate(zip(tokenized, rows)):
+        start = len(ids)
+        for side, row in enumerate(pair_rows):
+            prompt_len = len(t.rows[side][0])
+            shared = _shared_length(pair_rows[0], row) if side and share_prefix else 0
+            # row position i lives at packed position `at + i`, or, inside the shared prefix, at `start + i`
+            at = len(ids)
+            own = row[shared:]
+            ids.extend(own)
+            positions.extend(range(shared, len(row)))
+            if own:
+                blocks.append((at, at + len(own), start if shared else at, start + shared if shared else at))
+            at -= shared
+            first = max(prompt_len, 1)  # a token at position 0 has no predecessor to predict it
+            token_index.extend((start if i < shared else at) + i for i in range(first - 1, len(row) - 1))
+            flat_labels.extend(row[first:])
+            seq_index.extend([j + side * P] * (len(row) - first))
+            num_tokens += len(row)
     batch = PairBatch(
-        input_ids=input_ids,
+        input_ids=torch.tensor([ids], dtype=torch.int64),
+        position_ids=torch.tensor([positions], dtype=torch.int64),
+        packed=PackedRows(tuple(blocks)),
         token_index=torch.tensor(token_index, dtype=torch.int64),
         labels=torch.tensor(flat_labels, dtype=torch.int64),
         seq_index=torch.tensor(seq_index, dtype=torch.int64),
-        pair_index=[t.index for t in tokenized], num_pairs=len(tokenized), num_tokens=num_tokens)
+        pair_index=[t.index for t in tokenized], num_pairs=P, num_rows=R, num_tokens=num_tokens)
     if ref_logps is not None and not sft:
         try:
             ref = [ref_logps[t.index] for t in tokenized]

@@ -335,7 +335,7 @@ SDPA_HAS_ENABLE_GQA = _sdpa_has_enable_gqa()
 _FUSED_GQA: dict[tuple, bool] = {}  # (device type, dtype, head_dim, masked) -> a fused kernel takes enable_gqa
 
 
-def sdpa_gqa_without_copies(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def sdpa_gqa_without_copies(q: torch.Tensor, masked: bool) -> bool:
     """Whether grouped-query attention can go through SDPA's `enable_gqa` instead of repeated k/v.
 
     CPU: whenever torch has `enable_gqa` (its kernels share k/v heads or repeat them internally, never
@@ -347,11 +347,11 @@ def sdpa_gqa_without_copies(q: torch.Tensor, mask: torch.Tensor | None) -> bool:
         return False
     if q.device.type != "cuda":
         return True
-    key = (q.device.type, q.dtype, q.shape[-1], mask is not None)
+    key = (q.device.type, q.dtype, q.shape[-1], masked)
     if key not in _FUSED_GQA:
         if torch.compiler.is_compiling():
             return False  # no probing inside a trace; the eager path fills the table
-        _FUSED_GQA[key] = _probe_fused_gqa(q.device, q.dtype, q.shape[-1], mask is not None)
+        _FUSED_GQA[key] = _probe_fused_gqa(q.device, q.dtype, q.shape[-1], masked)
     return _FUSED_GQA[key]
 
 
@@ -367,6 +367,54 @@ def _probe_fused_gqa(device: torch.device, dtype: torch.dtype, head_dim: int, ma
         except RuntimeError:
             return False
     return True
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows packed end to end in one sequence [1, N], no padding; rows that begin alike share those tokens.
+
+    Each block (start, end, key_start, prefix_end) is a run of query positions start..end-1 that attend
+    to the keys key_start..prefix_end-1 (a prefix they share with the row laid out before them) and,
+    causally, to themselves; the keys between prefix_end and start (the other row's own tokens) are
+    hidden. A row of its own is (start, end, start, start). A pair whose chosen and rejected rows share a
+    prompt is two blocks, [prompt + chosen] then [rejected] with the prompt as its prefix, so the prompt runs
+    once: position t's hidden state depends only on tokens 0..t, the same in both rows. Blocks cover
+    0..N-1 in order; every row's positions count from 0 (its prefix's tokens are positions 0..p-1).
+    """
+    blocks: tuple[tuple[int, int, int, int], ...]
+
+    def masks(self, sliding_window: int | None, device: torch.device) -> list[torch.Tensor | None]:
+        """Each block's [queries, keys] bool mask over its keys key_start..end-1 (None: plain causal). A row
+        starts at position 0, so the block's prefix holds positions 0..p-1 and its own tokens p..p+n-1."""
+        out = []
+        for start, end, key_start, prefix_end in self.blocks:
+            n, p = end - start, prefix_end - key_start
+            windowed = sliding_window is not None and p + n > sliding_window
+            if p == 0 and not windowed:
+                out.append(None)
+                continue
+            q_pos = torch.arange(p, p + n, device=device)
+            k_pos = torch.cat([torch.arange(p, device=device),
+                               torch.full((start - prefix_end,), -1, device=device),  # the other row: hidden
+                               q_pos])
+            mask = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+            if windowed:
+                mask &= q_pos[:, None] - k_pos[None, :] < sliding_window
+            out.append(mask)
+        return out
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedRows,
+                     masks: list[torch.Tensor | None], **gqa: Any) -> tuple[torch.Tensor, ...]:
+    """Attention over a PackedRows sequence, q/k/v [1, heads, N, D], one SDPA call per block (no [N, N]
+    scores): returns the output [1, N, heads * D] and each block's SDPA output (what SDPA keeps for
+    backward: the recompute recipe rebuilds them all)."""
+    blocks = []
+    for (start, end, key_start, _), mask in zip(layout.blocks, masks):
+        blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, key_start:end], v[:, :, key_start:end],
+                                                     attn_mask=mask, is_causal=mask is None, **gqa))
+    y = torch.cat([b.transpose(1, 2) for b in blocks], dim=1)
+    return (y.flatten(2), *blocks)
 
 
 class Attention(nn.Module):
@@ -408,13 +456,18 @@ class Attention(nn.Module):
                 y = y.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4)
                 return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
         gqa = {}
+        packed = isinstance(mask, tuple)  # (PackedRows, its block masks)
+        masked = any(m is not None for m in mask[1]) if packed else mask is not None
         if self.n_kv_heads != self.n_heads:
-            if sdpa_gqa_without_copies(q, mask):
+            if sdpa_gqa_without_copies(q, masked):
                 gqa = {"enable_gqa": True}
             else:
                 rep = self.n_heads // self.n_kv_heads
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
+        if packed:  # the attention output and every block's output are rebuilt in backward
+            attend = functools.partial(packed_attention, layout=mask[0], masks=mask[1], **gqa)
+            return self.o_proj(recomputable(attend(q, k, v), attend, q, k, v)[0])
         attend = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None, **gqa)
         # Under a RecomputeScope the attention output (o_proj's input) is recomputed from q, k and v, which
         # SDPA keeps anyway: one more attention forward in backward for 2.3 of SmolLM2's 23 KB per token.
@@ -513,16 +566,19 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                      cache_index: torch.Tensor | None = None) -> torch.Tensor:
+                      cache_index: torch.Tensor | None = None, packed: PackedRows | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, H].
 
         attention_mask [B, T] (1 = token, 0 = padding, either side); None means no padding, or right
         padding only (pure causal attention, the fast path: right padding never affects real tokens).
         position_ids default to cumsum(mask) - 1. With `kv_cache`, `cache_index` [B, T] gives the cache
         slot of every new token; slots whose position is -1 are never attended to, so a padding token
-        written with position_ids -1 is invisible to the rest of the row.
+        written with position_ids -1 is invisible to the rest of the row. With `packed` (training), input_ids
+        [1, N] are rows packed end to end as PackedRows describes, and position_ids [1, N] are required.
         """
         B, T = input_ids.shape
+        if packed is not None and (position_ids is None or B != 1 or attention_mask is not None or kv_cache is not None):
+            raise ValueError("hidden_states: packed rows take input_ids and position_ids [1, N], no mask or cache")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -536,6 +592,8 @@ class Transformer(nn.Module):
             rows = torch.arange(B, device=input_ids.device).unsqueeze(1)
             kv_cache.positions[rows, cache_index] = position_ids
             mask = self._cache_mask(kv_cache, position_ids, cache_index)
+        elif packed is not None:
+            mask = (packed, packed.masks(self.config.sliding_window, input_ids.device))
         elif attention_mask is not None:
             mask = self._padding_mask(attention_mask, T)
         elif self.config.sliding_window is not None and T > self.config.sliding_window:

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer as RustTokenizer
 
 from minispin import generation_job
-from minispin.collate import (IGNORE_INDEX, Pair, collate_pairs, plan_steps, split_step, tokenize_answer,
+from minispin.collate import (Pair, collate_pairs, plan_steps, split_step, tokenize_answer,
                               tokenize_pairs, truncate)
 from minispin.data import Example, read_examples
 from minispin.heldout import answer_logprobs
@@ -129,8 +129,9 @@ def test_generated_answer_keeps_its_sampled_ids_when_decode_encode_does_not_roun
     [tp] = tokenize_pairs([Pair(0, PROMPT, "Hello there", text, rejected_ids=sampled)], zephyr)
     assert tp.rejected_ids == sampled and tp.rejected_prompt_ids is None
     assert tp.prompt_ids == encode_prompt(zephyr, PROMPT)  # the generation prompt the ids were sampled after
-    batch = collate_pairs([tp], zephyr.pad_id)
-    assert batch.input_ids[1, : len(tp.prompt_ids) + len(sampled)].tolist() == tp.prompt_ids + sampled
+    batch = collate_pairs([tp])
+    assert_packs_rows(batch, tp.rows)
+    assert tp.rows[1] == (tp.prompt_ids, sampled)
 
 
 def test_sampled_ids_that_do_not_spell_the_text_are_refused(zephyr):
@@ -147,10 +148,10 @@ def test_merged_boundary_gives_each_row_its_own_prompt(zephyr):
     [tp] = tokenize_pairs([Pair(0, PROMPT, "Hello world.", text, rejected_ids=sampled)], zephyr, template="spin")
     gen_prompt = encode_prompt(zephyr, PROMPT, "spin")
     assert tp.rejected_prompt_ids == gen_prompt and tp.prompt_ids == gen_prompt[:-1]
-    batch = collate_pairs([tp], zephyr.pad_id)
-    for r, (p, a) in enumerate(tp.rows):
-        assert batch.input_ids[r, : len(p) + len(a)].tolist() == p + a
-    assert batch.labels.tolist() == tp.chosen_ids + tp.rejected_ids
+    for share in (True, False):
+        batch = collate_pairs([tp], share_prefix=share)
+        assert_packs_rows(batch, tp.rows)
+        assert batch.labels.tolist() == tp.chosen_ids + tp.rejected_ids
     assert tp.length == max(len(p) + len(a) for p, a in tp.rows)
 
 
@@ -274,28 +275,44 @@ def test_tokenize_truncate_and_flat_token_list(setup):
     assert truncate([1, 5, 6, 7], [[8, 9]], 10, 3, bos_id=1) == ([1, 5, 6, 7], [[8, 9]])
     assert truncate([1, 5, 6, 7, 8], [[9] * 8], 10, 3, bos_id=1) == ([1, 7, 8], [[9] * 7])
 
-    batch = collate_pairs(tps[:3], tok.pad_id, pairs=pairs[:3], ref_logps={i: (-1.0 * i, -2.0 * i) for i in range(3)})
-    R, T = batch.input_ids.shape
-    assert R == 6 and T == max(len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in tps[:3])
+    batch = collate_pairs(tps[:3], pairs=pairs[:3], ref_logps={i: (-1.0 * i, -2.0 * i) for i in range(3)})
     assert batch.ref_logps.tolist() == [0.0, -1.0, -2.0, 0.0, -2.0, -4.0]
-    # every label in the flat list is the token right after its hidden-state position, on response rows only
-    # the row-aligned labels [R, T] (IGNORE_INDEX on prompt and padding), built here from the pairs
-    labels_2d = torch.full((R, T), IGNORE_INDEX, dtype=torch.int64)
-    for r, tp in enumerate(tps[:3] + tps[:3]):
-        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
-        labels_2d[r, len(tp.prompt_ids): len(tp.prompt_ids) + len(answer)] = torch.tensor(answer)
-    rows, cols = batch.token_index // T, batch.token_index % T
-    assert torch.equal(rows, batch.seq_index)
-    assert torch.equal(batch.labels, labels_2d[rows, cols + 1])
-    assert int((labels_2d != IGNORE_INDEX).sum()) == batch.labels.numel()
-    for r, tp in enumerate(tps[:3] + tps[:3]):
-        answer = tp.chosen_ids if r < 3 else tp.rejected_ids
-        n = len(tp.prompt_ids) + len(answer)
-        assert batch.input_ids[r, :n].tolist() == tp.prompt_ids + answer
-        assert (batch.input_ids[r, n:] == tok.pad_id).all()
-        assert (labels_2d[r, :len(tp.prompt_ids)] == IGNORE_INDEX).all()
-    sft = collate_pairs(tps[:3], tok.pad_id, sft=True)
-    assert sft.input_ids.shape[0] == 3 and sft.ref_logps is None
+    rows = [tp.rows[0] for tp in tps[:3]] + [tp.rows[1] for tp in tps[:3]]
+    assert_packs_rows(batch, rows)
+    # the rejected rows' prompts are not repeated: each pair is its prompt once and both answers
+    assert batch.input_ids.shape[1] == sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids)
+                                           for t in tps[:3])
+    assert batch.num_tokens == sum(len(p) + len(a) for p, a in rows)
+    unshared = collate_pairs(tps[:3], share_prefix=False)
+    assert_packs_rows(unshared, rows)
+    assert unshared.input_ids.shape[1] == batch.num_tokens
+    sft = collate_pairs(tps[:3], sft=True)
+    assert sft.num_rows == 3 and sft.ref_logps is None
+    assert_packs_rows(sft, rows[:3])
+
+
+def assert_packs_rows(batch, rows):
+    """The packed batch holds exactly `rows` ((prompt ids, answer ids) each): every answer token is labelled
+    once, in its row, from the packed position holding the row's previous token at that row position, and
+    each block attends to exactly the tokens before it in its row (prefix + its own)."""
+    ids, pos = batch.input_ids[0], batch.position_ids[0]
+    assert batch.num_rows == len(rows) and ids.shape == pos.shape
+    for r, (prompt, answer) in enumerate(rows):
+        row = prompt + answer
+        mine = batch.seq_index == r
+        assert batch.labels[mine].tolist() == answer
+        at = batch.token_index[mine]
+        first = max(len(prompt), 1) - 1
+        assert pos[at].tolist() == list(range(first, len(row) - 1))
+        assert ids[at].tolist() == row[first:-1]
+    # every block: its keys (visible prefix, then its own tokens) spell a row's beginning, in position order
+    starts = [b[0] for b in batch.packed.blocks]
+    assert starts[0] == 0 and [b[1] for b in batch.packed.blocks][:-1] == starts[1:]
+    assert batch.packed.blocks[-1][1] == ids.numel()
+    for start, end, key_start, prefix_end in batch.packed.blocks:
+        seen = torch.cat([ids[key_start:prefix_end], ids[start:end]]).tolist()
+        assert pos[key_start:prefix_end].tolist() + pos[start:end].tolist() == list(range(len(seen)))
+        assert any(len(p) + len(a) >= len(seen) and (p + a)[:len(seen)] == seen for p, a in rows)
 
 
 def test_step_plan_is_balanced_and_length_grouped():

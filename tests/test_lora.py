@@ -91,14 +91,19 @@ def _batch(seed: int, pairs: int = 3):
     r = lambda n: torch.randint(3, 512, (n,), generator=g).tolist()  # noqa: E731
     tokenized = [TokenizedPair(i, r(4 + i), r(5 + 2 * i), r(3 + 3 * i)) for i in range(pairs)]
     refs = {i: (-300.0 - 7 * i, -310.0 + 5 * i) for i in range(pairs)}
-    return collate_pairs(tokenized, 0, ref_logps=refs)
+    # rows of their own (no shared prompt), so that transformers can run them under a block-diagonal mask
+    return collate_pairs(tokenized, share_prefix=False, ref_logps=refs)
 
 
 def _peft_loss(pm, batch, beta: float) -> torch.Tensor:
     """SPIN's sigmoid loss from transformers' full logits: summed response log-probs vs the references."""
-    logits = pm(input_ids=batch.input_ids).logits.flatten(0, 1)
+    N = batch.input_ids.shape[1]
+    allowed = torch.zeros(1, 1, N, N, dtype=torch.bool)  # each row attends causally to itself only
+    for start, end, _, _ in batch.packed.blocks:
+        allowed[0, 0, start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+    logits = pm(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=allowed).logits.flatten(0, 1)
     logp = torch.log_softmax(logits[batch.token_index], -1).gather(1, batch.labels[:, None])[:, 0]
-    seq = torch.zeros(batch.input_ids.shape[0]).index_add(0, batch.seq_index, logp)
+    seq = torch.zeros(batch.num_rows).index_add(0, batch.seq_index, logp)
     P = batch.num_pairs
     z = beta * ((seq[:P] - batch.ref_logps[:P]) - (seq[P:] - batch.ref_logps[P:]))
     return torch.nn.functional.softplus(-z).mean()

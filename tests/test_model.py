@@ -125,6 +125,34 @@ def test_sliding_window_matches_transformers(tmp_path):
     assert err <= 1e-4
 
 
+@pytest.mark.parametrize("family,window", [("llama", None), ("mistral", 5)])
+def test_packed_rows_with_shared_prefixes_match_transformers_row_by_row(tmp_path, family, window):
+    """CPU fp32. Pairs packed as training packs them (minispin.collate: a rejected row attends to the prompt
+    it shares with the chosen row instead of repeating it; odd lengths, answers that begin alike, a rejected
+    row equal to its chosen row, a one-token prompt): every row's logits at every position equal
+    transformers' on that row alone, also under a sliding window shorter than the rows."""
+    from minispin.collate import TokenizedPair, collate_pairs
+
+    hf, folder = hf_reference(tmp_path, family, **({"sliding_window": window} if window else {}))
+    g = torch.Generator().manual_seed(3)
+    r = lambda n: torch.randint(0, 101, (n,), generator=g).tolist()  # noqa: E731
+    answer = r(6)
+    tps = [TokenizedPair(0, r(7), r(5), r(9)), TokenizedPair(1, r(1), answer, answer[:3] + r(4)),
+           TokenizedPair(2, r(4), answer, list(answer)), TokenizedPair(3, r(11), r(2), r(1))]
+    model = load_model(folder, dtype=torch.float32)
+    for share in (True, False):
+        batch = collate_pairs(tps, share_prefix=share)
+        with torch.no_grad():
+            hidden = model.hidden_states(batch.input_ids, position_ids=batch.position_ids, packed=batch.packed)
+            ours = model.lm_head(hidden[0, batch.token_index])
+        rows = [t.rows[0] for t in tps] + [t.rows[1] for t in tps]
+        for row, (prompt, ans) in enumerate(rows):
+            with torch.no_grad():
+                ref = hf(input_ids=torch.tensor([prompt + ans])).logits[0, len(prompt) - 1: -1]
+            assert (ours[batch.seq_index == row] - ref).abs().max().item() <= 1e-4, (share, row)
+    assert collate_pairs(tps).input_ids.shape[1] < batch.input_ids.shape[1]  # shared prompts ran once
+
+
 def test_head_dim_not_hidden_over_heads_matches_transformers(tmp_path):
     hf, folder = hf_reference(tmp_path, "mistral", head_dim=24)
     assert load_model(folder).config.head_dim == 24

@@ -56,7 +56,7 @@ from .counts import (FLIPPED, KEPT, SAMPLE_SCORES, SMOOTHED, SPPO_DECISION, SPPO
 from .dpo import DPO_SCHEDULE, DataSettings, dpo_pairs, read_preference_data
 from .judge import (JudgeConfig, Scorer, attach_judge_scores, judge_decision, judge_pairs, load_scorer,
                     score_prompts)
-from .noise import neftune, neftune_noise, noise_schedule, row_lengths
+from .noise import neftune, neftune_noise, noise_schedule, position_row_lengths
 from .spin import PAPER_SCHEDULE, sft_pairs, spin_pair, spin_pairs
 from .sppo import SPPO_SCHEDULE, SppoChoice, attach_sample_scores, read_prompts, sppo_choice, sppo_pairs, win_rate_matrix
 
@@ -65,7 +65,7 @@ __all__ = [
     "JudgeConfig", "Scorer", "load_scorer", "score_prompts", "attach_judge_scores", "attach_sample_scores",
     "judge_decision", "adaptive_decision", "spin_pair", "spin_pairs", "sft_pairs", "judge_pairs", "adaptive_pairs",
     "dpo_pairs", "win_rate_matrix", "SppoChoice", "sppo_choice", "sppo_pairs", "decision_counts",
-    "summarize_pairs", "describe_counts", "neftune_noise", "row_lengths", "neftune", "read_preference_data",
+    "summarize_pairs", "describe_counts", "neftune_noise", "position_row_lengths", "neftune", "read_preference_data",
     "read_prompts", "PAPER_SCHEDULE", "DPO_SCHEDULE", "SPPO_SCHEDULE", "noise_schedule", "KEPT", "FLIPPED",
     "SMOOTHED", "SPPO_DECISION", "SPPO_TIED", "SPPO_PRECOMPUTED", "SAMPLE_SCORES",
 ]

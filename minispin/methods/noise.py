@@ -7,6 +7,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..model import PackedRows
+
+
 def noise_schedule(schedule: Sequence[dict[str, Any]], label_smoothing: float = 0.1,
                    neftune_alpha: float = 5.0) -> list[dict[str, Any]]:
     """A schedule with noise added to every iteration (label smoothing eps and NEFTune alpha)."""
@@ -14,28 +17,23 @@ def noise_schedule(schedule: Sequence[dict[str, Any]], label_smoothing: float = 
 
 
 
-def row_lengths(token_index: torch.Tensor, num_rows: int, row_len: int) -> torch.Tensor:
-    """Length (prompt + answer tokens, no padding) of every right-padded row of a micro-batch, from the flat
-    response-token positions (token_index = row * T + t, the state at t predicts the token at t + 1):
-    the last predicting position + 2. Rows without response tokens get the full row length."""
-    rows = torch.div(token_index, row_len, rounding_mode="floor")
-    last = token_index - rows * row_len
-    lengths = torch.zeros(num_rows, dtype=torch.int64, device=token_index.device)
-    lengths = lengths.scatter_reduce(0, rows, last + 2, reduce="amax", include_self=True)
-    return torch.where(lengths > 0, lengths, torch.full_like(lengths, row_len)).clamp(max=row_len)
+def position_row_lengths(packed: PackedRows) -> torch.Tensor:
+    """The length of the row each position of a packed sequence belongs to [N] (NEFTune's L). Rows must not
+    share tokens (collate_pairs(..., share_prefix=False)): a shared token would get one row's noise in both."""
+    if any(key_start != start for start, _, key_start, _ in packed.blocks):
+        raise ValueError("NEFTune needs rows that share no tokens: collate with share_prefix=False")
+    return torch.cat([torch.full((end - start,), end - start, dtype=torch.int64)
+                      for start, end, _, _ in packed.blocks])
 
 
 def neftune_noise(embeddings: torch.Tensor, lengths: torch.Tensor, alpha: float,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """NEFTune noise for embeddings [B, T, d]: uniform(-1, 1) * alpha / sqrt(L_b * d) on the first L_b
-    positions of row b (L_b = its non-padding length), zero on padding. fp32, same device."""
-    B, T, d = embeddings.shape
-    noise = torch.empty(B, T, d, dtype=torch.float32, device=embeddings.device)
+    """NEFTune noise for the embeddings [1, N, d] of packed rows: uniform(-1, 1) * alpha / sqrt(L * d) on
+    each position, L = the length of its row (`lengths` [N]). fp32, same device."""
+    noise = torch.empty(embeddings.shape, dtype=torch.float32, device=embeddings.device)
     noise.uniform_(-1.0, 1.0, generator=generator)
     L = lengths.to(device=embeddings.device, dtype=torch.float32).clamp(min=1.0)
-    scale = alpha / torch.sqrt(L * d)
-    valid = torch.arange(T, device=embeddings.device)[None, :] < lengths.to(embeddings.device)[:, None]
-    return noise * (scale[:, None, None] * valid[:, :, None])
+    return noise * (alpha / torch.sqrt(L * embeddings.shape[-1]))[None, :, None]
 
 
 @contextmanager

@@ -116,21 +116,21 @@ def train(model: Transformer | str | os.PathLike, tokenizer: Any, pairs: Sequenc
     policy = prepare_policy(model, config, info)
     check_tokenizer_fits(tokenizer, policy.model.config.vocab_size, model if isinstance(model, (str, Path)) else
                          "being trained")
-    pad_id = _pad_id(tokenizer, policy.model.config)
     tokenized, report = _tokenize_and_check(pairs, tokenized, tokenizer, policy.model.config, config)
     refs = None
     if config.needs_reference:
         refs = _ref_of(pairs, ref_logps)
         if refs is None:
             on_phase("reference")
-            refs = reference_logprobs(policy, tokenized, pad_id, config, run and run.reference, info.device)
+            refs = reference_logprobs(policy, tokenized, config, run and run.reference, info.device)
     orders, plan = _plan(tokenized, config, info.world_size)
     optimizer = build_optimizer(policy, config)
     start_step = _resume(policy, optimizer, run, config, num_pairs=len(tokenized), orders=orders,
                          total_steps=len(plan))
 
     on_phase("train")
-    batches = _MicroBatches(tokenized, {p.index: p for p in pairs}, refs, pad_id, sft=config.objective == "sft")
+    batches = _MicroBatches(tokenized, {p.index: p for p in pairs}, refs, sft=config.objective == "sft",
+                            share_prefix=config.neftune_alpha == 0)
     log = _StepLog(run, config, start_step, len(plan))
     history: list[dict] = []
     saved_step = start_step if start_step else None  # the step of the train state on disk
@@ -281,9 +281,10 @@ class _MicroBatches:
     (its pairs / the step's pairs; SFT: 1 / the step's chosen tokens), 0 for an empty slot, which runs the
     step's first micro-batch as a dummy so that every rank joins the same collectives."""
 
-    def __init__(self, tokenized: Sequence[TokenizedPair], by_index: dict[int, Pair], refs: dict | None,
-                 pad_id: int, *, sft: bool):
-        self.tokenized, self.by_index, self.refs, self.pad_id, self.sft = tokenized, by_index, refs, pad_id, sft
+    def __init__(self, tokenized: Sequence[TokenizedPair], by_index: dict[int, Pair], refs: dict | None, *,
+                 sft: bool, share_prefix: bool):
+        self.tokenized, self.by_index, self.refs, self.sft = tokenized, by_index, refs, sft
+        self.share_prefix = share_prefix  # off under NEFTune: each row draws its own noise
 
     def of(self, step_plan: list[list[list[int]]], rank: int):
         """This rank's micro-batches of one step ([rank][micro-batch] -> positions in `tokenized`)."""
@@ -291,8 +292,8 @@ class _MicroBatches:
         step_tokens = sum(len(self.tokenized[i].chosen_ids) for i in items)  # SFT normaliser
         for mb in step_plan[rank]:
             chosen = [self.tokenized[i] for i in (mb or step_plan[0][0])]
-            batch = collate_pairs(chosen, self.pad_id, sft=self.sft, pairs=[self.by_index[t.index] for t in chosen],
-                                  ref_logps=self.refs)
+            batch = collate_pairs(chosen, sft=self.sft, share_prefix=self.share_prefix,
+                                  pairs=[self.by_index[t.index] for t in chosen], ref_logps=self.refs)
             weight = 0.0 if not mb else (1.0 / step_tokens if self.sft else batch.num_pairs / len(items))
             yield batch, weight
 
@@ -306,17 +307,6 @@ def _last_good(run: _RunFiles | None, saved_step: int | None, config: TrainConfi
             "save_steps 0: only at the end"
         return f"no train state saved yet in {run.state} ({every})"
     return f"the last good state, step {saved_step}, is in {run.state}"
-
-
-def _pad_id(tokenizer: Any, model_config) -> int:
-    """Any valid id works for padding (it is never attended to nor predicted)."""
-    for value in (getattr(tokenizer, "pad_id", None), getattr(tokenizer, "eos_id", None),
-                  model_config.pad_token_id, model_config.eos_token_id, 0):
-        if isinstance(value, list):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def _wants_group(config: TrainConfig) -> bool:

@@ -13,15 +13,16 @@ import torch.nn as nn
 from .. import distributed as dist
 from ..checkpoint import build_model, load_config, load_model, load_state_dict_into, save_model
 from ..lora import add_adapters, adapter_param_names, init_adapters, merge_state_dict
-from ..methods.noise import neftune, row_lengths
-from ..model import Transformer
+from ..methods.noise import neftune, position_row_lengths
+from ..model import PackedRows, Transformer
 from .config import TrainConfig
 
 class PolicyHead(nn.Module):
-    """input ids [R, T] -> log-prob of each selected response token [N] (fp32), through the fused kernel.
+    """Packed rows -> log-prob of each selected response token [N'] (fp32), through the fused kernel.
 
     The root module for FSDP2: its forward is where the embedding, final norm and LM head are used,
-    so FSDP's hooks gather them. token_index are positions in the flattened [R * T] hidden states.
+    so FSDP's hooks gather them. input_ids / position_ids [1, N] hold rows packed as `packed` describes
+    (minispin.collate); token_index are positions in that sequence.
     neftune_alpha > 0: NEFTune noise on the input embeddings of forwards in training mode only (so never
     in the reference pass, which runs in eval mode; generation uses a model of its own).
     """
@@ -31,15 +32,15 @@ class PolicyHead(nn.Module):
         self.model = model
         self.neftune_alpha = float(neftune_alpha)
 
-    def forward(self, input_ids: torch.Tensor, token_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed: PackedRows,
+                token_index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         linear_logprobs, _ = fused_kernels()
 
         if self.neftune_alpha > 0 and self.training:
-            lengths = row_lengths(token_index, *input_ids.shape)
-            with neftune(self.model.embed_tokens, self.neftune_alpha, lengths):
-                hidden = self.model.hidden_states(input_ids)
+            with neftune(self.model.embed_tokens, self.neftune_alpha, position_row_lengths(packed)):
+                hidden = self.model.hidden_states(input_ids, position_ids=position_ids, packed=packed)
         else:
-            hidden = self.model.hidden_states(input_ids)  # right padding: no mask needed
+            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, packed=packed)
         hidden = hidden.flatten(0, 1).index_select(0, token_index)
         weight = self.model.output_weight
         if weight.dtype != hidden.dtype:  # plain fp32 module under autocast

@@ -28,7 +28,7 @@ def _micro_plan(order: Sequence[int], lengths: Sequence[int], micro: int, world:
     return plan
 
 
-def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pad_id: int, config: TrainConfig,
+def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], config: TrainConfig,
                        out_path: str | os.PathLike | None = None, device: torch.device | None = None
                        ) -> dict[int, tuple[float, float]]:
     """Summed log-probs of chosen and rejected answers under the current (frozen) model, per pair index.
@@ -70,8 +70,8 @@ def reference_logprobs(policy: nn.Module, tokenized: Sequence[TokenizedPair], pa
                 if all(by_pos[i].index in done for mb in step for i in mb):
                     continue
                 mine = step[rank] or step[0]  # an empty slot runs a dummy batch (collectives must match)
-                batch = collate_pairs([by_pos[i] for i in mine], pad_id).to(device, non_blocking=True)
-                token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
+                batch = collate_pairs([by_pos[i] for i in mine]).to(device, non_blocking=True)
+                token_logps = policy(batch.input_ids, batch.position_ids, batch.packed, batch.token_index, batch.labels)
                 # the same (deterministic) summation as the training loss uses
                 seq = sequence_logps(token_logps, batch.seq_index, 2 * batch.num_pairs, check_values=False).tolist()
                 if step[rank]:

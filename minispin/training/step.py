@@ -23,9 +23,9 @@ def batch_loss(policy: nn.Module, batch: PairBatch, config: TrainConfig) -> tupl
     per-sequence sums. SFT: -sum of the chosen tokens' log-probs (the step divides by its token count).
     """
     _, sequence_logps = fused_kernels()
-    token_logps = policy(batch.input_ids, batch.token_index, batch.labels)
+    token_logps = policy(batch.input_ids, batch.position_ids, batch.packed, batch.token_index, batch.labels)
     if config.objective == "sft":
-        seq = sequence_logps(token_logps.detach(), batch.seq_index, batch.input_ids.shape[0], check_values=False)
+        seq = sequence_logps(token_logps.detach(), batch.seq_index, batch.num_rows, check_values=False)
         return -token_logps.sum(), seq
     seq = sequence_logps(token_logps, batch.seq_index, 2 * batch.num_pairs, check_values=False)
     smoothing = batch.label_smoothing if batch.label_smoothing is not None else config.label_smoothing

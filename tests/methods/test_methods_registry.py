@@ -47,7 +47,7 @@ def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny)
     pairs = adaptive_pairs(examples, judge)
     refs = [-11.0, -9.5, -20.25, -13.0, -8.0, -17.5]
     ref_map = {i: (refs[i], refs[3 + i]) for i in range(3)}
-    batch = collate_pairs(tokenize_pairs(pairs, tok, max_length=48, max_prompt_length=24), tok.pad_id,
+    batch = collate_pairs(tokenize_pairs(pairs, tok, max_length=48, max_prompt_length=24),
                           pairs=pairs, ref_logps=ref_map)
     assert batch.label_smoothing.tolist() == [0.0, 0.0, 0.25]
     policy = PolicyHead(model)
@@ -66,7 +66,7 @@ def test_adaptive_and_sppo_losses_through_collate_and_kernel_match_float64(tiny)
     # SPPO: eta = 1/beta = 1000, targets from the win-rate matrix
     sppo = sppo_pairs([ex(0, samples=["5", "55", "6"], sample_scores=[10.0, 0.0, 6.0]),
                        ex(1, samples=["1", "2", "3", "4"], sample_scores=[1.0, 2.0, 3.0, 4.0])])
-    batch = collate_pairs(tokenize_pairs(sppo, tok, max_length=48, max_prompt_length=24), tok.pad_id,
+    batch = collate_pairs(tokenize_pairs(sppo, tok, max_length=48, max_prompt_length=24),
                           pairs=sppo, ref_logps={0: (-3.0, -4.0), 1: (-2.5, -2.0)})
     loss, seq = batch_loss(policy, batch, TrainConfig(beta=1e-3, loss="sppo"))
     seq64 = _seq_logps64(model, tok, sppo)

@@ -22,7 +22,7 @@ def test_loss_rewards_and_grads_match_float64(setup, loss_type):
     beta = 0.7
     cfg = TrainConfig(beta=beta, loss=loss_type, device="cpu")
     tps = tokenize_pairs(pairs, tok, max_length=128, max_prompt_length=64)
-    batch = collate_pairs(tps, tok.pad_id, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
+    batch = collate_pairs(tps, ref_logps={i: (refs[i], refs[4 + i]) for i in range(4)})
     policy = PolicyHead(model)
     loss, seq = batch_loss(policy, batch, cfg)
     loss.backward()
