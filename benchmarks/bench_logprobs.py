@@ -5,6 +5,8 @@ Methods, each giving log p(label) for N tokens and gradients for hidden [N, H] a
   compiled      torch.compile of a chunked torch version (rows in chunks, checkpointed per chunk)
   torch_lce     torch.nn.functional.linear_cross_entropy, chunked options (torch >= 2.13 only)
   liger         Liger-Kernel's fused linear cross-entropy (when installed)
+  trl           TRL's chunked log-prob kernel (trl.kernels.ChunkedLogProbFunction, TRL >= 1.16, when
+                installed), called as TRL's trainers call it: labelled tokens only, TRL's chunk size
   minispin      minispin.kernels.linear_logprobs
 Reported per method: fwd+bwd and forward-only time, peak extra memory, TFLOP/s counting 6NHV
 (forward 2NHV), % of the measured bf16 matmul rate, speed and memory ratios vs naive, and the error
@@ -31,7 +33,7 @@ from minispin.kernels import linear_logprobs  # noqa: E402
 IGNORE = -100
 FULL_SHAPES = [(4096, 4096, 32000), (4096, 4096, 128256), (16384, 4096, 32000), (16384, 4096, 128256)]
 SMOKE_SHAPES = [(50, 24, 257)]
-METHODS = ["naive", "compiled", "torch_lce", "liger", "minispin"]
+METHODS = ["naive", "compiled", "torch_lce", "liger", "trl", "minispin"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,6 +93,24 @@ def make_liger():
     return (run, run_sum), None
 
 
+
+def make_trl():
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+    except Exception as err:  # not installed, or a TRL without the kernel (< 1.16)
+        return None, f"trl.kernels.ChunkedLogProbFunction unavailable: {type(err).__name__}: {err}"
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except Exception:  # its trainers' vocabulary tile in TRL 1.16
+        chunk = 32768
+
+    def run(hidden, weight, labels):
+        # as TRL's fused LM head calls it: the labelled tokens only, no bias, temperature 1, no extra outputs
+        valid = labels != IGNORE
+        out = ChunkedLogProbFunction.apply(hidden[valid], weight, None, labels[valid], 1.0, chunk, None, 1.0, ())
+        return out[0].new_zeros(labels.shape).masked_scatter(valid, out[0])
+    return run, None
+
 # ------------------------------------------------------------------------------------------------
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
@@ -115,6 +135,10 @@ def bench_shape(N, H, V, dtype, device, methods, warmup, repeats, mm_rate, chunk
             impls[name] = (make_compiled(device, chunk_rows), "per-token")
         elif name == "torch_lce":
             fn, why = make_torch_lce()
+            impls[name] = (fn, "per-token") if fn else None
+            unavailable[name] = why
+        elif name == "trl":
+            fn, why = make_trl()
             impls[name] = (fn, "per-token") if fn else None
             unavailable[name] = why
         elif name == "liger":

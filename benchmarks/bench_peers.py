@@ -338,7 +338,9 @@ def generation_report(rows: list[dict], args) -> list[str]:
 def report(summary: dict, args, meta: dict) -> str:
     """The RESULTS.md section: setup, versions, command, the generation and training tables, the ratios
     against the targets."""
-    lines = [f"## Peer benchmark: minispin vs HF generate and TRL's DPOTrainer, real model, CPU — {meta['date']}",
+    peers = " and ".join(name for name, ran in (("HF generate", summary["generation"]),
+                                                 ("TRL's DPOTrainer", summary["jobs"])) if ran)
+    lines = [f"## Peer benchmark: minispin vs {peers}, real model, CPU — {meta['date']}",
              "", f"- Machine: {meta['machine']}; {args.threads} threads per job; load average "
              f"{meta['load_before']} before, {meta['load_after']} after.",
              "- Software: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",

@@ -10,8 +10,8 @@
 #
 # Options: --dry-run, --out DIR (default $OUT), --budget SECONDS (default 540), --steps A,B (only the
 # steps whose names start with one of these, e.g. after a first run: --steps generate,cuda_tests).
-# Environment: PYTHON (default python3). A liger-kernel wheel in .whl/ is installed to a scratch
-# folder and used as a baseline (benchmarks/README.md says how to carry it).
+# Environment: PYTHON (default python3). Liger-Kernel and TRL (>= 1.16) wheels in .whl/ are installed to
+# scratch folders, and their log-prob kernels timed beside ours (benchmarks/README.md says how to carry them).
 set -uo pipefail
 
 DRY=0
@@ -92,16 +92,23 @@ elif ! { "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --use
   INSTALL="$INSTALL FAILED (see log.txt); ran from a source copy on PYTHONPATH"
 fi
 echo "install: $INSTALL" | tee -a "$LOG" >&2
-LIGER="absent"
-if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
-  SITE=$(mktemp -d)
-  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .whl/liger_kernel-*.whl \
-      >>"$LOG" 2>&1; then
-    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; LIGER="installed from .whl/"
+# Peer kernels for bench_logprobs, pure-Python wheels carried in .whl/: Liger-Kernel, and TRL (>= 1.16, its
+# chunked Triton log-prob kernel; trl.kernels needs only transformers besides torch and triton).
+wheel() {  # wheel PATTERN -> what happened, for the summary
+  ls .whl/$1 >/dev/null 2>&1 || { echo "absent"; return; }
+  local site; site=$(mktemp -d)
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/$1 >>"$LOG" 2>&1; then
+    echo "$site"
   else
-    LIGER="wheel in .whl/ failed to install (see log.txt)"
+    echo "wheel in .whl/ failed to install (see log.txt)"
   fi
-fi
+}
+LIGER=$(wheel 'liger_kernel-*.whl'); TRL=$(wheel 'trl-*.whl')
+for site in "$LIGER" "$TRL"; do
+  [ -d "$site" ] && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+done
+[ -d "$LIGER" ] && LIGER="installed from .whl/"
+[ -d "$TRL" ] && TRL="installed from .whl/"
 VERSIONS=$("$PY" - <<'EOF' 2>>"$LOG"
 import importlib.metadata, platform, torch, torch.nn.functional as F
 def version(name):
@@ -112,7 +119,7 @@ def version(name):
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
 print(f"- GPU: {gpu}; CUDA runtime {torch.version.cuda}; python {platform.python_version()}")
 print(f"- torch {torch.__version__}, triton {version('triton')}, numpy {version('numpy')}, "
-      f"transformers {version('transformers')}, liger_kernel {version('liger-kernel')}")
+      f"transformers {version('transformers')}, liger_kernel {version('liger-kernel')}, trl {version('trl')}")
 print(f"- torch has linear_cross_entropy: {hasattr(F, 'linear_cross_entropy')}")
 EOF
 )
@@ -163,6 +170,7 @@ fi
   echo "$VERSIONS"
   echo "- install: $INSTALL"
   echo "- liger wheel: $LIGER"
+  echo "- trl wheel: $TRL"
   echo
   echo "| step | status | results |"
   echo "|---|---|---|"

@@ -65,6 +65,15 @@ def logprobs(out: Path) -> list[str]:
         lines.append(f"  - targets at N=16384 V=32000: >= 60% of mm: {_verdict(r['pct_of_matmul_fwd_bwd'], 60)}; "
                      f">= 1.5x naive: {_verdict(r.get('speedup_fwd_bwd_vs_naive'), 1.5)}; "
                      f"<= 10% of naive's memory: {_verdict(r.get('mem_ratio_vs_naive'), 0.10, False)}")
+    # the peer to beat: TRL's chunked kernel on the same shape, in the same run (the first line of each)
+    for shape in dict.fromkeys((r["N"], r["H"], r["V"]) for r in rows):
+        same = {m: next((r for r in rows if (r["N"], r["H"], r["V"]) == shape and r["method"] == m
+                         and r["status"] == "ok"), None) for m in ("minispin", "trl")}
+        if same["minispin"] and same["trl"]:
+            a, b = same["minispin"], same["trl"]
+            lines.append(f"  - minispin vs trl at N={shape[0]} V={shape[2]}: x{_f(b['ms_fwd_bwd'] / a['ms_fwd_bwd'])} "
+                         f"trl's fwd+bwd speed (target >= 1: {_verdict(b['ms_fwd_bwd'] / a['ms_fwd_bwd'], 1.0)}), "
+                         f"x{_f(a['peak_mem_bytes'] / max(b['peak_mem_bytes'], 1))} its peak memory")
     return lines
 
 

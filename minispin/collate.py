@@ -275,9 +275,10 @@ def collate_pairs(tokenized: Sequence[TokenizedPair], *, sft: bool = False, shar
                   ref_logps: dict[int, tuple[float, float]] | None = None) -> PairBatch:
     """Pack tokenized pairs into a PairBatch. sft=True packs only the chosen rows.
 
-    share_prefix: a pair's rejected row reuses the tokens it begins with in common with the chosen row (the
-    prompt, at least), so they run once: exactly the same log-probs for less work (SPIN's prompts are a third
-    of the tokens). False gives every row tokens of its own (NEFTune draws each row's noise apart).
+    share_prefix: a pair's rejected row reuses the leading tokens it has in common with the chosen row (its
+    prompt, bar a token merged into the answer), so they run once: the same log-probs for less work (a third
+    of the peer benchmark's tokens are prompt). False gives every row tokens of its own (NEFTune draws each
+    row's noise apart).
     pairs: the Pair objects (same order) for label_smoothing/targets; ref_logps: {pair index: (chosen,
     rejected)} summed reference log-probs.
     """

@@ -383,9 +383,11 @@ class PackedRows:
     """
     blocks: tuple[tuple[int, int, int, int], ...]
 
-    def masks(self, sliding_window: int | None, device: torch.device) -> list[torch.Tensor | None]:
-        """Each block's [queries, keys] bool mask over its keys key_start..end-1 (None: plain causal). A row
-        starts at position 0, so the block's prefix holds positions 0..p-1 and its own tokens p..p+n-1."""
+    def masks(self, sliding_window: int | None, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
+        """Each block's [queries, keys] additive mask (0 or -inf, in the attention's dtype) over its keys
+        key_start..end-1; None: plain causal. A row starts at position 0, so the block's prefix holds positions
+        0..p-1 and its own tokens p..p+n-1. Additive, made once per forward: SDPA would turn a bool mask into
+        this form in every layer and keep each copy for backward."""
         out = []
         for start, end, key_start, prefix_end in self.blocks:
             n, p = end - start, prefix_end - key_start
@@ -400,7 +402,7 @@ class PackedRows:
             mask = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
             if windowed:
                 mask &= q_pos[:, None] - k_pos[None, :] < sliding_window
-            out.append(mask)
+            out.append(torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf")))
         return out
 
 
@@ -593,7 +595,7 @@ class Transformer(nn.Module):
             kv_cache.positions[rows, cache_index] = position_ids
             mask = self._cache_mask(kv_cache, position_ids, cache_index)
         elif packed is not None:
-            mask = (packed, packed.masks(self.config.sliding_window, input_ids.device))
+            mask = (packed, packed.masks(self.config.sliding_window, input_ids.device, x.dtype))
         elif attention_mask is not None:
             mask = self._padding_mask(attention_mask, T)
         elif self.config.sliding_window is not None and T > self.config.sliding_window:

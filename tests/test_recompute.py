@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minispin.model import ModelConfig, Transformer
+from minispin.model import ModelConfig, PackedRows, Transformer
 from minispin.recompute import RecomputeScope, recomputable
 from minispin.training import apply_activation_checkpointing
 
@@ -127,6 +127,18 @@ def test_decoder_keeps_at_most_half_of_transformers_bytes_per_token():
     # what is left: x, x after attention, 2 rsqrt, q, k, v, the attention's logsumexp, gate, up (fp32)
     H, kv, I = 192, 64, 512
     assert recompute == 4 * (3 * H + 2 + 2 * kv + 3 + 2 * I)
+
+    # training's packed layout keeps exactly as much per token it runs: two rows of their own, then two rows
+    # whose second shares the first's 14 leading tokens (run once: 60 tokens for 74)
+    flat = ids.reshape(1, -1)
+    pos = torch.arange(37).repeat(2)[None]
+    own_rows = PackedRows(((0, 37, 0, 0), (37, 74, 37, 37)))
+    assert kept_bytes(lambda: ours.hidden_states(flat, position_ids=pos, packed=own_rows), ours.layers) / per == recompute
+    shared_ids = torch.cat([flat[:, :37], flat[:, 51:]], dim=1)
+    shared_pos = torch.cat([torch.arange(37), torch.arange(14, 37)])[None]
+    shared = PackedRows(((0, 37, 0, 0), (37, 60, 0, 14)))
+    kept = kept_bytes(lambda: ours.hidden_states(shared_ids, position_ids=shared_pos, packed=shared), ours.layers)
+    assert kept / (60 * 2) == recompute
 
 
 def loss_and_grads(model: Transformer, ids, mask, weight):
