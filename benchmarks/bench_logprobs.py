@@ -99,10 +99,11 @@ def make_trl():
         from trl.kernels import ChunkedLogProbFunction
     except Exception as err:  # not installed, or a TRL without the kernel (< 1.16)
         return None, f"trl.kernels.ChunkedLogProbFunction unavailable: {type(err).__name__}: {err}"
-    try:
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
-    except Exception:  # its trainers' vocabulary tile in TRL 1.16
-        chunk = 32768
+    try:  # its backward imports trl.trainer.utils (pandas, accelerate, datasets, huggingface_hub)
+        import trl.trainer.utils  # noqa: F401
+    except Exception as err:
+        return None, f"TRL's kernel cannot run its backward here: trl.trainer.utils: {type(err).__name__}: {err}"
+    chunk = getattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)  # its trainers' vocabulary tile
 
     def run(hidden, weight, labels):
         # as TRL's fused LM head calls it: the labelled tokens only, no bias, temperature 1, no extra outputs
@@ -110,6 +111,7 @@ def make_trl():
         out = ChunkedLogProbFunction.apply(hidden[valid], weight, None, labels[valid], 1.0, chunk, None, 1.0, ())
         return out[0].new_zeros(labels.shape).masked_scatter(valid, out[0])
     return run, None
+
 
 # ------------------------------------------------------------------------------------------------
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

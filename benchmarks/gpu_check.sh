@@ -93,7 +93,8 @@ elif ! { "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --use
 fi
 echo "install: $INSTALL" | tee -a "$LOG" >&2
 # Peer kernels for bench_logprobs, pure-Python wheels carried in .whl/: Liger-Kernel, and TRL (>= 1.16, its
-# chunked Triton log-prob kernel; trl.kernels needs only transformers besides torch and triton).
+# chunked Triton log-prob kernel, whose backward imports TRL's trainer utilities: transformers, accelerate,
+# datasets, pandas and huggingface_hub must be on the machine, or bench_logprobs reports trl as skipped).
 wheel() {  # wheel PATTERN -> what happened, for the summary
   ls .whl/$1 >/dev/null 2>&1 || { echo "absent"; return; }
   local site; site=$(mktemp -d)

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import torch
 
 from .data import DataError
-from .model import PackedRows
+from .model import Block, PackedRows
 from .sampler import encode_prompt, truncate_prompt
 
 
@@ -92,7 +92,7 @@ class TokenizedPair:
 
     @property
     def length(self) -> int:
-        """Length of the longer of the two rows (what padding a micro-batch costs)."""
+        """Length of the longer of the two rows (the step planner groups pairs by it: ranks get similar work)."""
         return max(len(p) + len(a) for p, a in self.rows)
 
 
@@ -287,26 +287,24 @@ def collate_pairs(tokenized: Sequence[TokenizedPair], *, sft: bool = False, shar
     if not sft and any(t.rejected_ids is None for t in tokenized):
         raise ValueError("collate_pairs: a pair without a rejected answer in a pairwise batch")
     P = len(tokenized)
-    rows = [[p + a for p, a in t.rows[: 1 if sft else 2]] for t in tokenized]  # per pair: its rows' ids
+    rows_of_pair = [[p + a for p, a in t.rows[: 1 if sft else 2]] for t in tokenized]  # each row's ids
     R = P if sft else 2 * P
     ids, positions, blocks = [], [], []
     token_index, flat_labels, seq_index = [], [], []
     num_tokens = 0
-    for j, (t, pair_rows) in enumerate(zip(tokenized, rows)):
-        start = len(ids)
+    for j, (t, pair_rows) in enumerate(zip(tokenized, rows_of_pair)):
+        start = len(ids)  # where the pair's chosen row, and with it any shared prefix, begins
         for side, row in enumerate(pair_rows):
-            prompt_len = len(t.rows[side][0])
             shared = _shared_length(pair_rows[0], row) if side and share_prefix else 0
-            # row position i lives at packed position `at + i`, or, inside the shared prefix, at `start + i`
-            at = len(ids)
-            own = row[shared:]
-            ids.extend(own)
+            own_start = len(ids)  # where this row's own tokens (after the shared prefix) begin
+            ids.extend(row[shared:])
             positions.extend(range(shared, len(row)))
-            if own:
-                blocks.append((at, at + len(own), start if shared else at, start + shared if shared else at))
-            at -= shared
-            first = max(prompt_len, 1)  # a token at position 0 has no predecessor to predict it
-            token_index.extend((start if i < shared else at) + i for i in range(first - 1, len(row) - 1))
+            if len(row) > shared:
+                key_start = start if shared else own_start
+                blocks.append(Block(own_start, len(ids), key_start, key_start + shared))
+            first = max(len(t.rows[side][0]), 1)  # the answer's first token; position 0 has no predecessor
+            # the packed position of the hidden state at each row position i that predicts a label
+            token_index.extend(start + i if i < shared else own_start + i - shared for i in range(first - 1, len(row) - 1))
             flat_labels.extend(row[first:])
             seq_index.extend([j + side * P] * (len(row) - first))
             num_tokens += len(row)

@@ -17,7 +17,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -369,25 +369,31 @@ def _probe_fused_gqa(device: torch.device, dtype: torch.dtype, head_dim: int, ma
     return True
 
 
+class Block(NamedTuple):
+    """Queries start..end-1 of a packed sequence, which see the keys key_start..prefix_end-1 (a prefix shared
+    with the row laid out before them) and, causally, themselves; the keys prefix_end..start-1 are hidden."""
+    start: int
+    end: int
+    key_start: int
+    prefix_end: int
+
+
 @dataclass(frozen=True)
 class PackedRows:
     """Rows packed end to end in one sequence [1, N], no padding; rows that begin alike share those tokens.
 
-    Each block (start, end, key_start, prefix_end) is a run of query positions start..end-1 that attend
-    to the keys key_start..prefix_end-1 (a prefix they share with the row laid out before them) and,
-    causally, to themselves; the keys between prefix_end and start (the other row's own tokens) are
-    hidden. A row of its own is (start, end, start, start). A pair whose chosen and rejected rows share a
-    prompt is two blocks, [prompt + chosen] then [rejected] with the prompt as its prefix, so the prompt runs
-    once: position t's hidden state depends only on tokens 0..t, the same in both rows. Blocks cover
-    0..N-1 in order; every row's positions count from 0 (its prefix's tokens are positions 0..p-1).
+    A row of its own is one Block (start, end, start, start). A pair whose chosen and rejected rows share a
+    prompt is two blocks, [prompt + chosen] then [rejected] with the prompt as its prefix and the chosen
+    answer hidden, so the prompt runs once: position t's hidden state depends only on tokens 0..t, the same
+    in both rows. Blocks cover 0..N-1 in order; every row's positions count from 0 (its prefix's tokens are
+    positions 0..p-1).
     """
-    blocks: tuple[tuple[int, int, int, int], ...]
+    blocks: tuple[Block, ...]
 
-    def masks(self, sliding_window: int | None, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor | None]:
+    def masks(self, sliding_window: int | None, device: torch.device, dtype: torch.dtype) -> "PackedMasks":
         """Each block's [queries, keys] additive mask (0 or -inf, in the attention's dtype) over its keys
-        key_start..end-1; None: plain causal. A row starts at position 0, so the block's prefix holds positions
-        0..p-1 and its own tokens p..p+n-1. Additive, made once per forward: SDPA would turn a bool mask into
-        this form in every layer and keep each copy for backward."""
+        key_start..end-1; None: plain causal. Additive and made once per forward, with rows 8-aligned in
+        memory: SDPA would otherwise copy a mask into that form in every layer and keep the copy for backward."""
         out = []
         for start, end, key_start, prefix_end in self.blocks:
             n, p = end - start, prefix_end - key_start
@@ -399,22 +405,37 @@ class PackedRows:
             k_pos = torch.cat([torch.arange(p, device=device),
                                torch.full((start - prefix_end,), -1, device=device),  # the other row: hidden
                                q_pos])
-            mask = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+            allowed = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
             if windowed:
-                mask &= q_pos[:, None] - k_pos[None, :] < sliding_window
-            out.append(torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf")))
-        return out
+                allowed &= q_pos[:, None] - k_pos[None, :] < sliding_window
+            keys = end - key_start
+            mask = torch.empty(n, -(-keys // 8) * 8, dtype=dtype, device=device)[:, :keys]
+            out.append(mask.fill_(0.0).masked_fill_(~allowed, float("-inf")))
+        return PackedMasks(self, tuple(out))
 
 
-def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedRows,
-                     masks: list[torch.Tensor | None], **gqa: Any) -> tuple[torch.Tensor, ...]:
-    """Attention over a PackedRows sequence, q/k/v [1, heads, N, D], one SDPA call per block (no [N, N]
-    scores): returns the output [1, N, heads * D] and each block's SDPA output (what SDPA keeps for
-    backward: the recompute recipe rebuilds them all)."""
+class PackedMasks(NamedTuple):
+    """What the attention layers of a packed forward get in place of a mask: the layout and its block masks."""
+    rows: PackedRows
+    masks: tuple[torch.Tensor | None, ...]
+
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: PackedMasks,
+                     gqa: tuple[bool, bool]) -> tuple[torch.Tensor, ...]:
+    """Attention over a packed sequence, q/k/v [1, heads, N, D], one SDPA call per block (no [N, N] scores):
+    returns the output [1, N, heads * D] and each block's SDPA output (what SDPA keeps for backward: the
+    recompute recipe rebuilds them all). gqa: whether SDPA's enable_gqa serves (unmasked, masked) blocks;
+    where it does not, the block repeats its own keys' k/v heads."""
+    rep = q.shape[1] // k.shape[1]
     blocks = []
-    for (start, end, key_start, _), mask in zip(layout.blocks, masks):
-        blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, key_start:end], v[:, :, key_start:end],
-                                                     attn_mask=mask, is_causal=mask is None, **gqa))
+    for (start, end, key_start, _), mask in zip(packed.rows.blocks, packed.masks):
+        kb, vb, shared = k[:, :, key_start:end], v[:, :, key_start:end], {}
+        if rep > 1 and gqa[mask is not None]:
+            shared = {"enable_gqa": True}
+        elif rep > 1:
+            kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
+        blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], kb, vb, attn_mask=mask,
+                                                     is_causal=mask is None, **shared))
     y = torch.cat([b.transpose(1, 2) for b in blocks], dim=1)
     return (y.flatten(2), *blocks)
 
@@ -432,7 +453,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | PackedMasks | None,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache_index: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -457,19 +478,18 @@ class Attention(nn.Module):
                 # kernels return a [B, rep*T, kv, D] memory layout, which cannot be viewed as [B, heads, T, D].
                 y = y.unflatten(2, (rep, T)).permute(0, 3, 1, 2, 4)
                 return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        if isinstance(mask, PackedMasks):  # the attention output and every block's output are rebuilt in backward
+            gqa = (sdpa_gqa_without_copies(q, False), sdpa_gqa_without_copies(q, True))  # per block kind
+            attend = functools.partial(packed_attention, packed=mask, gqa=gqa)
+            return self.o_proj(recomputable(attend(q, k, v), attend, q, k, v)[0])
         gqa = {}
-        packed = isinstance(mask, tuple)  # (PackedRows, its block masks)
-        masked = any(m is not None for m in mask[1]) if packed else mask is not None
         if self.n_kv_heads != self.n_heads:
-            if sdpa_gqa_without_copies(q, masked):
+            if sdpa_gqa_without_copies(q, mask is not None):
                 gqa = {"enable_gqa": True}
             else:
                 rep = self.n_heads // self.n_kv_heads
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-        if packed:  # the attention output and every block's output are rebuilt in backward
-            attend = functools.partial(packed_attention, layout=mask[0], masks=mask[1], **gqa)
-            return self.o_proj(recomputable(attend(q, k, v), attend, q, k, v)[0])
         attend = functools.partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None, **gqa)
         # Under a RecomputeScope the attention output (o_proj's input) is recomputed from q, k and v, which
         # SDPA keeps anyway: one more attention forward in backward for 2.3 of SmolLM2's 23 KB per token.
@@ -595,7 +615,9 @@ class Transformer(nn.Module):
             kv_cache.positions[rows, cache_index] = position_ids
             mask = self._cache_mask(kv_cache, position_ids, cache_index)
         elif packed is not None:
-            mask = (packed, packed.masks(self.config.sliding_window, input_ids.device, x.dtype))
+            # the masks in the dtype the attention runs in (autocast's, under autocast)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mask = packed.masks(self.config.sliding_window, input_ids.device, dtype)
         elif attention_mask is not None:
             mask = self._padding_mask(attention_mask, T)
         elif self.config.sliding_window is not None and T > self.config.sliding_window:

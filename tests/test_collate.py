@@ -306,9 +306,9 @@ def assert_packs_rows(batch, rows):
         assert pos[at].tolist() == list(range(first, len(row) - 1))
         assert ids[at].tolist() == row[first:-1]
     # every block: its keys (visible prefix, then its own tokens) spell a row's beginning, in position order
-    starts = [b[0] for b in batch.packed.blocks]
-    assert starts[0] == 0 and [b[1] for b in batch.packed.blocks][:-1] == starts[1:]
-    assert batch.packed.blocks[-1][1] == ids.numel()
+    starts = [b.start for b in batch.packed.blocks]
+    assert starts[0] == 0 and [b.end for b in batch.packed.blocks][:-1] == starts[1:]
+    assert batch.packed.blocks[-1].end == ids.numel()
     for start, end, key_start, prefix_end in batch.packed.blocks:
         seen = torch.cat([ids[key_start:prefix_end], ids[start:end]]).tolist()
         assert pos[key_start:prefix_end].tolist() + pos[start:end].tolist() == list(range(len(seen)))

@@ -125,14 +125,20 @@ def test_sliding_window_matches_transformers(tmp_path):
     assert err <= 1e-4
 
 
+@pytest.mark.parametrize("gqa", ["enable_gqa", "unmasked_blocks_only", "repeat_kv"])
 @pytest.mark.parametrize("family,window", [("llama", None), ("mistral", 5)])
-def test_packed_rows_with_shared_prefixes_match_transformers_row_by_row(tmp_path, family, window):
+def test_packed_rows_with_shared_prefixes_match_transformers_row_by_row(tmp_path, family, window, gqa, monkeypatch):
     """CPU fp32. Pairs packed as training packs them (minispin.collate: a rejected row attends to the prompt
     it shares with the chosen row instead of repeating it; odd lengths, answers that begin alike, a rejected
     row equal to its chosen row, a one-token prompt): every row's logits at every position equal
-    transformers' on that row alone, also under a sliding window shorter than the rows."""
+    transformers' on that row alone, also under a sliding window shorter than the rows. Each GQA path a
+    block can take: SDPA's enable_gqa for all blocks, for the unmasked ones only (what CUDA's fused kernels
+    allow), or repeated k/v heads for all."""
     from minispin.collate import TokenizedPair, collate_pairs
 
+    modes = {"enable_gqa": lambda q, masked: True, "unmasked_blocks_only": lambda q, masked: not masked,
+             "repeat_kv": lambda q, masked: False}
+    monkeypatch.setattr(model_mod, "sdpa_gqa_without_copies", modes[gqa])
     hf, folder = hf_reference(tmp_path, family, **({"sliding_window": window} if window else {}))
     g = torch.Generator().manual_seed(3)
     r = lambda n: torch.randint(0, 101, (n,), generator=g).tolist()  # noqa: E731

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minispin.model import ModelConfig, PackedRows, Transformer
+from minispin.model import Block, ModelConfig, PackedRows, Transformer
 from minispin.recompute import RecomputeScope, recomputable
 from minispin.training import apply_activation_checkpointing
 
@@ -132,11 +132,11 @@ def test_decoder_keeps_at_most_half_of_transformers_bytes_per_token():
     # whose second shares the first's 14 leading tokens (run once: 60 tokens for 74)
     flat = ids.reshape(1, -1)
     pos = torch.arange(37).repeat(2)[None]
-    own_rows = PackedRows(((0, 37, 0, 0), (37, 74, 37, 37)))
+    own_rows = PackedRows((Block(0, 37, 0, 0), Block(37, 74, 37, 37)))
     assert kept_bytes(lambda: ours.hidden_states(flat, position_ids=pos, packed=own_rows), ours.layers) / per == recompute
     shared_ids = torch.cat([flat[:, :37], flat[:, 51:]], dim=1)
     shared_pos = torch.cat([torch.arange(37), torch.arange(14, 37)])[None]
-    shared = PackedRows(((0, 37, 0, 0), (37, 60, 0, 14)))
+    shared = PackedRows((Block(0, 37, 0, 0), Block(37, 60, 0, 14)))
     kept = kept_bytes(lambda: ours.hidden_states(shared_ids, position_ids=shared_pos, packed=shared), ours.layers)
     assert kept / (60 * 2) == recompute
 

@@ -17,13 +17,16 @@ def noise_schedule(schedule: Sequence[dict[str, Any]], label_smoothing: float = 
 
 
 
-def position_row_lengths(packed: PackedRows) -> torch.Tensor:
-    """The length of the row each position of a packed sequence belongs to [N] (NEFTune's L). Rows must not
-    share tokens (collate_pairs(..., share_prefix=False)): a shared token would get one row's noise in both."""
-    if any(key_start != start for start, _, key_start, _ in packed.blocks):
+def position_row_lengths(position_ids: torch.Tensor, packed: PackedRows) -> torch.Tensor:
+    """The length of the row each position of a packed sequence belongs to [N] (NEFTune's L), on the device of
+    position_ids [1, N] (no host sync: a row starts where its positions restart at 0). Rows must not share
+    tokens (collate_pairs(..., share_prefix=False)): a shared token would get one row's noise in both."""
+    if any(block.key_start != block.start for block in packed.blocks):
         raise ValueError("NEFTune needs rows that share no tokens: collate with share_prefix=False")
-    return torch.cat([torch.full((end - start,), end - start, dtype=torch.int64)
-                      for start, end, _, _ in packed.blocks])
+    pos = position_ids.reshape(-1)
+    row = torch.cumsum(pos == 0, 0) - 1
+    last = torch.zeros_like(pos).scatter_reduce(0, row, pos, reduce="amax", include_self=True)
+    return last[row] + 1
 
 
 def neftune_noise(embeddings: torch.Tensor, lengths: torch.Tensor, alpha: float,

@@ -37,7 +37,7 @@ class PolicyHead(nn.Module):
         linear_logprobs, _ = fused_kernels()
 
         if self.neftune_alpha > 0 and self.training:
-            with neftune(self.model.embed_tokens, self.neftune_alpha, position_row_lengths(packed)):
+            with neftune(self.model.embed_tokens, self.neftune_alpha, position_row_lengths(position_ids, packed)):
                 hidden = self.model.hidden_states(input_ids, position_ids=position_ids, packed=packed)
         else:
             hidden = self.model.hidden_states(input_ids, position_ids=position_ids, packed=packed)

@@ -36,11 +36,12 @@ def test_row_lengths_of_a_packed_batch():
 
     tps = [TokenizedPair(0, [1, 7, 8], [9, 2], [9, 9, 9, 9, 2]), TokenizedPair(1, [1, 7], [5, 2], [2])]
     batch = collate_pairs(tps, share_prefix=False)
-    got = position_row_lengths(batch.packed)
+    got = position_row_lengths(batch.position_ids, batch.packed)
     # pair by pair: chosen row then rejected row, each position labelled with its row's length
     assert got.tolist() == [5] * 5 + [8] * 8 + [4] * 4 + [3] * 3
     with pytest.raises(ValueError, match="share_prefix=False"):  # shared tokens cannot take two rows' noise
-        position_row_lengths(collate_pairs(tps).packed)
+        shared = collate_pairs(tps)
+        position_row_lengths(shared.position_ids, shared.packed)
 
 
 def test_neftune_hook_only_in_training_mode():
