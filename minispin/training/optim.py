@@ -67,7 +67,9 @@ def memory_estimate(model_config, config: TrainConfig, *, world_size: int = 1, s
     shard = params / world_size
     T = seq_len or config.max_length
     R = response_len if response_len is not None else T - config.max_prompt_length // 2
-    tokens = 2 * config.micro_batch_size * T  # chosen + rejected rows
+    # chosen + rejected rows at full length: an upper bound, since training runs a pair's prompt once
+    # (minispin.collate), a pair's tokens are prompt + both answers
+    tokens = 2 * config.micro_batch_size * T
     if config.activation_checkpointing:
         activations = tokens * L * 2 * H + tokens * (ACTIVATION_H_BYTES_ALL * H + ACTIVATION_I_BYTES_ALL * I)
     else:
