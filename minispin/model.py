@@ -429,13 +429,13 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: 
     rep = q.shape[1] // k.shape[1]
     blocks = []
     for (start, end, key_start, _), mask in zip(packed.rows.blocks, packed.masks):
-        kb, vb, shared = k[:, :, key_start:end], v[:, :, key_start:end], {}
+        kb, vb, grouped = k[:, :, key_start:end], v[:, :, key_start:end], {}
         if rep > 1 and gqa[mask is not None]:
-            shared = {"enable_gqa": True}
+            grouped = {"enable_gqa": True}
         elif rep > 1:
             kb, vb = kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1)
         blocks.append(F.scaled_dot_product_attention(q[:, :, start:end], kb, vb, attn_mask=mask,
-                                                     is_causal=mask is None, **shared))
+                                                     is_causal=mask is None, **grouped))
     y = torch.cat([b.transpose(1, 2) for b in blocks], dim=1)
     return (y.flatten(2), *blocks)
 
