@@ -145,7 +145,7 @@ def test_packed_rows_with_shared_prefixes_match_transformers_row_by_row(tmp_path
     answer = r(6)
     tps = [TokenizedPair(0, r(7), r(5), r(9)), TokenizedPair(1, r(1), answer, answer[:3] + r(4)),
            TokenizedPair(2, r(4), answer, list(answer)), TokenizedPair(3, r(11), r(2), r(1))]
-    model = load_model(folder, dtype=torch.float32)
+    model = load_model(folder, dtype=torch.float32, device="cpu")
     for share in (True, False):
         batch = collate_pairs(tps, share_prefix=share)
         with torch.no_grad():
